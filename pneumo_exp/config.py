@@ -1,0 +1,141 @@
+"""Typed schemas for the config groups, registered in Hydra's ConfigStore.
+
+Each YAML file of a typed group starts with ``defaults: [<group>_schema, _self_]``, so a misspelt key or a value of
+the wrong type fails when the config is composed, naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from pneumo_exp.labels import CLASSES
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    kind: str = MISSING  # fixed by the schema below: phantom | kermany | folder
+    resolution: int = 128  # side of the square uint8 images kept in the cache
+    val_fraction: float = 0.15  # share of training patients moved to validation
+    split_seed: int = 0
+    skip_bad_images: bool = False  # True: skip unreadable or unrecognised files and report them
+    check_images: bool = True  # verify every image header while building the manifest
+
+
+@dataclass
+class PhantomDatasetConfig(DatasetConfig):
+    kind: str = "phantom"
+    patients_per_class: int = 24
+    test_patients_per_class: int = 8
+    images_per_patient: int = 3
+    difficulty: float = 0.5  # 0 = obvious lesions, 1 = subtle
+    seed: int = 0
+
+
+@dataclass
+class KermanyDatasetConfig(DatasetConfig):
+    kind: str = "kermany"
+    root: str = MISSING  # a folder or a .zip in the Kaggle, Mendeley or class-folder layout
+    extract_dir: Optional[str] = None  # where a .zip is extracted; default under paths.cache_dir
+
+
+@dataclass
+class FolderDatasetConfig(DatasetConfig):
+    kind: str = "folder"
+    root: Optional[str] = None  # a {split}/{class}/image tree
+    manifest: Optional[str] = None  # or a CSV with columns path,label,patient_id,split
+    class_aliases: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class LoraSpec:
+    r: int = 16
+    alpha: float = 32.0  # kept separate from r: the update is scaled by alpha / r
+    dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+
+
+class ClassifierMode(str, Enum):
+    zero_shot = "zero_shot"
+    linear_probe = "linear_probe"
+    lora = "lora"
+    full = "full"
+
+
+def default_prompts() -> dict[str, list[str]]:
+    return {
+        "NORMAL": ["An image of normal chest X-ray", "a chest radiograph with clear lungs"],
+        "BACTERIA": ["An image of bacteria chest X-ray", "a chest radiograph with lobar consolidation"],
+        "VIRUS": ["An image of virus chest X-ray", "a chest radiograph with diffuse interstitial opacities"],
+    }
+
+
+@dataclass
+class ClipConfig:
+    name: str = MISSING
+    pretrained: Optional[str] = None  # hub id or local directory; null builds `architecture` with random weights
+    architecture: Optional[dict[str, Any]] = None  # CLIPConfig keyword arguments for the random-init presets
+    image_size: int = 224
+    mode: ClassifierMode = ClassifierMode.lora
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    lora_text_encoder: bool = False
+    prompts: dict[str, list[str]] = field(default_factory=default_prompts)
+
+
+@dataclass
+class DiffusionConfig:
+    name: str = MISSING
+    pretrained: Optional[str] = None  # hub id or local directory of a Stable Diffusion pipeline
+    architecture: Optional[dict[str, Any]] = None  # sizes of the random-init tiny pipeline
+    resolution: int = 512  # must match the base model: 512 for SD 1.5 / 2.1-base, 768 for SD 2
+    lora: LoraSpec = field(default_factory=lambda: LoraSpec(r=4, alpha=16.0, dropout=0.1,
+                                                             target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    prompts: dict[str, str] = field(default_factory=lambda: {
+        "NORMAL": "a pediatric chest X-ray, normal lungs",
+        "BACTERIA": "a pediatric chest X-ray, bacterial pneumonia",
+        "VIRUS": "a pediatric chest X-ray, viral pneumonia",
+    })
+
+
+class AugmentationStrategy(str, Enum):
+    none = "none"
+    balance = "balance"  # every class up to the largest
+    ratio = "ratio"  # synthetic = ratio x real, per class overridable
+    fixed = "fixed"  # an explicit number per class
+
+
+@dataclass
+class AugmentationConfig:
+    name: str = MISSING
+    strategy: AugmentationStrategy = AugmentationStrategy.none
+    ratio: float = 0.0
+    per_class_ratio: dict[str, float] = field(default_factory=dict)
+    per_class_count: dict[str, int] = field(default_factory=dict)
+
+
+SCHEMAS = {
+    ("dataset", "phantom_schema"): PhantomDatasetConfig,
+    ("dataset", "kermany_schema"): KermanyDatasetConfig,
+    ("dataset", "folder_schema"): FolderDatasetConfig,
+    ("clip_lora", "clip_schema"): ClipConfig,
+    ("diffusion_lora", "diffusion_schema"): DiffusionConfig,
+    ("augmentation", "augmentation_schema"): AugmentationConfig,
+}
+
+
+def register_schemas() -> None:
+    store = ConfigStore.instance()
+    for (group, name), schema in SCHEMAS.items():
+        store.store(group=group, name=name, node=schema)
+
+
+def check_class_keys(mapping: dict, key: str) -> None:
+    """Per-class settings must name exactly the known classes."""
+    unknown = set(mapping) - set(CLASSES)
+    if unknown:
+        raise ValueError(f"{key}: unknown class(es) {sorted(unknown)}; expected names from {list(CLASSES)}")

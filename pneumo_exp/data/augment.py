@@ -1,0 +1,53 @@
+"""Training augmentations on batched tensors: random resized crop, small rotation, brightness and contrast.
+
+One affine warp per image (crop scale, shift and rotation together) keeps it a single `grid_sample` call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    crop_scale: tuple[float, float] = (0.75, 1.0)  # share of the image area kept by the random crop
+    max_rotation_degrees: float = 7.0
+    brightness: float = 0.1  # additive shift, uniform in [-b, b], on [0, 1] pixels
+    contrast: float = 0.15  # multiplicative factor, uniform in [1 - c, 1 + c]
+
+
+def to_unit_float(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W) -> float (B, 1, H, W) in [0, 1]."""
+    return pixels.unsqueeze(1).float().div_(255.0)
+
+
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def random_augment(images: torch.Tensor, settings: AugmentSettings, generator: torch.Generator) -> torch.Tensor:
+    """images: float (B, 1, H, W) in [0, 1]; returns the same shape."""
+    batch = images.shape[0]
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(batch, generator=generator)
+
+    scale = uniform(*settings.crop_scale).sqrt()  # side length of the crop relative to the image
+    angle = uniform(-settings.max_rotation_degrees, settings.max_rotation_degrees) * math.pi / 180
+    shift_x = uniform(-1, 1) * (1 - scale)
+    shift_y = uniform(-1, 1) * (1 - scale)
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    warped = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    contrast = uniform(1 - settings.contrast, 1 + settings.contrast).view(-1, 1, 1, 1)
+    brightness = uniform(-settings.brightness, settings.brightness).view(-1, 1, 1, 1)
+    mean = warped.mean(dim=(2, 3), keepdim=True)
+    return ((warped - mean) * contrast + mean + brightness).clamp_(0.0, 1.0)

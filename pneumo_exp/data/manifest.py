@@ -1,0 +1,130 @@
+"""The manifest: one row per image, the only description of a dataset that later stages read.
+
+Columns: path (a file path, or a generator key such as ``phantom:...``), label (a name from ``labels.CLASSES``),
+patient_id, split (train/val/test), source (real/synthetic) and sha256 (of the file's bytes, or of the
+generated pixels).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import tempfile
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from pneumo_exp.labels import CLASSES
+
+SPLITS = ("train", "val", "test")
+SOURCES = ("real", "synthetic")
+
+
+@dataclass(frozen=True)
+class Record:
+    path: str
+    label: str
+    patient_id: str
+    split: str
+    source: str = "real"
+    sha256: str = ""
+
+
+COLUMNS = tuple(f.name for f in fields(Record))
+
+
+class LeakageError(ValueError):
+    """A patient appears in more than one split."""
+
+
+def validate(records: list[Record], where: str = "manifest") -> None:
+    """Fail with a message naming the row when a value is outside its vocabulary."""
+    for row_number, record in enumerate(records, start=2):
+        if record.label not in CLASSES:
+            raise ValueError(f"{where}: row {row_number} ({record.path}): label {record.label!r} not in {CLASSES}")
+        if record.split not in SPLITS:
+            raise ValueError(f"{where}: row {row_number} ({record.path}): split {record.split!r} not in {SPLITS}")
+        if record.source not in SOURCES:
+            raise ValueError(f"{where}: row {row_number} ({record.path}): source {record.source!r} not in {SOURCES}")
+        if not record.patient_id:
+            raise ValueError(f"{where}: row {row_number} ({record.path}): empty patient_id")
+        if record.source == "synthetic" and record.split != "train":
+            raise ValueError(f"{where}: row {row_number} ({record.path}): synthetic images belong to train only")
+
+
+def leaking_patients(records: list[Record]) -> dict[str, list[str]]:
+    """Patients found in more than one split, with the splits they are in."""
+    splits_of_patient: dict[str, set[str]] = defaultdict(set)
+    for record in records:
+        if record.source == "real":
+            splits_of_patient[record.patient_id].add(record.split)
+    return {patient: sorted(splits) for patient, splits in splits_of_patient.items() if len(splits) > 1}
+
+
+def check_no_leakage(records: list[Record]) -> None:
+    leaks = leaking_patients(records)
+    if leaks:
+        examples = "; ".join(f"{patient} in {'+'.join(splits)}" for patient, splits in list(leaks.items())[:5])
+        raise LeakageError(f"{len(leaks)} patient(s) appear in more than one split: {examples}")
+
+
+def counts(records: list[Record]) -> dict[str, dict[str, int]]:
+    """{split: {class: images}} for every split and class, zeros included."""
+    table = {split: {label: 0 for label in CLASSES} for split in SPLITS}
+    for record in records:
+        table[record.split][record.label] += 1
+    return table
+
+
+def patient_counts(records: list[Record]) -> dict[str, int]:
+    patients: dict[str, set[str]] = defaultdict(set)
+    for record in records:
+        patients[record.split].add(record.patient_id)
+    return {split: len(patients[split]) for split in SPLITS}
+
+
+def write_csv(records: list[Record], path: str | os.PathLike) -> Path:
+    """Write atomically: a reader never sees half a manifest."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", newline="", dir=path.parent, suffix=".tmp", delete=False) as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        for record in records:
+            writer.writerow(asdict(record))
+    os.replace(handle.name, path)
+    return path
+
+
+def read_csv(path: str | os.PathLike) -> list[Record]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist")
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"path", "label", "patient_id", "split"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"manifest {path}: missing column(s) {', '.join(sorted(missing))}; "
+                             f"expected {', '.join(COLUMNS)}")
+        records = [Record(path=row["path"], label=row["label"], patient_id=row["patient_id"], split=row["split"],
+                          source=row.get("source") or "real", sha256=row.get("sha256") or "") for row in reader]
+    validate(records, where=f"manifest {path}")
+    return records
+
+
+def fingerprint(records: list[Record]) -> str:
+    """A short hash of the manifest's content, used to key caches."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update("\t".join(asdict(record).values()).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:16]
+
+
+def with_split(records: list[Record], split_of_patient: dict[str, str]) -> list[Record]:
+    return [replace(r, split=split_of_patient.get(r.patient_id, r.split)) for r in records]
+
+
+def class_balance(records: list[Record], split: str) -> Counter:
+    return Counter(r.label for r in records if r.split == split)

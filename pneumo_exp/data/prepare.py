@@ -1,0 +1,61 @@
+"""Turn the `dataset` config into a checked manifest with train, val and test splits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from pneumo_exp.data import kermany, manifest, phantom
+from pneumo_exp.data.folder import folder_records
+from pneumo_exp.data.manifest import Record
+from pneumo_exp.data.splits import carve_validation
+
+
+@dataclass
+class PreparedData:
+    records: list[Record]
+    skipped: list[str] = field(default_factory=list)  # one message per file left out, saying why
+    notes: list[str] = field(default_factory=list)  # dataset facts worth printing with the summary
+
+    def split(self, name: str) -> list[Record]:
+        return [r for r in self.records if r.split == name]
+
+
+def source_records(cfg: DictConfig, cache_dir: str) -> tuple[list[Record], list[str]]:
+    """The dataset's own records, before a validation split is carved."""
+    if cfg.kind == "phantom":
+        return phantom.phantom_records(patients_per_class=cfg.patients_per_class,
+                                       test_patients_per_class=cfg.test_patients_per_class,
+                                       images_per_patient=cfg.images_per_patient, difficulty=cfg.difficulty,
+                                       seed=cfg.seed), []
+    if cfg.kind == "kermany":
+        extract_dir = cfg.extract_dir or str(Path(cache_dir) / "extracted")
+        return kermany.kermany_records(cfg.root, skip_bad_images=cfg.skip_bad_images,
+                                       check_images=cfg.check_images, extract_dir=extract_dir)
+    if cfg.kind == "folder":
+        if (cfg.root is None) == (cfg.manifest is None):
+            raise ValueError("dataset=folder needs exactly one of dataset.root (a {split}/{class}/image tree) "
+                             "or dataset.manifest (a CSV with path,label,patient_id,split)")
+        return folder_records(root=cfg.root, manifest=cfg.manifest, skip_bad_images=cfg.skip_bad_images,
+                              check_images=cfg.check_images, class_aliases=dict(cfg.class_aliases))
+    raise ValueError(f"dataset.kind={cfg.kind!r} is not one of phantom, kermany, folder")
+
+
+def prepare_data(cfg: DictConfig, cache_dir: str, output_dir: str | Path | None = None) -> PreparedData:
+    """Records with a patient-grouped validation split, checked for leakage; writes manifest.csv if asked."""
+    records, skipped = source_records(cfg, cache_dir)
+    if not records:
+        raise ValueError(f"dataset {cfg.name!r} yielded no images")
+    group_of = kermany.split_group if cfg.kind == "kermany" else (lambda patient_id: patient_id)
+    if not any(r.split == "val" for r in records):
+        records = carve_validation(records, cfg.val_fraction, cfg.split_seed, group_of=group_of)
+    manifest.validate(records, where=f"dataset {cfg.name}")
+    manifest.check_no_leakage(records)
+    data = PreparedData(records=records, skipped=skipped)
+    if cfg.kind == "kermany":
+        data.notes.extend(kermany.split_notes(records))
+    if output_dir is not None:
+        manifest.write_csv(records, Path(output_dir) / "manifest.csv")
+    return data

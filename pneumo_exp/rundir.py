@@ -1,0 +1,43 @@
+"""What every run folder holds besides Hydra's `.hydra/`: the resolved config and the code version."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_version() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    try:
+        return {"sha": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"sha": None, "dirty": None}
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+        handle.write(text)
+    os.replace(handle.name, path)
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
+    return write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def write_run_info(cfg: DictConfig, output_dir: str | os.PathLike) -> None:
+    output_dir = Path(output_dir)
+    write_text_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_json_atomic(output_dir / "git.json", git_version())
