@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -10,9 +11,10 @@ from omegaconf import DictConfig
 from pneumo_exp.config import register_schemas
 
 COMMANDS = ("run", "summary")
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # the repository's conf/ (editable install)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def hydra_entry(cfg: DictConfig) -> dict[str, float]:
     from pneumo_exp.pipeline import run  # heavy imports after Hydra has parsed the command line
 

@@ -118,6 +118,41 @@ class AugmentationConfig:
     per_class_count: dict[str, int] = field(default_factory=dict)
 
 
+class ClassBalance(str, Enum):
+    none = "none"
+    weighted_loss = "weighted_loss"  # cross-entropy weighted by inverse class frequency
+    sampler = "sampler"  # draw training images with probability inverse to their class size
+
+
+class Precision(str, Enum):
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 3
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    grad_accum_steps: int = 1  # optimizer step every N batches; the effective batch is batch_size x N x processes
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    precision: Precision = Precision.no
+    class_balance: ClassBalance = ClassBalance.weighted_loss
+    augment: bool = True
+    max_steps_per_epoch: Optional[int] = None  # cap for smoke tests
+    bootstrap_samples: int = 1000
+    cpu: bool = False  # force the CPU even where a GPU is present
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1  # share of optimizer steps with linear warm-up, then cosine decay to zero
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
 SCHEMAS = {
     ("dataset", "phantom_schema"): PhantomDatasetConfig,
     ("dataset", "kermany_schema"): KermanyDatasetConfig,
@@ -125,6 +160,8 @@ SCHEMAS = {
     ("clip_lora", "clip_schema"): ClipConfig,
     ("diffusion_lora", "diffusion_schema"): DiffusionConfig,
     ("augmentation", "augmentation_schema"): AugmentationConfig,
+    ("trainer", "trainer_schema"): TrainerConfig,
+    ("optim", "optim_schema"): OptimConfig,
 }
 
 

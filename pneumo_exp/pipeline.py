@@ -13,7 +13,7 @@ from pneumo_exp.summary import format_summary
 
 log = logging.getLogger(__name__)
 
-KNOWN_STAGES = ("data",)
+KNOWN_STAGES = ("data", "classify")
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -31,4 +31,28 @@ def run(cfg: DictConfig) -> dict[str, float]:
     log.info("manifest written to %s", output_dir / "manifest.csv")
     if cfg.task == "summary":
         return {}
-    return {}
+    metrics: dict[str, float] = {}
+    if "classify" in cfg.stages:
+        from pneumo_exp.classify.train import train_and_evaluate
+
+        metrics.update(train_and_evaluate(cfg, data, output_dir, run_name=run_name(cfg)))
+        print(format_metrics(metrics), flush=True)
+    return metrics
+
+
+def run_name(cfg: DictConfig) -> str:
+    """The overrides that distinguish this job (Hydra's override_dirname), or the experiment name."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized() and HydraConfig.get().job.override_dirname:
+        return HydraConfig.get().job.override_dirname
+    return cfg.experiment_name
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    names = ("acc", "recall_macro", "f1_macro", "balanced_acc", "auroc_macro", "ece")
+    lines = [f"{'split':<6}" + "".join(f"{name:>14}" for name in names)]
+    for split in ("val", "test"):
+        lines.append(f"{split:<6}" + "".join(f"{metrics.get(f'{split}/{name}', float('nan')):>14.4f}"
+                                             for name in names))
+    return "\n".join(lines)

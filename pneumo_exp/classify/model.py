@@ -1,0 +1,211 @@
+"""CLIP as a 3-class classifier: logits = logit_scale x cos(image embedding, class text embedding).
+
+The class text embeddings come from the prompts of each class (several templates, averaged), in the order of
+`labels.CLASSES`. Modes decide what trains: nothing (zero_shot), the class embeddings (linear_probe, initialised
+from the prompts), LoRA adapters on the image and optionally the text encoder (lora), or everything (full).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from pneumo_exp.config import ClassifierMode
+from pneumo_exp.labels import CLASSES
+
+RANDOM_INIT_FORMAT = 1
+MAX_TEXT_TOKENS = 77
+DEFAULT_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's normalisation, used when a checkpoint has none
+DEFAULT_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The 256 printable characters GPT-2 style byte-level BPE uses for the 256 byte values."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    return [chr(c) for c in printable] + [chr(256 + i) for i in range(len(extra))]
+
+
+def character_tokenizer():
+    """A CLIP tokenizer with a byte-level vocabulary and no merges (one token per character), built offline."""
+    from transformers import CLIPTokenizer
+
+    characters = _bytes_to_unicode()
+    tokens = characters + [c + "</w>" for c in characters] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={token: index for index, token in enumerate(tokens)}, merges=[])
+
+
+def build_random_clip(architecture: dict, image_size: int, folder: Path) -> None:
+    """Save a randomly initialised CLIP, its tokenizer and image processor as a loadable checkpoint folder."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tokenizer = character_tokenizer()
+    special = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    text = {"max_position_embeddings": MAX_TEXT_TOKENS, **architecture.get("text", {}), **special}
+    vision = {**architecture.get("vision", {}), "image_size": image_size, "num_channels": 3}
+    config = CLIPConfig(text_config=text, vision_config=vision,
+                        projection_dim=architecture.get("projection_dim", 64))
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                       image_mean=list(DEFAULT_MEAN), image_std=list(DEFAULT_STD)).save_pretrained(folder)
+
+
+def backbone_source(clip_cfg: DictConfig, cache_dir: str | os.PathLike) -> str:
+    """Where to load CLIP from: the configured hub id or folder, or a random-init preset saved once in the cache."""
+    if clip_cfg.pretrained:
+        return str(clip_cfg.pretrained)
+    if not clip_cfg.architecture:
+        raise ValueError(f"clip_lora={clip_cfg.name}: set either `pretrained` (hub id or local folder) "
+                         f"or `architecture` (a random-init preset)")
+    architecture = OmegaConf.to_container(clip_cfg.architecture, resolve=True)
+    key = hashlib.sha256(json.dumps([RANDOM_INIT_FORMAT, architecture, clip_cfg.image_size],
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    folder = Path(cache_dir) / "models" / f"clip-{clip_cfg.name}-{key}"
+    if not (folder / "config.json").is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", suffix=".tmp", dir=folder.parent))
+        try:
+            build_random_clip(architecture, clip_cfg.image_size, staging)
+            os.rename(staging, folder)
+        except OSError:
+            if not (folder / "config.json").is_file():
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(folder)
+
+
+def load_backbone(source: str):
+    """CLIPModel, tokenizer and (mean, std) from a hub id or a local folder."""
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    try:
+        clip = CLIPModel.from_pretrained(source)
+        tokenizer = CLIPTokenizer.from_pretrained(source)
+    except OSError as error:
+        raise FileNotFoundError(
+            f"clip_lora.pretrained={source!r}: no CLIP checkpoint could be loaded ({error}). Give a local folder "
+            f"with config.json, weights and tokenizer files, or a hub id on a machine with hub access.") from None
+    try:
+        processor = CLIPImageProcessor.from_pretrained(source)
+        mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+    except OSError:
+        mean, std = DEFAULT_MEAN, DEFAULT_STD
+    return clip, tokenizer, (mean, std)
+
+
+def tokenize_prompts(tokenizer, prompts: dict, max_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Token ids (C*T, L) and mask for T templates per class, classes in `CLASSES` order."""
+    missing = [label for label in CLASSES if label not in prompts]
+    unknown = [label for label in prompts if label not in CLASSES]
+    if missing or unknown:
+        raise ValueError(f"clip_lora.prompts: needs exactly the classes {list(CLASSES)}; "
+                         f"missing {missing}, unknown {unknown}")
+    counts = {label: len(prompts[label]) for label in CLASSES}
+    if len(set(counts.values())) != 1 or 0 in counts.values():
+        raise ValueError(f"clip_lora.prompts: every class needs the same number (>= 1) of templates, got {counts}")
+    texts = [text for label in CLASSES for text in prompts[label]]
+    encoded = tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt",
+                        max_length=max_length)
+    return encoded.input_ids, encoded.attention_mask, counts[CLASSES[0]]
+
+
+class PromptClassifier(nn.Module):
+    def __init__(self, clip, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, templates_per_class: int,
+                 mean: tuple, std: tuple, image_size: int, text_trains: bool, learn_class_embeddings: bool):
+        super().__init__()
+        self.clip = clip
+        self.register_buffer("prompt_ids", prompt_ids, persistent=False)
+        self.register_buffer("prompt_mask", prompt_mask, persistent=False)
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.templates_per_class = templates_per_class
+        self.image_size = image_size
+        self.text_trains = text_trains
+        self._frozen_class_embeddings: torch.Tensor | None = None
+        self.class_embeddings = None
+        if learn_class_embeddings:
+            with torch.no_grad():
+                self.class_embeddings = nn.Parameter(self.prompt_class_embeddings().float().clone())
+
+    def prompt_class_embeddings(self) -> torch.Tensor:
+        """(C, D) unit vectors: each class's template embeddings, normalised, averaged, normalised again."""
+        features = self.clip.get_text_features(input_ids=self.prompt_ids, attention_mask=self.prompt_mask)
+        features = F.normalize(features.pooler_output.float(), dim=-1)
+        features = features.view(len(CLASSES), self.templates_per_class, -1).mean(dim=1)
+        return F.normalize(features, dim=-1)
+
+    def class_text_embeddings(self) -> torch.Tensor:
+        if self.class_embeddings is not None:
+            return F.normalize(self.class_embeddings, dim=-1)
+        if self.text_trains:
+            return self.prompt_class_embeddings()
+        if self._frozen_class_embeddings is None:  # frozen text side: encode the prompts once
+            with torch.no_grad():
+                self._frozen_class_embeddings = self.prompt_class_embeddings()
+        return self._frozen_class_embeddings
+
+    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        """float (B, 1, H, W) in [0, 1] -> normalised (B, 3, S, S) for the image encoder."""
+        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
+            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
+                                   align_corners=False, antialias=True)
+        return (images.expand(-1, 3, -1, -1) - self.pixel_mean) / self.pixel_std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: float (B, 1, H, W) in [0, 1] -> logits (B, C)."""
+        pixel_values = self.pixel_values(images).to(self.clip.visual_projection.weight.dtype)
+        image_features = self.clip.get_image_features(pixel_values=pixel_values).pooler_output
+        image_embeddings = F.normalize(image_features.float(), dim=-1)
+        text_embeddings = self.class_text_embeddings().to(image_embeddings.device)
+        scale = self.clip.logit_scale.float().exp().clamp(max=100.0)
+        return scale * image_embeddings @ text_embeddings.t()
+
+
+def lora_target_pattern(target_modules: list[str], towers: list[str]) -> str:
+    """A regex peft matches against full module names, limiting LoRA to the chosen encoder towers."""
+    modules = "|".join(re.escape(name) for name in target_modules)
+    return rf"({'|'.join(towers)})\.encoder\.layers\.\d+\.(self_attn|mlp)\.({modules})"
+
+
+def build_classifier(clip_cfg: DictConfig, cache_dir: str | os.PathLike):
+    """The classifier with the configured mode applied; returns (classifier, peft_model or None)."""
+    clip, tokenizer, (mean, std) = load_backbone(backbone_source(clip_cfg, cache_dir))
+    prompt_ids, prompt_mask, templates = tokenize_prompts(tokenizer, OmegaConf.to_container(clip_cfg.prompts),
+                                                          clip.config.text_config.max_position_embeddings)
+    mode = ClassifierMode(clip_cfg.mode)
+    clip.requires_grad_(mode == ClassifierMode.full)
+    peft_model = None
+    if mode == ClassifierMode.lora:
+        from peft import LoraConfig, get_peft_model
+
+        towers = ["vision_model"] + (["text_model"] if clip_cfg.lora_text_encoder else [])
+        lora = LoraConfig(r=int(clip_cfg.lora.r), lora_alpha=float(clip_cfg.lora.alpha),
+                          lora_dropout=float(clip_cfg.lora.dropout),
+                          target_modules=lora_target_pattern(list(clip_cfg.lora.target_modules), towers))
+        peft_model = get_peft_model(clip, lora)
+        clip = peft_model.base_model.model  # the same modules, with LoRA layers injected in place
+    text_trains = mode == ClassifierMode.full or (mode == ClassifierMode.lora and clip_cfg.lora_text_encoder)
+    classifier = PromptClassifier(clip, prompt_ids, prompt_mask, templates, mean, std, clip_cfg.image_size,
+                                  text_trains=text_trains,
+                                  learn_class_embeddings=mode == ClassifierMode.linear_probe)
+    return classifier, peft_model
+
+
+def trainable_parameters(classifier: nn.Module) -> list[nn.Parameter]:
+    return [p for p in classifier.parameters() if p.requires_grad]

@@ -1,0 +1,324 @@
+"""The classifier stage: train CLIP on cached tensors, keep the best epoch by validation macro F1, test it once.
+
+Reads top to bottom: tensors from the cache, model, optimiser and schedule, resume, epochs (train, validate,
+checkpoint, log), then the test split evaluated once with the best weights reloaded from disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from pneumo_exp.classify.checkpoint import (
+    load_training_state,
+    load_weights,
+    restore_rng,
+    save_checkpoint,
+    save_weights,
+    write_folder_atomic,
+)
+from pneumo_exp.classify.metrics import bootstrap_intervals, classification_metrics
+from pneumo_exp.classify.model import build_classifier, trainable_parameters
+from pneumo_exp.config import ClassBalance, ClassifierMode, Precision
+from pneumo_exp.data.augment import AugmentSettings, random_augment, to_unit_float
+from pneumo_exp.data.cache import open_or_build
+from pneumo_exp.data.manifest import Record
+from pneumo_exp.data.prepare import PreparedData
+from pneumo_exp.labels import CLASSES, class_index
+from pneumo_exp.plots import confusion_matrix_png, curves_png
+from pneumo_exp.rundir import write_json_atomic
+from pneumo_exp.tracking import RunLogger
+
+log = logging.getLogger(__name__)
+SELECTION_METRIC = "val/f1_macro"
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+@dataclass
+class SplitTensors:
+    records: list[Record]
+    pixels: torch.Tensor  # uint8 (N, R, R)
+    labels: torch.Tensor  # int64 (N,)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_splits(data: PreparedData, resolution: int, cache_dir: str, progress: bool) -> dict[str, SplitTensors]:
+    cache = open_or_build(data.records, resolution, cache_dir, progress=progress)
+    splits = {}
+    for name in ("train", "val", "test"):
+        records = data.split(name)
+        if not records:
+            raise ValueError(f"the {name} split is empty: nothing to {'train on' if name == 'train' else 'evaluate'}")
+        pixels = torch.from_numpy(np.ascontiguousarray(cache.pixels[cache.rows_of(records)]))
+        labels = torch.tensor([class_index(r.label) for r in records], dtype=torch.long)
+        splits[name] = SplitTensors(records, pixels, labels)
+    return splits
+
+
+def class_weights(labels: torch.Tensor) -> torch.Tensor:
+    """Inverse class frequency, scaled so that a balanced set gets weight 1 everywhere."""
+    counts = torch.bincount(labels, minlength=len(CLASSES)).float()
+    return counts.sum() / (len(CLASSES) * counts.clamp(min=1))
+
+
+def epoch_order(labels: torch.Tensor, balance: ClassBalance, generator: torch.Generator) -> torch.Tensor:
+    if balance == ClassBalance.sampler:
+        weights = class_weights(labels)[labels]
+        return torch.multinomial(weights, len(labels), replacement=True, generator=generator)
+    return torch.randperm(len(labels), generator=generator)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """Order, augmentation and dropout depend on (seed, epoch) only, so a resumed run repeats them exactly."""
+    torch.manual_seed(seed * 100_003 + epoch)
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def train_one_epoch(model, optimizer, scheduler, train: SplitTensors, cfg: DictConfig, epoch: int, accelerator,
+                    loss_weights: torch.Tensor | None) -> dict:
+    model.train()
+    generator = epoch_generator(cfg.seed, epoch)
+    order = epoch_order(train.labels, ClassBalance(cfg.trainer.class_balance), generator)
+    per_process = len(order) // accelerator.num_processes
+    shard = order[accelerator.process_index::accelerator.num_processes][:per_process]
+    batches = list(shard.split(cfg.trainer.batch_size))
+    accumulation = cfg.trainer.grad_accum_steps
+    if cfg.trainer.max_steps_per_epoch:
+        batches = batches[: cfg.trainer.max_steps_per_epoch * accumulation]
+    steps = [batches[i:i + accumulation] for i in range(0, len(batches), accumulation)]
+    settings = AugmentSettings()
+    probabilities, targets, losses = [], [], []
+    bar = tqdm(steps, desc=f"epoch {epoch}/{cfg.trainer.epochs} train", unit="step", leave=False,
+               disable=not accelerator.is_main_process, mininterval=1.0)
+    for step_number, micro_batches in enumerate(bar, start=1):
+        for position, indices in enumerate(micro_batches):
+            images = to_unit_float(train.pixels[indices]).to(accelerator.device)
+            if cfg.trainer.augment:
+                images = random_augment(images, settings, generator)
+            labels = train.labels[indices].to(accelerator.device)
+            last_micro_batch = position == len(micro_batches) - 1
+            with contextlib.nullcontext() if last_micro_batch else accelerator.no_sync(model):
+                logits = model(images).float()
+                loss = F.cross_entropy(logits, labels, weight=loss_weights)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"loss became {loss.item()} at epoch {epoch}, step {step_number}: lower optim.lr, use "
+                        f"trainer.precision=bf16 instead of fp16, or check the input images")
+                accelerator.backward(loss / len(micro_batches))
+            probabilities.append(logits.detach().softmax(-1))
+            targets.append(labels)
+            losses.append(loss.detach() * len(indices))
+        if cfg.trainer.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.trainer.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{losses[-1].item() / len(micro_batches[-1]):.3f}")
+    probabilities = accelerator.gather(torch.cat(probabilities))
+    targets = accelerator.gather(torch.cat(targets))
+    loss_sum = accelerator.gather(torch.stack(losses).sum().view(1)).sum()
+    metrics = classification_metrics(probabilities.cpu(), targets.cpu())
+    metrics["loss"] = (loss_sum / len(targets)).item()
+    return metrics
+
+
+@torch.no_grad()
+def predict_probabilities(model, pixels: torch.Tensor, batch_size: int, accelerator, desc: str) -> torch.Tensor:
+    """Class probabilities (N, C) for every image, in order, whatever the number of processes."""
+    model.eval()
+    count, processes = len(pixels), accelerator.num_processes
+    indices = torch.arange(count)[accelerator.process_index::processes]
+    padded = torch.full((math.ceil(count / processes),), -1, dtype=torch.long)
+    padded[: len(indices)] = indices
+    outputs = []
+    for batch in tqdm(padded.split(batch_size), desc=desc, unit="batch", leave=False,
+                      disable=not accelerator.is_main_process, mininterval=1.0):
+        images = to_unit_float(pixels[batch.clamp(min=0)]).to(accelerator.device)
+        outputs.append(model(images).float().softmax(-1))
+    gathered = accelerator.gather(torch.cat(outputs)).cpu()
+    order = accelerator.gather(padded.to(accelerator.device)).cpu()
+    probabilities = torch.empty(count, len(CLASSES))
+    keep = order >= 0
+    probabilities[order[keep]] = gathered[keep]
+    return probabilities
+
+
+def evaluate(model, split: SplitTensors, cfg: DictConfig, accelerator, desc: str) -> tuple[dict, torch.Tensor]:
+    probabilities = predict_probabilities(model, split.pixels, cfg.trainer.eval_batch_size, accelerator, desc)
+    metrics = classification_metrics(probabilities, split.labels)
+    metrics["loss"] = F.nll_loss(probabilities.clamp(min=1e-12).log(), split.labels).item()
+    return metrics, probabilities
+
+
+def prefixed(prefix: str, metrics: dict) -> dict:
+    return {f"{prefix}/{key}": value for key, value in metrics.items()}
+
+
+def write_predictions(records: list[Record], probabilities: torch.Tensor, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", newline="", dir=path.parent, suffix=".tmp", delete=False) as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", *[f"prob_{name}" for name in CLASSES], "prediction"])
+        for record, row in zip(records, probabilities.tolist()):
+            writer.writerow([record.path, record.label, *[f"{p:.6f}" for p in row],
+                             CLASSES[int(np.argmax(row))]])
+    os.replace(handle.name, path)
+    return path
+
+
+def make_accelerator(cfg: DictConfig):
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=Precision(cfg.trainer.precision).value, cpu=cfg.trainer.cpu)
+
+
+def fit(cfg: DictConfig, splits: dict[str, SplitTensors], output_dir: Path, accelerator, logger: RunLogger) -> None:
+    """Train for the configured epochs, writing checkpoints/last and checkpoints/best; resumes when asked."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    mode = ClassifierMode(cfg.clip_lora.mode)
+    classifier, peft_model = build_classifier(cfg.clip_lora, cfg.paths.cache_dir)
+    if cfg.trainer.precision != "no" and mode in (ClassifierMode.lora, ClassifierMode.linear_probe):
+        frozen_dtype = torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float16
+        for parameter in classifier.parameters():  # frozen weights in half precision, trained ones in fp32
+            parameter.data = parameter.data.to(torch.float32 if parameter.requires_grad else frozen_dtype)
+    optimizer = torch.optim.AdamW(trainable_parameters(classifier), lr=cfg.optim.lr,
+                                  weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas))
+    batches = len(splits["train"].labels) // accelerator.num_processes // cfg.trainer.batch_size + 1
+    if cfg.trainer.max_steps_per_epoch:
+        batches = min(batches, cfg.trainer.max_steps_per_epoch * cfg.trainer.grad_accum_steps)
+    total_steps = math.ceil(batches / cfg.trainer.grad_accum_steps) * cfg.trainer.epochs
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.optim.warmup_ratio * total_steps), total_steps)
+    model, optimizer = accelerator.prepare(classifier, optimizer)
+    loss_weights = None
+    if cfg.trainer.class_balance == ClassBalance.weighted_loss:
+        loss_weights = class_weights(splits["train"].labels).to(accelerator.device)
+
+    checkpoints = output_dir / "checkpoints"
+    history: list[dict] = []
+    best = {"epoch": 0, "value": -math.inf}
+    start_epoch = 1
+    if cfg.resume:
+        last = checkpoints / "last" if (checkpoints / "last").exists() else checkpoints / "last.old"
+        if last.exists():
+            state = load_training_state(last)
+            load_weights(classifier, peft_model, mode, last)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            restore_rng(state["rng"])
+            history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
+            logger.rewrite_history(history)
+            log.info("resumed from %s after epoch %d", last, state["epoch"])
+        else:
+            log.warning("resume=true but %s holds no checkpoint: starting from epoch 1", checkpoints)
+
+    for epoch in range(start_epoch, cfg.trainer.epochs + 1):
+        train_metrics = train_one_epoch(model, optimizer, scheduler, splits["train"], cfg, epoch, accelerator,
+                                        loss_weights)
+        val_metrics, _ = evaluate(model, splits["val"], cfg, accelerator, f"epoch {epoch} val")
+        row = {"epoch": epoch, "lr": scheduler.get_last_lr()[0], **prefixed("train", train_metrics),
+               **prefixed("val", val_metrics)}
+        history.append(row)
+        improved = row[SELECTION_METRIC] > best["value"]
+        if improved:
+            best = {"epoch": epoch, "value": row[SELECTION_METRIC]}
+        if accelerator.is_main_process:
+            if improved:
+                write_folder_atomic(checkpoints / "best",
+                                    lambda folder: save_weights(classifier, peft_model, mode, folder))
+            save_checkpoint(checkpoints / "last", classifier, peft_model, mode, optimizer, scheduler,
+                            {"epoch": epoch, "history": history, "best": best})
+        accelerator.wait_for_everyone()
+        logger.log_epoch(row)
+        if accelerator.is_main_process:
+            log.info("epoch %d: train acc %.3f f1 %.3f | val acc %.3f recall %.3f f1 %.3f%s", epoch,
+                     row["train/acc"], row["train/f1_macro"], row["val/acc"], row["val/recall_macro"],
+                     row["val/f1_macro"], "  (best)" if improved else "")
+
+
+def test_best(cfg: DictConfig, splits: dict[str, SplitTensors], output_dir: Path, accelerator) -> dict:
+    """Reload the best weights from disk into a fresh model and evaluate validation and test once."""
+    mode = ClassifierMode(cfg.clip_lora.mode)
+    classifier, peft_model = build_classifier(cfg.clip_lora, cfg.paths.cache_dir)
+    best_folder = output_dir / "checkpoints" / "best"
+    if mode != ClassifierMode.zero_shot:
+        load_weights(classifier, peft_model, mode, best_folder)
+    model = accelerator.prepare(classifier)
+    results: dict = {"metrics": {}, "ci95": {}, "confusion_matrix": {}, "images": {}}
+    for name in ("val", "test"):
+        metrics, probabilities = evaluate(model, splits[name], cfg, accelerator, f"{name} (best weights)")
+        results["confusion_matrix"][name] = metrics.pop("confusion_matrix")
+        results["metrics"].update(prefixed(name, metrics))
+        results["images"][name] = len(splits[name].labels)
+        if accelerator.is_main_process:
+            predictions = probabilities.argmax(-1).numpy()
+            intervals = bootstrap_intervals(predictions, splits[name].labels.numpy(),
+                                            samples=cfg.trainer.bootstrap_samples, seed=cfg.seed)
+            results["ci95"].update(prefixed(name, intervals))
+            write_predictions(splits[name].records, probabilities,
+                              output_dir / ("predictions.csv" if name == "test" else f"predictions_{name}.csv"))
+    return results
+
+
+def train_and_evaluate(cfg: DictConfig, data: PreparedData, output_dir: str | os.PathLike,
+                       run_name: str) -> dict[str, float]:
+    output_dir = Path(output_dir)
+    accelerator = make_accelerator(cfg)
+    seed_everything(cfg.seed)
+    with accelerator.main_process_first():
+        splits = load_splits(data, cfg.dataset.resolution, cfg.paths.cache_dir, accelerator.is_main_process)
+    logger = RunLogger(cfg, output_dir, job_type="classify", run_name=run_name,
+                       enabled=accelerator.is_main_process)
+    try:
+        mode = ClassifierMode(cfg.clip_lora.mode)
+        if mode != ClassifierMode.zero_shot:
+            fit(cfg, splits, output_dir, accelerator, logger)
+        results = test_best(cfg, splits, output_dir, accelerator)
+        history = read_history(output_dir / "metrics.jsonl")
+        results["best_epoch"] = max(history, key=lambda row: row[SELECTION_METRIC])["epoch"] if history else 0
+        results["mode"] = mode.value
+        results["seed"] = cfg.seed
+        if accelerator.is_main_process:
+            write_json_atomic(output_dir / "results.json", results)
+            figures = {f"confusion_{name}": confusion_matrix_png(
+                results["confusion_matrix"][name], output_dir / f"confusion_{name}.png",
+                f"{name}: acc {results['metrics'][f'{name}/acc']:.3f}, macro F1 "
+                f"{results['metrics'][f'{name}/f1_macro']:.3f}") for name in ("val", "test")}
+            if history:
+                figures["curves"] = curves_png(history, output_dir / "curves.png")
+            logger.log_images(figures)
+            logger.set_summary({**results["metrics"], "best_epoch": results["best_epoch"]})
+    except BaseException:
+        logger.finish(failed=True)
+        raise
+    logger.finish()
+    return {key: value for key, value in results["metrics"].items() if isinstance(value, float)}
+
+
+def read_history(path: Path) -> list[dict]:
+    import json
+
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

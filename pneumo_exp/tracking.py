@@ -1,0 +1,82 @@
+"""Per-epoch metrics: `metrics.jsonl` in the run folder (the source of truth) mirrored to Weights & Biases.
+
+One W&B run per job, opened on the main process only, offline unless the user asks for online, with the resolved
+config, group = experiment, job_type = stage, and best-epoch summaries.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pneumo_exp.rundir import write_text_atomic
+
+BEST_EPOCH_SUMMARIES = {"val/f1_macro": "max", "val/acc": "max", "val/recall_macro": "max", "val/loss": "min"}
+
+
+def numeric_items(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class RunLogger:
+    def __init__(self, cfg: DictConfig, output_dir: str | os.PathLike, job_type: str, run_name: str,
+                 enabled: bool = True):
+        self.output_dir = Path(output_dir)
+        self.metrics_path = self.output_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.run = None
+        if enabled and cfg.logger.mode != "disabled":
+            self.run = self._start_wandb(cfg, job_type, run_name)
+
+    def _start_wandb(self, cfg: DictConfig, job_type: str, run_name: str):
+        import wandb
+
+        id_file = self.output_dir / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+        write_text_atomic(id_file, run_id + "\n")
+        config = OmegaConf.to_container(cfg, resolve=True)
+        run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
+                         job_type=job_type, name=run_name, tags=list(cfg.tags), config=config,
+                         dir=str(self.output_dir), mode=cfg.logger.mode, id=run_id, resume="allow",
+                         settings=wandb.Settings(quiet=True, x_disable_stats=True))
+        run.define_metric("epoch")
+        for prefix in ("train", "val", "test"):
+            run.define_metric(f"{prefix}/*", step_metric="epoch")
+        for name, summary in BEST_EPOCH_SUMMARIES.items():
+            run.define_metric(name, step_metric="epoch", summary=summary)
+        return run
+
+    def rewrite_history(self, history: list[dict]) -> None:
+        """On resume: the file holds exactly the epochs the checkpoint completed."""
+        if self.enabled:
+            write_text_atomic(self.metrics_path, "".join(json.dumps(row) + "\n" for row in history))
+
+    def log_epoch(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self.run is not None:
+            self.run.log({k: v for k, v in numeric_items(row).items() if not math.isnan(v)})
+
+    def log_images(self, images: dict[str, Path]) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({name: wandb.Image(str(path), caption=name) for name, path in images.items()})
+
+    def set_summary(self, values: dict[str, float]) -> None:
+        if self.run is not None:
+            for key, value in numeric_items(values).items():
+                self.run.summary[key] = value
+
+    def finish(self, failed: bool = False) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=1 if failed else 0)
+            self.run = None
