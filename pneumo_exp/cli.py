@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -10,7 +12,7 @@ from omegaconf import DictConfig
 
 from pneumo_exp.config import register_schemas
 
-COMMANDS = ("run", "summary")
+COMMANDS = ("run", "summary", "predict")
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # the repository's conf/ (editable install)
 
 
@@ -21,9 +23,30 @@ def hydra_entry(cfg: DictConfig) -> dict[str, float]:
     return run(cfg)
 
 
+def launcher_start_time() -> str:
+    """When the launcher that started this process began: the same for every rank it started on this machine."""
+    fields = Path(f"/proc/{os.getppid()}/stat").read_text().rsplit(")", 1)[1].split()
+    boot_time = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                     if line.startswith("btime"))
+    started = boot_time + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(started)) + f"-ppid{os.getppid()}"
+
+
+def distributed_run_dir(argv: list[str]) -> list[str]:
+    """Under `accelerate launch`/torchrun every rank runs Hydra: give all ranks one run folder."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or any(a.startswith("hydra.run.dir=") for a in argv):
+        return []
+    try:
+        stamp = launcher_start_time()
+    except (OSError, StopIteration, IndexError, ValueError):
+        raise SystemExit("several processes were launched: pass hydra.run.dir=<one folder for all ranks>") from None
+    return [f"hydra.run.dir=outputs/${{experiment_name}}/{stamp}"]
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
         sys.argv = [sys.argv[0], f"task={sys.argv[1]}", *sys.argv[2:]]
+    sys.argv += distributed_run_dir(sys.argv)
     register_schemas()
     hydra_entry()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -23,6 +24,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if unknown:
         raise ValueError(f"stages: unknown stage(s) {unknown}; known: {list(KNOWN_STAGES)}")
     write_run_info(cfg, output_dir)
+    if cfg.task == "predict":
+        from pneumo_exp.classify.predict import predict
+
+        print(f"predictions written to {predict(cfg, output_dir)}", flush=True)
+        return {}
 
     data = prepare_data(cfg.dataset, cfg.paths.cache_dir, output_dir)
     if data.skipped:
@@ -36,7 +42,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         from pneumo_exp.classify.train import train_and_evaluate
 
         metrics.update(train_and_evaluate(cfg, data, output_dir, run_name=run_name(cfg)))
-        print(format_metrics(metrics), flush=True)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(format_metrics(metrics), flush=True)
     return metrics
 
 

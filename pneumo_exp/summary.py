@@ -17,12 +17,12 @@ def summary_table(data: PreparedData) -> dict:
 def format_summary(data: PreparedData, name: str) -> str:
     table = summary_table(data)
     columns = [*CLASSES, "total", "patients"]
-    lines = [f"dataset: {name}", f"{'split':<8}" + "".join(f"{c:>10}" for c in columns)]
+    lines = [f"dataset: {name}", f"{'split':<10}" + "".join(f"{c:>10}" for c in columns)]
     for split in SPLITS:
-        lines.append(f"{split:<8}" + "".join(f"{table[split][c]:>10}" for c in columns))
-    all_images = sum(table[s]["total"] for s in SPLITS)
-    lines.append(f"{'all':<8}" + "".join(f"{sum(table[s][c] for s in SPLITS):>10}" for c in CLASSES)
-                 + f"{all_images:>10}")
+        lines.append(f"{split:<10}" + "".join(f"{table[split][c]:>10}" for c in columns))
+    for label, splits in (("train+val", ("train", "val")), ("all", SPLITS)):
+        lines.append(f"{label:<10}" + "".join(f"{sum(table[s][c] for s in splits):>10}"
+                                              for c in [*CLASSES, "total"]))
     leaks = leaking_patients(data.records)
     lines.append("leakage check: " + ("OK, no patient appears in more than one split" if not leaks
                                       else f"FAILED, {len(leaks)} patient(s) in several splits"))

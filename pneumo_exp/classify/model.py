@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
@@ -22,6 +24,8 @@ from torch import nn
 
 from pneumo_exp.config import ClassifierMode
 from pneumo_exp.labels import CLASSES
+
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 RANDOM_INIT_FORMAT = 1
 MAX_TEXT_TOKENS = 77
@@ -47,7 +51,7 @@ def character_tokenizer():
 
 def build_random_clip(architecture: dict, image_size: int, folder: Path) -> None:
     """Save a randomly initialised CLIP, its tokenizer and image processor as a loadable checkpoint folder."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
     tokenizer = character_tokenizer()
     special = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
@@ -59,7 +63,7 @@ def build_random_clip(architecture: dict, image_size: int, folder: Path) -> None
     torch.manual_seed(0)
     CLIPModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+    CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
                        image_mean=list(DEFAULT_MEAN), image_std=list(DEFAULT_STD)).save_pretrained(folder)
 
 
@@ -90,7 +94,7 @@ def backbone_source(clip_cfg: DictConfig, cache_dir: str | os.PathLike) -> str:
 
 def load_backbone(source: str):
     """CLIPModel, tokenizer and (mean, std) from a hub id or a local folder."""
-    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+    from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
@@ -102,7 +106,7 @@ def load_backbone(source: str):
             f"clip_lora.pretrained={source!r}: no CLIP checkpoint could be loaded ({error}). Give a local folder "
             f"with config.json, weights and tokenizer files, or a hub id on a machine with hub access.") from None
     try:
-        processor = CLIPImageProcessor.from_pretrained(source)
+        processor = CLIPImageProcessorPil.from_pretrained(source)  # only its mean and std are used
         mean, std = tuple(processor.image_mean), tuple(processor.image_std)
     except OSError:
         mean, std = DEFAULT_MEAN, DEFAULT_STD

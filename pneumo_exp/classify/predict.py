@@ -1,0 +1,59 @@
+"""`pneumo-exp predict`: class probabilities for new images from a trained run's best weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pneumo_exp.classify.checkpoint import load_weights
+from pneumo_exp.classify.model import build_classifier
+from pneumo_exp.config import ClassifierMode
+from pneumo_exp.data.augment import to_unit_float
+from pneumo_exp.data.images import IMAGE_SUFFIXES, decode_grayscale
+from pneumo_exp.data.manifest import Record
+
+
+def images_under(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if found:
+            return found
+        raise FileNotFoundError(f"predict.input={path}: no {'/'.join(IMAGE_SUFFIXES)} images found in the folder")
+    raise FileNotFoundError(f"predict.input={path} does not exist")
+
+
+def load_trained(run_dir: Path, cache_dir: str):
+    """The run's classifier with its best weights, and the run's config."""
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"predict.run_dir={run_dir}: no config.yaml; give the folder of a finished run")
+    run_cfg = OmegaConf.load(config_file)
+    classifier, peft_model = build_classifier(run_cfg.clip_lora, cache_dir)
+    mode = ClassifierMode(run_cfg.clip_lora.mode)
+    if mode != ClassifierMode.zero_shot:
+        load_weights(classifier, peft_model, mode, run_dir / "checkpoints" / "best")
+    return classifier.eval(), run_cfg
+
+
+@torch.no_grad()
+def predict(cfg: DictConfig, output_dir: Path) -> Path:
+    from pneumo_exp.classify.train import write_predictions
+
+    if not cfg.predict.run_dir or not cfg.predict.input:
+        raise ValueError("predict needs predict.run_dir=<trained run folder> and predict.input=<image or folder>")
+    classifier, run_cfg = load_trained(Path(cfg.predict.run_dir), cfg.paths.cache_dir)
+    files = images_under(Path(cfg.predict.input))
+    resolution = run_cfg.dataset.resolution
+    probabilities = []
+    for start in range(0, len(files), cfg.trainer.eval_batch_size):
+        batch = files[start:start + cfg.trainer.eval_batch_size]
+        pixels = torch.from_numpy(np.stack([decode_grayscale(f, resolution) for f in batch]))
+        probabilities.append(classifier(to_unit_float(pixels)).softmax(-1))
+    records = [Record(path=str(f), label="", patient_id="", split="test") for f in files]
+    target = Path(cfg.predict.output) if cfg.predict.output else output_dir / "predictions.csv"
+    return write_predictions(records, torch.cat(probabilities), target)

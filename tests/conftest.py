@@ -1,0 +1,46 @@
+"""Shared test fixtures: configs composed with Hydra's compose API, shrunk, with their own folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+REAL_DATA = REPO.parent / "shared" / "data" / "kermany-224"
+
+requires_real_data = pytest.mark.skipif(not (REAL_DATA / "train").is_dir(),
+                                        reason=f"real dataset not found at {REAL_DATA}")
+
+
+def compose(overrides: list[str] | None = None):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from pneumo_exp.config import register_schemas
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides or []))
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """One cache for the session: random-init presets and decoded images are built once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def make_cfg(tmp_path, model_cache):
+    """Compose the config with overrides; outputs go to tmp_path/run, W&B off unless asked."""
+
+    def make(*overrides: str, logger: str = "none"):
+        return compose([f"paths.output_dir={tmp_path / 'run'}", f"paths.cache_dir={model_cache}",
+                        f"logger={logger}", *overrides])
+
+    return make

@@ -1,0 +1,46 @@
+"""Every config option and experiment composes; typos fail at composition."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from conftest import CONF_DIR, REPO, compose
+
+GROUPS = ["dataset", "clip_lora", "diffusion_lora", "augmentation", "optim", "trainer", "logger"]
+OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))]
+EXPERIMENTS = sorted(path.stem for path in (REPO / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_group_option_composes(group, option):
+    cfg = compose([f"{group}={option}", "dataset.root=/data" if option in ("kermany",) else "seed=0"])
+    assert cfg[group] is not None
+    OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment):
+    cfg = compose([f"experiment={experiment}", "dataset.root=/data"] if "kermany" in experiment
+                  else [f"experiment={experiment}"])
+    assert cfg.experiment_name
+
+
+def test_experiments_folder_is_the_experiment_group():
+    assert EXPERIMENTS, "experiments/ holds no recipes"
+    assert (CONF_DIR / "experiment").resolve() == (REPO / "experiments").resolve()
+
+
+@pytest.mark.parametrize("override", ["dataset.resolutin=64", "clip_lora.mode=lorra", "clip_lora.lora.r=two",
+                                      "trainer.class_balance=oversample", "augmentation.strategy=double",
+                                      "optim.lr=fast"])
+def test_typos_and_bad_values_fail_at_composition(override):
+    with pytest.raises(ConfigCompositionException) as error:
+        compose([override])
+    assert override.split("=")[0].split(".")[-1] in str(error.value) or override in str(error.value)
+
+
+def test_alpha_is_independent_of_rank():
+    cfg = compose(["clip_lora.lora.r=4", "clip_lora.lora.alpha=32"])
+    assert (cfg.clip_lora.lora.r, cfg.clip_lora.lora.alpha) == (4, 32)
