@@ -188,8 +188,11 @@ def write_predictions(records: list[Record], probabilities: torch.Tensor, path: 
 
 
 def make_accelerator(cfg: DictConfig):
+    """A fresh Accelerator per job: jobs of one sweep process may ask for different precisions."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=False)  # keeps the process group of a launched run
     return Accelerator(mixed_precision=Precision(cfg.trainer.precision).value, cpu=cfg.trainer.cpu)
 
 

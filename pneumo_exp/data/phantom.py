@@ -107,7 +107,7 @@ def _validate_spec(spec: PhantomSpec, where: str) -> None:
     if spec.label not in CLASSES:
         raise ValueError(f"{where}: unknown label {spec.label!r}; expected one of {', '.join(CLASSES)}")
     _check_difficulty(spec.difficulty, where)
-    if not spec.patient_id or ":" in spec.patient_id:
+    if not isinstance(spec.patient_id, str) or not spec.patient_id or ":" in spec.patient_id:
         raise ValueError(f"{where}: patient_id must be non-empty and free of ':' (got {spec.patient_id!r})")
     if spec.image_index < 0:
         raise ValueError(f"{where}: image_index must be >= 0 (got {spec.image_index})")
@@ -119,7 +119,8 @@ def _check_difficulty(difficulty: float, where: str) -> None:
 
 
 def _rng(*parts: object) -> np.random.Generator:
-    """A generator seeded by a stable hash of the parts: identical in every process and on every platform."""
+    """A generator seeded by a stable hash of the parts (never Python's salted hash()): the same stream in every
+    process."""
     text = "\x1f".join(str(part) for part in parts).encode()
     return np.random.default_rng(int.from_bytes(hashlib.sha256(text).digest()[:16], "little"))
 
@@ -127,7 +128,7 @@ def _rng(*parts: object) -> np.random.Generator:
 # ---------------------------------------------------------------------------------- random draws
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Patient:
     """What stays the same across one patient's images (lengths in anatomical units)."""
     body_half_width: float
@@ -166,7 +167,7 @@ class Consolidation:
     strength: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Interstitial:
     side_strength: tuple[float, float]
     haze_radius: float
@@ -204,11 +205,14 @@ def draw_patient(spec: PhantomSpec) -> Patient:
     rng = _rng(GENERATOR_VERSION, "patient", spec.seed, spec.label, spec.patient_id)
     spread = _anatomy_spread(spec.difficulty)
 
+    def standard() -> float:
+        return min(max(float(rng.standard_normal()), -2.5), 2.5)
+
     def varied(mean: float, relative: float) -> float:
-        return mean * (1.0 + relative * spread * float(np.clip(rng.standard_normal(), -2.5, 2.5)))
+        return mean * (1.0 + relative * spread * standard())
 
     def offset(mean: float, absolute: float) -> float:
-        return mean + absolute * spread * float(np.clip(rng.standard_normal(), -2.5, 2.5))
+        return mean + absolute * spread * standard()
 
     body_half_width = varied(0.86, 0.05)
     body_half_height = varied(1.0, 0.04)
@@ -252,7 +256,7 @@ def _draw_consolidation(rng: np.random.Generator, difficulty: float, lung_half_w
         lateral = -abs(lateral) * 0.6 - 0.05
     else:
         center_v, radii, fissure = float(rng.uniform(0.1, 0.22)), (0.24, 0.2), float(rng.uniform(-0.08, 0.02))
-    size = float(rng.uniform(0.8, 1.2))
+    size = float(rng.uniform(0.95, 1.3))
     return Consolidation(
         side=side, lobe=lobe,
         center=(side * (lung_center + lateral), center_v),
@@ -379,6 +383,8 @@ def _grid_noise(grid: np.ndarray, frame: Frame, zoom: float = 1.0, offset: tuple
     coefficients = to_grid * frame.to_anatomy
     coefficients[:, 2] += to_grid * np.asarray(offset) + 0.5 * (n - 1) + 0.5  # PIL puts pixel centres at +0.5
     height, width = frame.u.shape
+    if height == 0 or width == 0:
+        return np.zeros_like(frame.u)
     sampled = Image.fromarray(np.ascontiguousarray(grid, dtype=np.float32)).transform(
         (width, height), Image.Transform.AFFINE, data=tuple(coefficients.ravel()),
         resample=Image.Resampling.BILINEAR)
@@ -478,9 +484,10 @@ def _rib_bands(frame: Frame, phase: np.ndarray, spacing: float) -> np.ndarray:
     width = 0.45
     position = phase - np.floor(phase)
     from_center = np.abs(position - width / 2) / (width / 2)
-    band = _soft_inside(1.0 - from_center, 0.25) * (0.6 + 0.4 * from_center ** 4)
-    visibility = float(np.clip(spacing / frame.pixel / 2.0 - 0.5, 0.0, 1.0))  # fade bands pixels can't resolve
-    return visibility * band + (1.0 - visibility) * 0.25
+    squared = from_center * from_center
+    band = _soft_inside(1.0 - from_center, 0.25) * (0.6 + 0.4 * squared * squared)
+    visibility = min(max(spacing / frame.pixel / 2.0 - 0.5, 0.0), 1.0)  # fade bands the pixels can't resolve
+    return band if visibility == 1.0 else visibility * band + (1.0 - visibility) * 0.25
 
 
 def _clavicles(frame: Frame) -> np.ndarray:
@@ -579,8 +586,8 @@ def _interstitial(frame: Frame, lesion: Interstitial, view: View, hila: list[Hil
     for side_index, (side_strength, hilum) in enumerate(zip(lesion.side_strength, hila)):
         haze = np.exp(-(hilum.radius * (1.0 / lesion.haze_radius)) ** 2)
         sectors = np.maximum(_angular_noise(lesion.sectors[side_index], hilum.angle) + 0.3, 0.0)
-        streaks = (0.5 * sectors + hilum.streaks) * np.exp(hilum.radius * (-1.0 / 0.4))
-        total += side_strength * (0.6 * haze + 0.35 * streaks + 0.35 * net * np.sqrt(haze) * (0.5 + sectors))
+        streaks = (sectors + 0.5 * hilum.streaks) * np.exp(hilum.radius * (-1.0 / 0.4))
+        total += side_strength * (0.6 * haze + 0.3 * streaks + 0.35 * net * np.sqrt(haze) * (0.5 + sectors))
     return lesion.strength * view.lesion_gain * total
 
 
@@ -597,7 +604,8 @@ def render(key: str, size: int) -> np.ndarray:
     frame = _frame(size, patient, view)
     attenuation = _attenuation(frame, patient, view)
     image = 1.0 - np.exp(-patient.contrast * view.contrast * attenuation)
-    noise_rng = _rng(GENERATOR_VERSION, "noise", key, size)
+    noise_rng = _rng(GENERATOR_VERSION, "noise", spec.seed, spec.difficulty, spec.label, spec.patient_id,
+                     spec.image_index, size)
     image += patient.noise_sigma * noise_rng.standard_normal((size, size), dtype=np.float32)
     image = _unit_clip(image)
     image = _match_mean(image, patient.target_mean + view.mean_offset)

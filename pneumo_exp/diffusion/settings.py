@@ -1,0 +1,76 @@
+"""Settings of the diffusion stage that the config schema does not hold yet: `diffusion_lora.training` and
+`diffusion_lora.generation`.
+
+Both are plain dataclasses with defaults, so the stage runs before the schema knows them, and the schema can later
+hold them as typed fields. This module imports nothing from the project (the schema may import it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+
+@dataclass
+class DiffusionTrainingConfig:
+    epochs: int = 5
+    max_train_steps: Optional[int] = None  # optimizer steps; when set, it ends training (and overrides epochs)
+    batch_size: int = 4  # per process and micro-batch
+    grad_accum_steps: int = 1  # optimizer step every N micro-batches: effective batch = batch x N x processes
+    lr: float = 1.0e-4
+    weight_decay: float = 1.0e-2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1.0e-8
+    warmup_ratio: float = 0.05  # share of optimizer steps with linear warm-up, then cosine decay to zero
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    min_snr_gamma: Optional[float] = None  # e.g. 5.0: min-SNR-gamma loss weighting; null = plain MSE
+    noise_offset: float = 0.0
+    crop_min_side: float = 0.9  # random square crops of side in [crop_min_side, 1] x image side; 1 = no crop
+    precision: str = "no"  # no | bf16 | fp16 (mixed precision; LoRA parameters stay fp32)
+    seed: Optional[int] = None  # null: the run's top-level seed
+    log_every: int = 10  # optimizer steps between loss rows in diffusion/metrics.jsonl (and W&B)
+    validation_every: int = 0  # optimizer steps between validation grids (and one at the end); 0 = none
+    validation_images_per_class: int = 4
+    validation_inference_steps: int = 20
+    validation_guidance_scale: float = 7.5
+
+
+@dataclass
+class DiffusionGenerationConfig:
+    num_inference_steps: int = 25  # DPM-Solver++ multistep
+    guidance_scale: float = 7.5
+    batch_size: int = 8
+    seed: Optional[int] = None  # null: the run's top-level seed
+    precision: str = "no"  # no | fp16 | bf16: the dtype of the pipeline's weights while sampling
+
+
+def _from_mapping(schema, values: Any, key: str):
+    if values is None:
+        return schema()
+    if isinstance(values, schema):
+        return values
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(values, DictConfig):
+            values = OmegaConf.to_container(values, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    if not isinstance(values, dict):
+        raise TypeError(f"{key}: expected a mapping, got {type(values).__name__}")
+    known = {f.name for f in fields(schema)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{key}: unknown key(s) {unknown}; known: {sorted(known)}")
+    return schema(**values)
+
+
+def training_settings(diffusion_cfg) -> DiffusionTrainingConfig:
+    """`diffusion_lora.training` as a dataclass (defaults where the config has no such block)."""
+    return _from_mapping(DiffusionTrainingConfig, diffusion_cfg.get("training", None), "diffusion_lora.training")
+
+
+def generation_settings(diffusion_cfg) -> DiffusionGenerationConfig:
+    """`diffusion_lora.generation` as a dataclass (defaults where the config has no such block)."""
+    return _from_mapping(DiffusionGenerationConfig, diffusion_cfg.get("generation", None),
+                         "diffusion_lora.generation")

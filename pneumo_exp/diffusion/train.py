@@ -1,0 +1,419 @@
+"""LoRA fine-tuning of Stable Diffusion on the training split, one LoRA for all classes, conditioned on each
+class's prompt. The recipe of diffusers' examples/text_to_image/train_text_to_image_lora.py:
+
+VAE, text encoder and UNet frozen; LoRA layers added to the UNet's attention projections (kept in fp32 under mixed
+precision); per batch: VAE-encode the images (latent sample x scaling factor), add noise at random timesteps,
+let the UNet predict the noise (or v) conditioned on the class prompt, MSE to that target (optionally min-SNR-gamma
+weighted); AdamW, cosine schedule with warm-up, gradient clipping, gradient accumulation with accelerate.
+
+Reads top to bottom: images to model input, LoRA set-up, the loss, checkpoints, the loop. Everything lands under
+`output_dir/diffusion/`: `lora/` (the final LoRA in diffusers format + lora_info.json), `checkpoints/last/`
+(resume state, each epoch), `samples/step_XXXXX.png` (fixed-seed validation grids) and `metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from pneumo_exp.classify.checkpoint import restore_rng, rng_state, write_folder_atomic
+from pneumo_exp.data.augment import resize, to_unit_float
+from pneumo_exp.diffusion.pipeline import (
+    LORA_INFO_NAME,
+    LORA_WEIGHT_NAME,
+    SDComponents,
+    grid_image,
+    image_seed,
+    load_components,
+    pipeline_from_components,
+    pipeline_source,
+    sample,
+    sha256_file,
+    to_vae_input,
+)
+from pneumo_exp.diffusion.settings import DiffusionTrainingConfig, training_settings
+from pneumo_exp.labels import CLASSES, class_index
+from pneumo_exp.rundir import write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+STAGE_DIR = "diffusion"
+CHECKPOINT_LORA = "lora.safetensors"
+CHECKPOINT_STATE = "training_state.pt"
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class TrainingImages:
+    pixels: torch.Tensor  # uint8 (N, R, R), training split only
+    labels: torch.Tensor  # int64 (N,), indices into CLASSES
+
+
+def as_training_images(train_images: Any) -> TrainingImages:
+    """Accepts {"pixels" (or "images"): uint8 (N, R, R), "labels": class indices or names} or an object with
+    `.pixels` and `.labels` (the classifier's SplitTensors)."""
+    get = train_images.get if isinstance(train_images, dict) else lambda key: getattr(train_images, key, None)
+    pixels = get("pixels") if get("pixels") is not None else get("images")
+    labels = get("labels")
+    if pixels is None or labels is None:
+        raise ValueError("train_images needs uint8 `pixels` (N, R, R) and `labels` (N,)")
+    pixels = torch.as_tensor(np.asarray(pixels)) if not isinstance(pixels, torch.Tensor) else pixels
+    if pixels.dtype != torch.uint8 or pixels.ndim != 3 or pixels.shape[1] != pixels.shape[2]:
+        raise ValueError(f"train_images pixels must be uint8 (N, R, R), got {tuple(pixels.shape)} {pixels.dtype}")
+    if not isinstance(labels, torch.Tensor):
+        labels = torch.tensor([class_index(x) if isinstance(x, str) else int(x) for x in labels], dtype=torch.long)
+    if len(labels) != len(pixels) or len(pixels) == 0:
+        raise ValueError(f"train_images: {len(pixels)} images but {len(labels)} labels (need the same, > 0)")
+    if labels.min() < 0 or labels.max() >= len(CLASSES):
+        raise ValueError(f"train_images labels must index {list(CLASSES)}")
+    return TrainingImages(pixels, labels.long())
+
+
+def random_crops(pixels: torch.Tensor, resolution: int, min_side: float, generator: torch.Generator) -> torch.Tensor:
+    """uint8 (B, R, R) -> float (B, 1, res, res) in [0, 1]: a random square crop of side in [min_side, 1] x R,
+    resized. No flips and no rotations: a chest X-ray has a side (the heart is on the patient's left)."""
+    size = pixels.shape[-1]
+    crops = []
+    for image in pixels:
+        fraction = min_side + (1.0 - min_side) * torch.rand((), generator=generator).item() if min_side < 1 else 1.0
+        side = max(1, min(size, round(size * fraction)))
+        top, left = (int(torch.randint(0, size - side + 1, (), generator=generator)) for _ in range(2))
+        crops.append(resize(to_unit_float(image[None, top:top + side, left:left + side]), resolution))
+    return torch.cat(crops)
+
+
+# ------------------------------------------------------------------------------------------ LoRA
+
+
+def add_lora(components: SDComponents, lora_spec) -> None:
+    """Freeze VAE, text encoder and UNet; add one trainable LoRA adapter ("default") to the UNet."""
+    from peft import LoraConfig
+
+    for module in (components.vae, components.text_encoder, components.unet):
+        module.requires_grad_(False)
+    components.unet.add_adapter(LoraConfig(
+        r=int(lora_spec.r), lora_alpha=float(lora_spec.alpha), lora_dropout=float(lora_spec.dropout),
+        target_modules=list(lora_spec.target_modules), init_lora_weights="gaussian"))
+
+
+def lora_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def encode_prompts(components: SDComponents, prompts: dict[str, str], device) -> torch.Tensor:
+    """(C, L, D) text-encoder states of each class's prompt, classes in CLASSES order (the text encoder is frozen,
+    so they are computed once). Tokenised as the pipeline does: padded to the tokenizer's max length."""
+    missing = [label for label in CLASSES if label not in prompts]
+    if missing:
+        raise ValueError(f"diffusion_lora.prompts: missing class(es) {missing}")
+    tokens = components.tokenizer([prompts[label] for label in CLASSES], padding="max_length", truncation=True,
+                                  max_length=components.tokenizer.model_max_length, return_tensors="pt")
+    return components.text_encoder(tokens.input_ids.to(device), return_dict=False)[0]
+
+
+def diffusion_loss(components: SDComponents, unet, images: torch.Tensor, encoder_states: torch.Tensor,
+                   generator: torch.Generator, min_snr_gamma: float | None = None,
+                   noise_offset: float = 0.0) -> torch.Tensor:
+    """The latent denoising loss of one batch. images: float (B, 1, H, W) in [0, 1]; encoder_states: (B, L, D).
+    All randomness (latent sample, noise, timesteps) comes from `generator` (a CPU generator)."""
+    from diffusers.training_utils import compute_snr
+
+    scheduler, vae = components.noise_scheduler, components.vae
+    device, dtype = encoder_states.device, vae.dtype
+    with torch.no_grad():
+        posterior = vae.encode(to_vae_input(images).to(device, dtype)).latent_dist
+        latents = posterior.sample(generator=generator) * vae.config.scaling_factor
+    batch = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(device)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((batch, latents.shape[1], 1, 1), generator=generator,
+                                                   dtype=latents.dtype).to(device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator).to(device)
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    if scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r} of {components.source}")
+    prediction = unet(noisy_latents, timesteps, encoder_states.to(dtype), return_dict=False)[0]
+    if min_snr_gamma is None:
+        return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+    snr = compute_snr(scheduler, timesteps)
+    weights = torch.clamp(snr, max=min_snr_gamma)
+    weights = weights / snr if scheduler.config.prediction_type == "epsilon" else weights / (snr + 1)
+    per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_example * weights).mean()
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def save_checkpoint(folder: Path, unet, optimizer, scheduler, progress: dict) -> None:
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    def fill(staging: Path) -> None:
+        weights = {k: v.detach().float().contiguous().cpu() for k, v in get_peft_model_state_dict(unet).items()}
+        save_file(weights, staging / CHECKPOINT_LORA)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                    **progress}, staging / CHECKPOINT_STATE)
+
+    write_folder_atomic(folder, fill)
+
+
+def load_checkpoint(folder: Path, unet) -> dict:
+    """Restore the LoRA weights strictly (every tensor must fit) and return the saved training state."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights_file, state_file = folder / CHECKPOINT_LORA, folder / CHECKPOINT_STATE
+    for path in (weights_file, state_file):
+        if not path.is_file():
+            raise FileNotFoundError(f"cannot resume: {path} is missing")
+    try:
+        weights = load_file(weights_file)
+    except Exception as error:
+        raise RuntimeError(f"cannot resume: {weights_file} cannot be read: {error}") from None
+    result = set_peft_model_state_dict(unet, weights)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        raise RuntimeError(f"cannot resume: the LoRA in {weights_file} does not fit the UNet: "
+                           f"unexpected {result.unexpected_keys[:3]}, missing {missing[:3]}")
+    return torch.load(state_file, map_location="cpu", weights_only=False)
+
+
+def save_lora(folder: Path, unet, info: dict) -> Path:
+    """The final LoRA in diffusers format (loadable with `pipeline.load_lora_weights(folder)`), with its alpha and
+    rank in the file's metadata (without them diffusers would reload it at alpha = r) and lora_info.json."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    def fill(staging: Path) -> None:
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        layers = {k: v.detach().float().contiguous().cpu() for k, v in layers.items()}
+        StableDiffusionPipeline.save_lora_weights(staging, unet_lora_layers=layers, safe_serialization=True,
+                                                  unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+        write_json_atomic(staging / LORA_INFO_NAME,
+                          {"file": LORA_WEIGHT_NAME, "sha256": sha256_file(staging / LORA_WEIGHT_NAME), **info})
+
+    write_folder_atomic(folder, fill)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------- logging
+
+
+def _emitter(logger) -> Callable[[dict], None]:
+    """A RunLogger (its log_epoch), any callable taking a dict, or None."""
+    if logger is None:
+        return lambda row: None
+    if hasattr(logger, "log_epoch"):
+        return logger.log_epoch
+    if callable(logger):
+        return logger
+    raise TypeError(f"logger must be a RunLogger, a callable or None, got {type(logger).__name__}")
+
+
+class MetricsFile:
+    """`diffusion/metrics.jsonl`: step and epoch rows; rewritten to the checkpoint's history on resume."""
+
+    def __init__(self, path: Path, forward: Callable[[dict], None]):
+        self.path, self.forward, self.history = path, forward, []
+
+    def restart(self, history: list[dict]) -> None:
+        self.history = list(history)
+        write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in self.history))
+
+    def log(self, row: dict) -> None:
+        self.history.append(row)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        self.forward(row)
+
+
+def save_validation_grid(components: SDComponents, unet, settings: DiffusionTrainingConfig, prompts: dict,
+                         seed: int, resolution: int, path: Path, accelerator) -> Path:
+    """One row per class of images drawn from fixed seeds: the same noise at every step, so grids compare."""
+    was_training = unet.training
+    unet.eval()
+    pipeline = pipeline_from_components(components, unet=unet)
+    with accelerator.autocast():
+        rows = {label: sample(pipeline, prompts[label],
+                              [image_seed(seed, label, i) for i in range(settings.validation_images_per_class)],
+                              settings.validation_inference_steps, settings.validation_guidance_scale, resolution)
+                for label in CLASSES}
+    unet.train(was_training)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".tmp")
+    grid_image(rows).save(staging, format="PNG")
+    os.replace(staging, path)
+    return path
+
+
+# -------------------------------------------------------------------------------------------- loop
+
+
+def _generator(*parts: int) -> torch.Generator:
+    return torch.Generator().manual_seed(hash(tuple(parts)) % (2 ** 63))
+
+
+def train_diffusion_lora(cfg: DictConfig, train_images: Any, output_dir: str | os.PathLike, logger=None,
+                         components: SDComponents | None = None) -> Path:
+    """Train the LoRA and return the folder of the saved LoRA (`output_dir/diffusion/lora`).
+
+    `train_images`: the training split only (see `as_training_images`). `logger`: a RunLogger, a callable taking a
+    dict, or None. `components`: already loaded base components to train in place (default: loaded from the
+    configured source); afterwards they hold the trained LoRA, in eval mode. Resumes from
+    `output_dir/diffusion/checkpoints/last` when `cfg.resume` is true.
+    """
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+
+    diffusion_cfg = cfg.diffusion_lora
+    settings = training_settings(diffusion_cfg)
+    seed = int(cfg.seed if settings.seed is None else settings.seed)
+    resolution = int(diffusion_cfg.resolution)
+    prompts = OmegaConf.to_container(diffusion_cfg.prompts) if OmegaConf.is_config(diffusion_cfg.prompts) \
+        else dict(diffusion_cfg.prompts)
+    data = as_training_images(train_images)
+    stage_dir = Path(output_dir) / STAGE_DIR
+    checkpoint_dir = stage_dir / "checkpoints" / "last"
+
+    trainer_cfg = cfg.get("trainer", None) or {}
+    accelerator = Accelerator(mixed_precision=settings.precision, cpu=bool(trainer_cfg.get("cpu", False)))
+    source = components.source if components is not None else pipeline_source(diffusion_cfg, cfg.paths.cache_dir)
+    components = components or load_components(source)
+    add_lora(components, diffusion_cfg.lora)
+    weight_dtype = WEIGHT_DTYPES[settings.precision]
+    for module in (components.vae, components.text_encoder, components.unet):
+        module.to(accelerator.device, dtype=weight_dtype)
+    cast_training_params(components.unet, dtype=torch.float32)  # the LoRA trains in fp32
+    class_states = encode_prompts(components, prompts, accelerator.device)
+
+    per_process = len(data.labels) // accelerator.num_processes
+    batches_per_epoch = max(1, math.ceil(per_process / settings.batch_size))
+    steps_per_epoch = math.ceil(batches_per_epoch / settings.grad_accum_steps)
+    total_steps = settings.max_train_steps or settings.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    optimizer = torch.optim.AdamW(lora_parameters(components.unet), lr=settings.lr, betas=tuple(settings.betas),
+                                  weight_decay=settings.weight_decay, eps=settings.eps)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=int(settings.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    unet, optimizer = accelerator.prepare(components.unet, optimizer)
+    raw_unet = accelerator.unwrap_model(unet)
+
+    is_main = accelerator.is_main_process
+    if is_main:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsFile(stage_dir / "metrics.jsonl", _emitter(logger) if is_main else lambda row: None)
+    global_step, start_epoch = 0, 1
+    if cfg.get("resume", False) and checkpoint_dir.is_dir():
+        state = load_checkpoint(checkpoint_dir, raw_unet)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"])
+        global_step, start_epoch = state["global_step"], state["epoch"] + 1
+        if is_main:
+            metrics.restart(state["history"])
+        log.info("diffusion LoRA resumed from %s after epoch %d (step %d)", checkpoint_dir, state["epoch"],
+                 global_step)
+    elif is_main:
+        metrics.restart([])
+    log.info("diffusion LoRA: %d images, %d epochs x %d optimizer steps (batch %d x accumulation %d x %d "
+             "processes), r=%s alpha=%s", len(data.labels), epochs, steps_per_epoch, settings.batch_size,
+             settings.grad_accum_steps, accelerator.num_processes, diffusion_cfg.lora.r, diffusion_cfg.lora.alpha)
+
+    def validate() -> None:
+        if is_main and settings.validation_every > 0:
+            path = save_validation_grid(components, raw_unet, settings, prompts, seed, resolution,
+                                        stage_dir / "samples" / f"step_{global_step:05d}.png", accelerator)
+            if hasattr(logger, "log_images"):
+                logger.log_images({"diffusion/samples": path})
+
+    unet.train()
+    for epoch in range(start_epoch, epochs + 1):
+        if global_step >= total_steps:
+            break
+        torch.manual_seed(hash((seed, epoch, accelerator.process_index)) % (2 ** 63))  # LoRA dropout
+        order = torch.randperm(len(data.labels), generator=_generator(seed, epoch))
+        shard = order[accelerator.process_index::accelerator.num_processes][:per_process]
+        batches = list(shard.split(settings.batch_size))
+        steps = [batches[i:i + settings.grad_accum_steps] for i in range(0, len(batches), settings.grad_accum_steps)]
+        steps = steps[: total_steps - global_step]
+        generator = _generator(seed, epoch, accelerator.process_index, 1)
+        epoch_losses, window = [], []
+        bar = tqdm(steps, desc=f"diffusion LoRA epoch {epoch}/{epochs}", unit="step", leave=False,
+                   disable=not is_main, mininterval=1.0)
+        for micro_batches in bar:
+            step_loss = 0.0
+            for position, indices in enumerate(micro_batches):
+                images = random_crops(data.pixels[indices], resolution, settings.crop_min_side, generator)
+                states = class_states[data.labels[indices].to(class_states.device)]
+                last = position == len(micro_batches) - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(unet):
+                    loss = diffusion_loss(components, unet, images, states, generator, settings.min_snr_gamma,
+                                          settings.noise_offset)
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLossError(
+                            f"diffusion loss became {loss.item()} at step {global_step + 1}: lower "
+                            f"diffusion_lora.training.lr or use precision bf16 instead of fp16")
+                    accelerator.backward(loss / len(micro_batches))
+                step_loss += loss.item() / len(micro_batches)
+            if settings.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(lora_parameters(raw_unet), settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            epoch_losses.append(step_loss)
+            window.append(step_loss)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+            if len(window) >= settings.log_every or global_step == total_steps:
+                metrics.log({"diffusion/step": global_step, "diffusion/epoch": epoch,
+                             "diffusion/loss": float(np.mean(window)), "diffusion/lr": scheduler.get_last_lr()[0]})
+                window = []
+            if settings.validation_every > 0 and global_step % settings.validation_every == 0:
+                validate()
+        metrics.log({"diffusion/step": global_step, "diffusion/epoch": epoch,
+                     "diffusion/epoch_loss": float(np.mean(epoch_losses))})
+        accelerator.wait_for_everyone()
+        if is_main:
+            save_checkpoint(checkpoint_dir, raw_unet, optimizer, scheduler,
+                            {"epoch": epoch, "global_step": global_step, "history": metrics.history})
+
+    accelerator.wait_for_everyone()
+    raw_unet.eval()
+    lora_folder = stage_dir / "lora"
+    if is_main:
+        if settings.validation_every > 0 and global_step % settings.validation_every:
+            validate()
+        spec = diffusion_cfg.lora
+        save_lora(lora_folder, raw_unet, {
+            "base": source, "resolution": resolution, "prompts": prompts, "r": int(spec.r),
+            "alpha": float(spec.alpha), "dropout": float(spec.dropout), "target_modules": list(spec.target_modules),
+            "steps": global_step, "images": len(data.labels), "seed": seed, "training": asdict(settings)})
+    accelerator.wait_for_everyone()
+    return lora_folder

@@ -1,0 +1,174 @@
+"""End-to-end classifier runs on phantom data: learning, resume after a kill, W&B files, modes, errors, launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+from pneumo_exp import wandb_offline
+from pneumo_exp.classify.train import NonFiniteLossError, read_history
+from pneumo_exp.pipeline import run
+
+pytestmark = pytest.mark.slow
+
+# Small enough for seconds on 2 CPU cores: 3 phantom patients' images per class and epoch cap.
+QUICK = ["dataset.patients_per_class=8", "dataset.test_patients_per_class=4", "trainer.epochs=2",
+         "trainer.batch_size=8", "trainer.bootstrap_samples=100"]
+# The learning test's budget: the demo recipe, which a broken loss or frozen weights cannot pass.
+LEARN = ["experiment=demo"]
+
+
+def run_dir(cfg) -> Path:
+    return Path(cfg.paths.output_dir)
+
+
+def test_tiny_classifier_learns_far_above_chance(make_cfg):
+    cfg = make_cfg(*LEARN)
+    metrics = run(cfg)
+    history = read_history(run_dir(cfg) / "metrics.jsonl")
+    assert len(history) == cfg.trainer.epochs
+    best_val = max(row["val/acc"] for row in history)
+    assert best_val >= 0.75, f"validation accuracy {best_val:.3f}: chance is 0.333"
+    assert metrics["test/acc"] >= 0.6, metrics
+    assert history[-1]["train/loss"] < history[0]["train/loss"]
+
+
+def test_run_folder_holds_every_artifact(make_cfg):
+    cfg = make_cfg(*QUICK)
+    run(cfg)
+    folder = run_dir(cfg)
+    for name in ["config.yaml", "git.json", "manifest.csv", "metrics.jsonl", "results.json", "predictions.csv",
+                 "confusion_test.png", "curves.png", "checkpoints/best/adapter/adapter_model.safetensors",
+                 "checkpoints/last/training_state.pt"]:
+        assert (folder / name).is_file(), name
+    results = json.loads((folder / "results.json").read_text())
+    low, high = results["ci95"]["test/acc"]
+    assert low <= results["metrics"]["test/acc"] <= high
+    header = (folder / "predictions.csv").read_text().splitlines()[0]
+    assert header == "path,label,prob_NORMAL,prob_BACTERIA,prob_VIRUS,prediction"
+    assert len((folder / "predictions.csv").read_text().splitlines()) == 1 + results["images"]["test"]
+
+
+@pytest.mark.parametrize("mode", ["zero_shot", "linear_probe", "full"])
+def test_every_mode_runs(make_cfg, mode):
+    cfg = make_cfg(*QUICK, f"clip_lora.mode={mode}")
+    metrics = run(cfg)
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+    has_checkpoints = (run_dir(cfg) / "checkpoints").exists()
+    assert has_checkpoints == (mode != "zero_shot")
+
+
+def test_gradient_accumulation_and_balanced_sampler_run(make_cfg):
+    cfg = make_cfg(*QUICK, "trainer.grad_accum_steps=3", "trainer.class_balance=sampler", "trainer.precision=bf16")
+    run(cfg)
+    assert len(read_history(run_dir(cfg) / "metrics.jsonl")) == 2
+
+
+def test_wandb_offline_run_holds_per_epoch_train_and_val_metrics(make_cfg):
+    cfg = make_cfg(*QUICK, logger="wandb")
+    run(cfg)
+    run_files = wandb_offline.run_files(run_dir(cfg))
+    assert len(run_files) == 1
+    logged = [row for row in wandb_offline.history(run_files[0]) if "epoch" in row]
+    on_disk = read_history(run_dir(cfg) / "metrics.jsonl")
+    assert [row["epoch"] for row in logged] == [1, 2]
+    for wandb_row, file_row in zip(logged, on_disk):
+        for split in ("train", "val"):
+            for metric in ("acc", "recall_macro", "f1_macro"):
+                assert wandb_row[f"{split}/{metric}"] == pytest.approx(file_row[f"{split}/{metric}"])
+
+
+def test_non_finite_loss_stops_with_a_clear_message(make_cfg, monkeypatch):
+    from pneumo_exp.classify import model
+
+    monkeypatch.setattr(model.PromptClassifier, "forward", lambda self, images: torch.full(
+        (len(images), 3), float("nan"), requires_grad=True))
+    with pytest.raises(NonFiniteLossError, match="epoch 1, step 1"):
+        run(make_cfg(*QUICK))
+
+
+def cli(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    return subprocess.Popen([sys.executable, "-m", "pneumo_exp.cli", *args], cwd=kwargs.get("cwd", REPO), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen, timeout: int = 300) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def test_resume_after_a_kill_reaches_the_same_final_metrics(tmp_path, model_cache):
+    common = ["experiment=demo", "logger=none", f"paths.cache_dir={model_cache}", "trainer.epochs=4",
+              "dataset.patients_per_class=10", "trainer.bootstrap_samples=100"]
+    finish(cli(*common, f"hydra.run.dir={tmp_path / 'straight'}"))
+
+    killed = tmp_path / "killed"
+    process = cli(*common, f"hydra.run.dir={killed}")
+    deadline = time.time() + 300
+    while len(read_history(killed / "metrics.jsonl")) < 2 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "results.json").exists()
+    finish(cli(*common, f"hydra.run.dir={killed}", "resume=true"))
+
+    straight = read_history(tmp_path / "straight" / "metrics.jsonl")
+    resumed = read_history(killed / "metrics.jsonl")
+    assert [row["epoch"] for row in resumed] == [1, 2, 3, 4]
+    assert resumed == straight
+    assert (json.loads((killed / "results.json").read_text())["metrics"]
+            == json.loads((tmp_path / "straight" / "results.json").read_text())["metrics"])
+
+
+def test_predict_command_writes_the_same_csv_columns(tmp_path, model_cache):
+    trained = tmp_path / "trained"
+    finish(cli(*QUICK, "logger=none", f"paths.cache_dir={model_cache}", f"hydra.run.dir={trained}"))
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+
+    from pneumo_exp.data.phantom import phantom_records, render
+
+    for record in phantom_records(patients_per_class=1, test_patients_per_class=0, images_per_patient=1)[:3]:
+        Image.fromarray(render(record.path, 96)).save(images / f"{record.label}.png")
+    output = tmp_path / "new_predictions.csv"
+    finish(cli("predict", f"predict.run_dir={trained}", f"predict.input={images}", f"predict.output={output}",
+               f"paths.cache_dir={model_cache}", f"hydra.run.dir={tmp_path / 'predict'}"))
+    lines = output.read_text().splitlines()
+    assert lines[0] == "path,label,prob_NORMAL,prob_BACTERIA,prob_VIRUS,prediction"
+    assert len(lines) == 4
+
+
+def test_accelerate_launch_two_processes_matches_one(tmp_path, model_cache):
+    """Two CPU processes (gloo) with the per-process batch halved see the same images per optimizer step
+    (7 full steps of 8 images: no ragged last batch that one process would split differently)."""
+    same_work = [*QUICK, "logger=wandb", "logger.mode=offline", f"paths.cache_dir={model_cache}",
+                 "trainer.augment=false", "trainer.class_balance=none", "trainer.cpu=true",
+                 "trainer.max_steps_per_epoch=7"]
+    finish(cli(*same_work, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    launch = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
+                             "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                             "--dynamo_backend", "no", "-m", "pneumo_exp.cli", *same_work,
+                             "trainer.batch_size=4", f"hydra.run.dir={tmp_path / 'two'}"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert launch.returncode == 0, launch.stdout[-2000:] + launch.stderr[-3000:]
+    one = read_history(tmp_path / "one" / "metrics.jsonl")
+    two = read_history(tmp_path / "two" / "metrics.jsonl")
+    assert len(two) == len(one) == 2
+    assert len(wandb_offline.run_files(tmp_path / "two")) == 1
+    for a, b in zip(one, two):
+        for key in ("train/loss", "val/loss", "val/acc", "val/f1_macro"):
+            assert b[key] == pytest.approx(a[key], abs=2e-3), key
