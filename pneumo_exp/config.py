@@ -67,6 +67,11 @@ class ClassifierMode(str, Enum):
     full = "full"
 
 
+class ImageTower(str, Enum):
+    vit = "vit"
+    conv = "conv"
+
+
 def default_prompts() -> dict[str, list[str]]:
     return {
         "NORMAL": ["An image of normal chest X-ray", "a chest radiograph with clear lungs"],
@@ -81,9 +86,11 @@ class ClipConfig:
     pretrained: Optional[str] = None  # hub id or local directory; null builds `architecture` with random weights
     architecture: Optional[dict[str, Any]] = None  # CLIPConfig keyword arguments for the random-init presets
     image_size: int = 224
+    image_tower: ImageTower = ImageTower.vit  # conv: a residual CNN in place of the ViT (from-scratch presets)
     mode: ClassifierMode = ClassifierMode.lora
     lora: LoraSpec = field(default_factory=LoraSpec)
-    lora_text_encoder: bool = False
+    train_text_encoder: bool = False  # the text side trains too: LoRA on it (lora) or all its weights (full)
+    center_class_embeddings: bool = False  # subtract the class mean: keeps random-init text towers apart
     prompts: dict[str, list[str]] = field(default_factory=default_prompts)
 
 

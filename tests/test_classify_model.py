@@ -24,6 +24,12 @@ def build(cfg):
     return classifier.eval(), peft_model
 
 
+@pytest.fixture
+def make_cfg(make_cfg):
+    """CLIP mechanics are tested on the ViT preset, the shape of the real checkpoints."""
+    return lambda *overrides: make_cfg("clip_lora=tiny_vit", *overrides)
+
+
 def test_logits_are_scaled_cosines_of_image_and_class_prompt_embeddings(make_cfg):
     classifier, _ = build(make_cfg("clip_lora.mode=zero_shot"))
     batch = images()
@@ -71,14 +77,18 @@ def test_each_mode_trains_what_it_says(make_cfg):
     zero = build(make_cfg("clip_lora.mode=zero_shot"))[0]
     probe = build(make_cfg("clip_lora.mode=linear_probe"))[0]
     lora = build(make_cfg("clip_lora.mode=lora"))[0]
-    lora_text = build(make_cfg("clip_lora.mode=lora", "clip_lora.lora_text_encoder=true"))[0]
+    lora_text = build(make_cfg("clip_lora.mode=lora", "clip_lora.train_text_encoder=true"))[0]
     full = build(make_cfg("clip_lora.mode=full"))[0]
+    full_text = build(make_cfg("clip_lora.mode=full", "clip_lora.train_text_encoder=true"))[0]
     assert trainable_names(zero) == []
     assert trainable_names(probe) == ["class_embeddings"]
     assert trainable_names(lora) and all("lora_" in n and "vision_model" in n for n in trainable_names(lora))
     assert any("text_model" in n for n in trainable_names(lora_text))
     assert all("lora_" in n for n in trainable_names(lora_text))
-    assert len(trainable_names(full)) == len(list(full.parameters()))
+    everything = {n for n, _ in full.named_parameters()}
+    assert set(trainable_names(full_text)) == everything - {"clip.logit_scale"}
+    assert set(trainable_names(full)) == {n for n in everything if n.startswith("clip.vision_model")
+                                          or n.startswith("clip.visual_projection")}
 
 
 def test_lora_rank_alpha_dropout_and_targets_are_independent_settings(make_cfg):
@@ -155,6 +165,31 @@ def test_adapter_from_another_rank_is_refused_not_ignored(make_cfg, tmp_path):
     large, large_peft = build(make_cfg("clip_lora.lora.r=8"))
     with pytest.raises((CheckpointError, RuntimeError)):
         load_weights(large, large_peft, ClassifierMode.lora, tmp_path)
+
+
+def test_conv_tower_preset_trains_fully_and_frozen_towers_keep_their_statistics(make_cfg):
+    conv = make_cfg("clip_lora=tiny")
+    classifier, _ = build(conv)
+    assert {n for n, _ in classifier.named_parameters() if "vision_model" in n} <= set(trainable_names(classifier))
+    assert not any("text_model" in n for n in trainable_names(classifier))
+    frozen, _ = build(make_cfg("clip_lora=tiny", "clip_lora.mode=linear_probe"))
+    frozen.train()
+    assert not frozen.clip.vision_model.training
+    before = [b.clone() for b in frozen.clip.vision_model.buffers()]
+    frozen(images())
+    assert all(torch.equal(a, b) for a, b in zip(before, frozen.clip.vision_model.buffers()))
+
+
+def test_centred_class_embeddings_are_spread_apart(make_cfg):
+    plain, _ = build(make_cfg("clip_lora=tiny", "clip_lora.center_class_embeddings=false"))
+    centred, _ = build(make_cfg("clip_lora=tiny"))
+    with torch.no_grad():
+        off_diagonal = ~torch.eye(3, dtype=torch.bool)
+        plain_cos = (plain.prompt_class_embeddings() @ plain.prompt_class_embeddings().t())[off_diagonal]
+        centred_embeddings = centred.prompt_class_embeddings()
+        centred_cos = (centred_embeddings @ centred_embeddings.t())[off_diagonal]
+    assert plain_cos.min() > 0.9  # a random text tower maps all prompts close together
+    assert centred_cos.max() < 0.0
 
 
 def test_missing_pretrained_checkpoint_names_it(make_cfg, tmp_path):

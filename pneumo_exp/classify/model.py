@@ -131,7 +131,8 @@ def tokenize_prompts(tokenizer, prompts: dict, max_length: int) -> tuple[torch.T
 
 class PromptClassifier(nn.Module):
     def __init__(self, clip, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, templates_per_class: int,
-                 mean: tuple, std: tuple, image_size: int, text_trains: bool, learn_class_embeddings: bool):
+                 mean: tuple, std: tuple, image_size: int, text_trains: bool, center: bool,
+                 learn_class_embeddings: bool):
         super().__init__()
         self.clip = clip
         self.register_buffer("prompt_ids", prompt_ids, persistent=False)
@@ -141,6 +142,7 @@ class PromptClassifier(nn.Module):
         self.templates_per_class = templates_per_class
         self.image_size = image_size
         self.text_trains = text_trains
+        self.center = center
         self._frozen_class_embeddings: torch.Tensor | None = None
         self.class_embeddings = None
         if learn_class_embeddings:
@@ -148,10 +150,15 @@ class PromptClassifier(nn.Module):
                 self.class_embeddings = nn.Parameter(self.prompt_class_embeddings().float().clone())
 
     def prompt_class_embeddings(self) -> torch.Tensor:
-        """(C, D) unit vectors: each class's template embeddings, normalised, averaged, normalised again."""
+        """(C, D) unit vectors: each class's template embeddings, normalised, averaged, normalised again.
+
+        With `center`, the part all classes share is removed first; a random-init text tower maps every prompt
+        to nearly the same vector (cosine ~0.98), which leaves the image tower almost nothing to aim at."""
         features = self.clip.get_text_features(input_ids=self.prompt_ids, attention_mask=self.prompt_mask)
         features = F.normalize(features.pooler_output.float(), dim=-1)
         features = features.view(len(CLASSES), self.templates_per_class, -1).mean(dim=1)
+        if self.center:
+            features = features - features.mean(dim=0, keepdim=True)
         return F.normalize(features, dim=-1)
 
     def class_text_embeddings(self) -> torch.Tensor:
@@ -184,29 +191,44 @@ class PromptClassifier(nn.Module):
 def lora_target_pattern(target_modules: list[str], towers: list[str]) -> str:
     """A regex peft matches against full module names, limiting LoRA to the chosen encoder towers."""
     modules = "|".join(re.escape(name) for name in target_modules)
-    return rf"({'|'.join(towers)})\.encoder\.layers\.\d+\.(self_attn|mlp)\.({modules})"
+    return rf"({'|'.join(towers)})\..*\.({modules})"
+
+
+def attach_conv_tower(clip, conv: dict) -> None:
+    """Swap CLIP's vision transformer for a residual CNN (seeded, so rebuilding gives the same weights)."""
+    from pneumo_exp.classify.conv_tower import ConvVisionTower
+
+    torch.manual_seed(0)
+    clip.vision_model = ConvVisionTower(widths=list(conv["widths"]), blocks_per_stage=int(conv["blocks_per_stage"]),
+                                        hidden_size=clip.config.vision_config.hidden_size)
 
 
 def build_classifier(clip_cfg: DictConfig, cache_dir: str | os.PathLike):
     """The classifier with the configured mode applied; returns (classifier, peft_model or None)."""
     clip, tokenizer, (mean, std) = load_backbone(backbone_source(clip_cfg, cache_dir))
+    if clip_cfg.image_tower == "conv":
+        attach_conv_tower(clip, clip_cfg.architecture["conv"])
     prompt_ids, prompt_mask, templates = tokenize_prompts(tokenizer, OmegaConf.to_container(clip_cfg.prompts),
                                                           clip.config.text_config.max_position_embeddings)
     mode = ClassifierMode(clip_cfg.mode)
     clip.requires_grad_(mode == ClassifierMode.full)
+    clip.logit_scale.requires_grad_(False)  # a learnt temperature can collapse the logits; fine-tuners keep it fixed
+    if not clip_cfg.train_text_encoder:
+        clip.text_model.requires_grad_(False)
+        clip.text_projection.requires_grad_(False)
     peft_model = None
     if mode == ClassifierMode.lora:
         from peft import LoraConfig, get_peft_model
 
-        towers = ["vision_model"] + (["text_model"] if clip_cfg.lora_text_encoder else [])
+        towers = ["vision_model"] + (["text_model"] if clip_cfg.train_text_encoder else [])
         lora = LoraConfig(r=int(clip_cfg.lora.r), lora_alpha=float(clip_cfg.lora.alpha),
                           lora_dropout=float(clip_cfg.lora.dropout),
                           target_modules=lora_target_pattern(list(clip_cfg.lora.target_modules), towers))
         peft_model = get_peft_model(clip, lora)
         clip = peft_model.base_model.model  # the same modules, with LoRA layers injected in place
-    text_trains = mode == ClassifierMode.full or (mode == ClassifierMode.lora and clip_cfg.lora_text_encoder)
+    text_trains = mode in (ClassifierMode.full, ClassifierMode.lora) and clip_cfg.train_text_encoder
     classifier = PromptClassifier(clip, prompt_ids, prompt_mask, templates, mean, std, clip_cfg.image_size,
-                                  text_trains=text_trains,
+                                  text_trains=text_trains, center=clip_cfg.center_class_embeddings,
                                   learn_class_embeddings=mode == ClassifierMode.linear_probe)
     return classifier, peft_model
 

@@ -215,6 +215,9 @@ def sha256_file(path: str | os.PathLike) -> str:
 def lora_weights_file(lora: str | os.PathLike) -> Path:
     """The LoRA weights file: `lora` itself, or the diffusers-named file inside the folder `lora`."""
     path = Path(lora)
+    if not path.exists():
+        raise LoraFileError(f"LoRA {path} does not exist (expected a folder holding {LORA_WEIGHT_NAME}, "
+                            f"as the diffusion training writes it, or such a file)")
     file = path / LORA_WEIGHT_NAME if path.is_dir() else path
     if not file.is_file():
         raise LoraFileError(f"LoRA weights file {file} does not exist")
@@ -250,10 +253,17 @@ def load_lora(pipeline, lora: str | os.PathLike, adapter_name: str = "trained") 
     from safetensors.torch import load_file
 
     file, digest = check_lora_file(lora)
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # silences "no LoRA keys for CLIPTextModel": this LoRA is UNet-only
     try:
         pipeline.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter_name)
     except Exception as error:
         raise LoraFileError(f"LoRA weights file {file} does not fit the pipeline: {error}") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    pipeline.unet.eval()  # the injected LoRA layers come in training mode: their dropout would stay active
     expected = len(load_file(file))
     loaded = len(get_peft_model_state_dict(pipeline.unet, adapter_name=adapter_name))
     if loaded != expected:
@@ -287,13 +297,6 @@ def sample(pipeline, prompt: str, seeds: list[int], steps: int, guidance: float,
     output = pipeline(prompt=[prompt] * len(seeds), height=resolution, width=resolution,
                       num_inference_steps=steps, guidance_scale=guidance, generator=generators, output_type="np")
     return to_grayscale_uint8(output.images)
-
-
-def sample_batched(pipeline, prompt: str, seeds: list[int], steps: int, guidance: float, resolution: int,
-                   batch_size: int) -> np.ndarray:
-    batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
-    return np.concatenate([sample(pipeline, prompt, batch, steps, guidance, resolution) for batch in batches]) \
-        if batches else np.zeros((0, resolution, resolution), np.uint8)
 
 
 def grid_image(rows: dict[str, np.ndarray], label_width: int = 80):

@@ -65,12 +65,18 @@ def _from_mapping(schema, values: Any, key: str):
     return schema(**values)
 
 
+def _block(diffusion_cfg, name: str):
+    """The block, or None where the (possibly struct-mode) config has no such key."""
+    if isinstance(diffusion_cfg, dict) or hasattr(diffusion_cfg, "__contains__"):
+        return diffusion_cfg[name] if name in diffusion_cfg else None
+    return getattr(diffusion_cfg, name, None)
+
+
 def training_settings(diffusion_cfg) -> DiffusionTrainingConfig:
     """`diffusion_lora.training` as a dataclass (defaults where the config has no such block)."""
-    return _from_mapping(DiffusionTrainingConfig, diffusion_cfg.get("training", None), "diffusion_lora.training")
+    return _from_mapping(DiffusionTrainingConfig, _block(diffusion_cfg, "training"), "diffusion_lora.training")
 
 
 def generation_settings(diffusion_cfg) -> DiffusionGenerationConfig:
     """`diffusion_lora.generation` as a dataclass (defaults where the config has no such block)."""
-    return _from_mapping(DiffusionGenerationConfig, diffusion_cfg.get("generation", None),
-                         "diffusion_lora.generation")
+    return _from_mapping(DiffusionGenerationConfig, _block(diffusion_cfg, "generation"), "diffusion_lora.generation")

@@ -237,20 +237,23 @@ def _emitter(logger) -> Callable[[dict], None]:
 
 
 class MetricsFile:
-    """`diffusion/metrics.jsonl`: step and epoch rows; rewritten to the checkpoint's history on resume."""
+    """`diffusion/metrics.jsonl`: step and epoch rows, written by the main process only and forwarded to the
+    logger; rewritten to the checkpoint's history on resume."""
 
-    def __init__(self, path: Path, forward: Callable[[dict], None]):
-        self.path, self.forward, self.history = path, forward, []
+    def __init__(self, path: Path, forward: Callable[[dict], None], enabled: bool):
+        self.path, self.forward, self.enabled, self.history = path, forward, enabled, []
 
     def restart(self, history: list[dict]) -> None:
         self.history = list(history)
-        write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in self.history))
+        if self.enabled:
+            write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in self.history))
 
     def log(self, row: dict) -> None:
         self.history.append(row)
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
-        self.forward(row)
+        if self.enabled:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            self.forward(row)
 
 
 def save_validation_grid(components: SDComponents, unet, settings: DiffusionTrainingConfig, prompts: dict,
@@ -306,10 +309,11 @@ def train_diffusion_lora(cfg: DictConfig, train_images: Any, output_dir: str | o
     accelerator = Accelerator(mixed_precision=settings.precision, cpu=bool(trainer_cfg.get("cpu", False)))
     source = components.source if components is not None else pipeline_source(diffusion_cfg, cfg.paths.cache_dir)
     components = components or load_components(source)
+    torch.manual_seed(seed)  # the LoRA's gaussian initialisation
     add_lora(components, diffusion_cfg.lora)
     weight_dtype = WEIGHT_DTYPES[settings.precision]
-    for module in (components.vae, components.text_encoder, components.unet):
-        module.to(accelerator.device, dtype=weight_dtype)
+    for module in (components.vae, components.text_encoder, components.unet):  # frozen weights in weight_dtype
+        module.to(accelerator.device, **({} if weight_dtype == torch.float32 else {"dtype": weight_dtype}))
     cast_training_params(components.unet, dtype=torch.float32)  # the LoRA trains in fp32
     class_states = encode_prompts(components, prompts, accelerator.device)
 
@@ -328,19 +332,23 @@ def train_diffusion_lora(cfg: DictConfig, train_images: Any, output_dir: str | o
     is_main = accelerator.is_main_process
     if is_main:
         stage_dir.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsFile(stage_dir / "metrics.jsonl", _emitter(logger) if is_main else lambda row: None)
+    metrics = MetricsFile(stage_dir / "metrics.jsonl", _emitter(logger), enabled=is_main)
+
+    def mean_over_processes(values: list[float]) -> float:
+        return accelerator.reduce(torch.tensor(float(np.mean(values)), device=accelerator.device), "mean").item()
     global_step, start_epoch = 0, 1
+    if not checkpoint_dir.is_dir() and checkpoint_dir.with_name("last.old").is_dir():
+        checkpoint_dir = checkpoint_dir.with_name("last.old")  # a crash between the two renames of a save
     if cfg.get("resume", False) and checkpoint_dir.is_dir():
         state = load_checkpoint(checkpoint_dir, raw_unet)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"])
         global_step, start_epoch = state["global_step"], state["epoch"] + 1
-        if is_main:
-            metrics.restart(state["history"])
+        metrics.restart(state["history"])
         log.info("diffusion LoRA resumed from %s after epoch %d (step %d)", checkpoint_dir, state["epoch"],
                  global_step)
-    elif is_main:
+    else:
         metrics.restart([])
     log.info("diffusion LoRA: %d images, %d epochs x %d optimizer steps (batch %d x accumulation %d x %d "
              "processes), r=%s alpha=%s", len(data.labels), epochs, steps_per_epoch, settings.batch_size,
@@ -393,15 +401,15 @@ def train_diffusion_lora(cfg: DictConfig, train_images: Any, output_dir: str | o
             bar.set_postfix(loss=f"{step_loss:.4f}")
             if len(window) >= settings.log_every or global_step == total_steps:
                 metrics.log({"diffusion/step": global_step, "diffusion/epoch": epoch,
-                             "diffusion/loss": float(np.mean(window)), "diffusion/lr": scheduler.get_last_lr()[0]})
+                             "diffusion/loss": mean_over_processes(window), "diffusion/lr": scheduler.get_last_lr()[0]})
                 window = []
             if settings.validation_every > 0 and global_step % settings.validation_every == 0:
                 validate()
         metrics.log({"diffusion/step": global_step, "diffusion/epoch": epoch,
-                     "diffusion/epoch_loss": float(np.mean(epoch_losses))})
+                     "diffusion/epoch_loss": mean_over_processes(epoch_losses)})
         accelerator.wait_for_everyone()
         if is_main:
-            save_checkpoint(checkpoint_dir, raw_unet, optimizer, scheduler,
+            save_checkpoint(stage_dir / "checkpoints" / "last", raw_unet, optimizer, scheduler,
                             {"epoch": epoch, "global_step": global_step, "history": metrics.history})
 
     accelerator.wait_for_everyone()

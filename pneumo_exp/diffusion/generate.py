@@ -1,0 +1,134 @@
+"""Synthetic training images: how many per class (the augmentation strategy), then class-conditioned sampling with
+the trained LoRA.
+
+Everything generated lands in `output_dir/synthetic/` and nowhere else: `<CLASS>/syn_<CLASS>_<i>.png`,
+`manifest.csv` (Records with split=train, source=synthetic) and `generation.csv` (prompt, seed and LoRA sha256 of
+every image) plus `generation.json` (the settings). The folder is built aside and swapped in whole, so a crash never
+leaves a mix of old and new images. Image i of a class always comes from the seed `image_seed(seed, class, i)`, so
+it does not depend on the batch size or on how many images are asked for.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pneumo_exp.config import AugmentationStrategy, check_class_keys
+from pneumo_exp.data.manifest import Record, write_csv
+from pneumo_exp.labels import CLASSES
+
+SYNTHETIC_DIR = "synthetic"
+SIDECAR_COLUMNS = ("path", "label", "index", "seed", "prompt", "lora_sha256", "steps", "guidance", "resolution")
+
+
+def _get(cfg, name: str, default):
+    value = cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
+    return default if value is None else value
+
+
+def _round_half_up(value: float) -> int:
+    return int(math.floor(value + 0.5))
+
+
+def synthetic_counts(real_counts: dict[str, int], augmentation_cfg) -> dict[str, int]:
+    """Synthetic images per class (every class present, in CLASSES order) for the training split's real counts.
+
+    none: 0. balance: every class up to the largest. ratio: round(ratio x real), `per_class_ratio` overriding
+    single classes. fixed: `per_class_count` (classes not named get 0), e.g. the original study's 1000 NORMAL +
+    1000 VIRUS."""
+    check_class_keys(dict(real_counts), "real_counts")
+    real = {label: int(real_counts.get(label, 0)) for label in CLASSES}
+    if any(n < 0 for n in real.values()):
+        raise ValueError(f"real_counts must be >= 0, got {real}")
+    strategy = AugmentationStrategy(_get(augmentation_cfg, "strategy", "none"))
+    if strategy == AugmentationStrategy.none:
+        return {label: 0 for label in CLASSES}
+    if strategy == AugmentationStrategy.balance:
+        largest = max(real.values())
+        return {label: largest - real[label] for label in CLASSES}
+    if strategy == AugmentationStrategy.ratio:
+        overrides = dict(_get(augmentation_cfg, "per_class_ratio", {}))
+        check_class_keys(overrides, "augmentation.per_class_ratio")
+        ratios = {label: float(overrides.get(label, _get(augmentation_cfg, "ratio", 0.0))) for label in CLASSES}
+        if any(r < 0 or not math.isfinite(r) for r in ratios.values()):
+            raise ValueError(f"augmentation: ratios must be finite and >= 0, got {ratios}")
+        return {label: _round_half_up(ratios[label] * real[label]) for label in CLASSES}
+    counts = dict(_get(augmentation_cfg, "per_class_count", {}))
+    check_class_keys(counts, "augmentation.per_class_count")
+    result = {label: int(counts.get(label, 0)) for label in CLASSES}
+    if any(n < 0 for n in result.values()):
+        raise ValueError(f"augmentation.per_class_count must be >= 0, got {result}")
+    return result
+
+
+def generate_synthetic(pipeline_source: str, lora_folder: str | os.PathLike, counts: dict[str, int],
+                       prompts: dict[str, str], output_dir: str | os.PathLike, seed: int, steps: int,
+                       guidance: float, batch_size: int, resolution: int, *, device: str | None = None,
+                       precision: str = "no", progress: bool = True) -> list[Record]:
+    """Draw `counts[c]` images of each class c with the class prompt; returns their Records (split=train,
+    source=synthetic, sha256 of the PNG file). A missing or corrupt LoRA file raises LoraFileError naming it."""
+    import torch
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from pneumo_exp.classify.checkpoint import write_folder_atomic
+    from pneumo_exp.diffusion.pipeline import check_lora_file, image_seed, load_pipeline, sample, sha256_file
+    from pneumo_exp.rundir import write_json_atomic
+
+    check_class_keys(dict(counts), "counts")
+    counts = {label: int(counts.get(label, 0)) for label in CLASSES}
+    if any(n < 0 for n in counts.values()):
+        raise ValueError(f"counts must be >= 0, got {counts}")
+    missing = [label for label, n in counts.items() if n and label not in prompts]
+    if missing:
+        raise ValueError(f"no prompt for class(es) {missing}")
+    if batch_size < 1 or steps < 1:
+        raise ValueError(f"batch_size and steps must be >= 1 (got {batch_size}, {steps})")
+    target = Path(output_dir).resolve() / SYNTHETIC_DIR
+    total = sum(counts.values())
+    lora_sha256 = check_lora_file(lora_folder)[1] if total else ""
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    pipeline = load_pipeline(pipeline_source, lora_folder, device=device, dtype=dtype) if total else None
+    records: list[Record] = []
+    sidecar: list[dict] = []
+
+    def fill(staging: Path) -> None:
+        bar = tqdm(total=total, desc="generating synthetic images", unit="img", disable=not progress,
+                   mininterval=1.0)
+        for label in CLASSES:
+            if not counts[label]:
+                continue
+            (staging / label).mkdir()
+            seeds = [image_seed(seed, label, i) for i in range(counts[label])]
+            for start in range(0, len(seeds), batch_size):
+                batch = seeds[start:start + batch_size]
+                images = sample(pipeline, prompts[label], batch, steps, guidance, resolution)
+                for offset, (image_seed_value, pixels) in enumerate(zip(batch, images)):
+                    index = start + offset
+                    name = f"{label}/syn_{label}_{index:05d}.png"
+                    Image.fromarray(np.ascontiguousarray(pixels)).save(staging / name, format="PNG")
+                    path = str(target / name)
+                    records.append(Record(path=path, label=label, patient_id=f"synthetic-{label}-{index}",
+                                          split="train", source="synthetic", sha256=sha256_file(staging / name)))
+                    sidecar.append({"path": path, "label": label, "index": index, "seed": image_seed_value,
+                                    "prompt": prompts[label], "lora_sha256": lora_sha256, "steps": steps,
+                                    "guidance": guidance, "resolution": resolution})
+                bar.update(len(batch))
+        bar.close()
+        write_csv(records, staging / "manifest.csv")
+        with (staging / "generation.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=SIDECAR_COLUMNS)
+            writer.writeheader()
+            writer.writerows(sidecar)
+        write_json_atomic(staging / "generation.json", {
+            "base": pipeline_source, "lora": str(Path(lora_folder).resolve()), "lora_sha256": lora_sha256,
+            "counts": counts, "prompts": {k: prompts[k] for k in CLASSES if k in prompts}, "seed": seed,
+            "steps": steps, "guidance": guidance, "resolution": resolution, "scheduler": "DPMSolverMultistep",
+            "precision": precision})
+
+    write_folder_atomic(target, fill)
+    return records

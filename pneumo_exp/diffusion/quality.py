@@ -1,0 +1,115 @@
+"""How close synthetic images come to the real ones, per class: FID and KID (torchmetrics) in the feature space of a
+caller-given encoder (e.g. a chest-X-ray model: Inception features say little about radiographs), and each
+synthetic image's distance to its nearest real image in that space (a memorisation check: copies of training
+images sit much closer to a real image than real images sit to each other).
+
+`feature`: an nn.Module mapping float (B, 1, S, S) images in [0, 1] to (B, D) features.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+from pneumo_exp.data.augment import resize, to_unit_float
+from pneumo_exp.labels import CLASSES
+
+EXACT = "donot_use_mm_for_euclid_dist"  # cdist without the matrix-product shortcut: a copy is at distance 0
+
+
+class _Encoder(nn.Module):
+    """The caller's encoder on inputs resized to `image_size`, as float64 (N, D) features."""
+
+    def __init__(self, encoder: nn.Module, image_size: int):
+        super().__init__()
+        self.encoder, self.image_size = encoder, image_size
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(resize(images, self.image_size)).flatten(1).double()
+
+
+class _Precomputed(nn.Module):
+    """What torchmetrics calls as its feature extractor: features are computed once, beforehand, and passed in as
+    the "images"; `num_features` spares torchmetrics probing the module with a 299 px RGB image."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = int(num_features)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def _as_tensor(pixels) -> torch.Tensor:
+    pixels = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(pixels))
+    if pixels.dtype != torch.uint8 or pixels.ndim != 3:
+        raise ValueError(f"images must be uint8 (N, H, W), got {tuple(pixels.shape)} {pixels.dtype}")
+    return pixels
+
+
+def _features(encoder: _Encoder, pixels: torch.Tensor, batch_size: int, num_features: int) -> torch.Tensor:
+    if len(pixels) == 0:
+        return torch.zeros(0, num_features, dtype=torch.float64)
+    features = torch.cat([encoder(to_unit_float(batch)) for batch in pixels.split(batch_size)])
+    if features.shape[1] != num_features:
+        raise ValueError(f"the feature module gives {features.shape[1]} features, not num_features={num_features}")
+    return features
+
+
+def nearest_real_distances(real_features: torch.Tensor, synthetic_features: torch.Tensor) -> torch.Tensor:
+    """(M,) Euclidean distance from each synthetic feature vector to its nearest real one."""
+    return torch.cdist(synthetic_features.double(), real_features.double(), compute_mode=EXACT).min(dim=1).values
+
+
+def real_to_real_distances(real_features: torch.Tensor) -> torch.Tensor:
+    """(N,) distance from each real image to its nearest other real image: the scale the above is judged on."""
+    distances = torch.cdist(real_features.double(), real_features.double(), compute_mode=EXACT)
+    distances.fill_diagonal_(math.inf)
+    return distances.min(dim=1).values
+
+
+def class_quality(real_pixels, synthetic_pixels, feature: nn.Module, num_features: int, image_size: int = 64,
+                  kid_subset_size: int = 50, kid_subsets: int = 100, batch_size: int = 64, seed: int = 0) -> dict:
+    """FID, KID (mean, std) and nearest-real-neighbour distances for one class's real and synthetic images."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    real, synthetic = _as_tensor(real_pixels), _as_tensor(synthetic_pixels)
+    encoder = _Encoder(feature, image_size).eval()
+    real_features = _features(encoder, real, batch_size, num_features)
+    synthetic_features = _features(encoder, synthetic, batch_size, num_features)
+    result = {"real": len(real), "synthetic": len(synthetic), "fid": math.nan, "kid_mean": math.nan,
+              "kid_std": math.nan}
+    if len(real) >= 2 and len(synthetic) >= 2:
+        fid = FrechetInceptionDistance(feature=_Precomputed(num_features))
+        with warnings.catch_warnings():  # "KID keeps all features in memory": they are (N, D), computed above
+            warnings.simplefilter("ignore", UserWarning)
+            kid = KernelInceptionDistance(feature=_Precomputed(num_features), subsets=kid_subsets,
+                                          subset_size=min(kid_subset_size, len(real), len(synthetic)))
+        for metric in (fid, kid):
+            metric.update(real_features, real=True)
+            metric.update(synthetic_features, real=False)
+        result["fid"] = float(fid.compute())
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)  # KID draws random subsets
+            kid_mean, kid_std = kid.compute()
+        result["kid_mean"], result["kid_std"] = float(kid_mean), float(kid_std)
+    if len(real) and len(synthetic):
+        nearest = nearest_real_distances(real_features, synthetic_features)
+        result.update(nn_mean=float(nearest.mean()), nn_min=float(nearest.min()),
+                      nn_median=float(nearest.median()), nn_max=float(nearest.max()))
+        if len(real) >= 2:
+            result["real_nn_median"] = float(real_to_real_distances(real_features).median())
+    return result
+
+
+def quality_report(real: dict[str, object], synthetic: dict[str, object], feature: nn.Module, num_features: int,
+                   **options) -> dict[str, dict]:
+    """`class_quality` for every class present in both `real` and `synthetic` ({class: uint8 (N, H, W)})."""
+    return {label: class_quality(real[label], synthetic[label], feature, num_features, **options)
+            for label in CLASSES if label in real and label in synthetic}
