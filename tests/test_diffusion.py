@@ -227,7 +227,8 @@ def test_resume_restores_the_lora_and_continues_exactly(model_cache, tmp_path):
 
     def config(output: Path):
         return with_training(compose([f"paths.output_dir={output}", f"paths.cache_dir={model_cache}",
-                                      "logger=none"]), epochs=2, batch_size=4, lr=2e-3, log_every=1)
+                                      "logger=none"]), epochs=2, batch_size=4, lr=2e-3, log_every=1,
+                             validation_every=0)
 
     straight = train_diffusion_lora(config(tmp_path / "a"), data, tmp_path / "a")
 
@@ -260,6 +261,21 @@ def test_resume_restores_the_lora_and_continues_exactly(model_cache, tmp_path):
         torch.testing.assert_close(second[key], first[key], rtol=0, atol=1e-6)
     history = lambda run: (tmp_path / run / "diffusion" / "metrics.jsonl").read_text()  # noqa: E731
     assert history("b") == history("a")
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_counts_optimizer_steps(model_cache, tmp_path):
+    """12 images, micro-batches of 2, 2 per optimizer step: 3 steps per epoch, the schedule ends at the last."""
+    from conftest import compose
+
+    cfg = with_training(compose([f"paths.output_dir={tmp_path}", f"paths.cache_dir={model_cache}", "logger=none"]),
+                        epochs=2, batch_size=2, grad_accum_steps=2, log_every=1, validation_every=0)
+    rows = []
+    train_diffusion_lora(cfg, phantom_batch(), tmp_path, logger=rows.append)
+    steps = [row for row in rows if "diffusion/loss" in row]
+    assert [(row["diffusion/epoch"], row["diffusion/step"]) for row in steps] == [(1, 1), (1, 2), (1, 3),
+                                                                                   (2, 4), (2, 5), (2, 6)]
+    assert steps[-1]["diffusion/lr"] == 0.0 and steps[0]["diffusion/lr"] > 0
 
 
 # ------------------------------------------------------------------------------------------ counts
@@ -394,3 +410,20 @@ def test_quality_ranks_copies_fresh_and_shifted_images():
     assert same_distribution["nn_median"] > 0.5 * same_distribution["real_nn_median"]  # no copies
     with pytest.raises(ValueError, match="num_features=16"):
         quality_report({"NORMAL": real}, {"NORMAL": fresh}, encoder, num_features=16, image_size=32)
+
+
+@pytest.mark.slow
+def test_mixed_precision_training_keeps_the_lora_in_fp32(model_cache, tmp_path):
+    from conftest import compose
+    from safetensors.torch import load_file
+
+    cfg = with_training(compose([f"paths.output_dir={tmp_path}", f"paths.cache_dir={model_cache}", "logger=none"]),
+                        max_train_steps=2, precision="bf16", min_snr_gamma=5.0, validation_every=2,
+                        validation_images_per_class=1, validation_inference_steps=2)
+    source = pipeline_source(cfg.diffusion_lora, cfg.paths.cache_dir)
+    components = load_components(source)
+    lora = train_diffusion_lora(cfg, phantom_batch(), tmp_path, components=components)
+    assert components.vae.dtype == torch.bfloat16
+    assert {p.dtype for p in lora_parameters(components.unet)} == {torch.float32}
+    assert {v.dtype for v in load_file(lora / LORA_WEIGHT_NAME).values()} == {torch.float32}
+    assert (tmp_path / "diffusion" / "samples" / "step_00002.png").is_file()

@@ -26,13 +26,26 @@ class DiffusionTrainingConfig:
     min_snr_gamma: Optional[float] = None  # e.g. 5.0: min-SNR-gamma loss weighting; null = plain MSE
     noise_offset: float = 0.0
     crop_min_side: float = 0.9  # random square crops of side in [crop_min_side, 1] x image side; 1 = no crop
-    precision: str = "no"  # no | bf16 | fp16 (mixed precision; LoRA parameters stay fp32)
+    precision: Optional[str] = None  # no | bf16 | fp16 (LoRA parameters stay fp32); null: trainer.precision
     seed: Optional[int] = None  # null: the run's top-level seed
     log_every: int = 10  # optimizer steps between loss rows in diffusion/metrics.jsonl (and W&B)
-    validation_every: int = 0  # optimizer steps between validation grids (and one at the end); 0 = none
+    validation_every: int = 500  # optimizer steps between validation grids (and one at the end); 0 = none
     validation_images_per_class: int = 4
     validation_inference_steps: int = 20
     validation_guidance_scale: float = 7.5
+
+    def __post_init__(self) -> None:
+        if self.precision is not None:
+            _check_precision(self.precision, "diffusion_lora.training.precision")
+        for name in ("batch_size", "grad_accum_steps", "log_every", "validation_images_per_class",
+                     "validation_inference_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"diffusion_lora.training.{name} must be >= 1 (got {getattr(self, name)})")
+        if not 0 < self.crop_min_side <= 1:
+            raise ValueError(f"diffusion_lora.training.crop_min_side must be in (0, 1] (got {self.crop_min_side})")
+        if self.max_train_steps is None and self.epochs < 1 or self.max_train_steps is not None \
+                and self.max_train_steps < 1:
+            raise ValueError("diffusion_lora.training: epochs (or max_train_steps, when set) must be >= 1")
 
 
 @dataclass
@@ -42,6 +55,16 @@ class DiffusionGenerationConfig:
     batch_size: int = 8
     seed: Optional[int] = None  # null: the run's top-level seed
     precision: str = "no"  # no | fp16 | bf16: the dtype of the pipeline's weights while sampling
+
+    def __post_init__(self) -> None:
+        _check_precision(self.precision, "diffusion_lora.generation.precision")
+        if self.num_inference_steps < 1 or self.batch_size < 1:
+            raise ValueError("diffusion_lora.generation: num_inference_steps and batch_size must be >= 1")
+
+
+def _check_precision(value: str, key: str) -> None:
+    if value not in ("no", "fp16", "bf16"):
+        raise ValueError(f"{key} must be one of no, fp16, bf16 (got {value!r})")
 
 
 def _from_mapping(schema, values: Any, key: str):

@@ -14,6 +14,7 @@ Reads top to bottom: images to model input, LoRA set-up, the loss, checkpoints, 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from pneumo_exp.classify.checkpoint import restore_rng, rng_state, write_folder_atomic
+from pneumo_exp.config import Precision
 from pneumo_exp.data.augment import resize, to_unit_float
 from pneumo_exp.diffusion.pipeline import (
     LORA_INFO_NAME,
@@ -278,8 +280,12 @@ def save_validation_grid(components: SDComponents, unet, settings: DiffusionTrai
 # -------------------------------------------------------------------------------------------- loop
 
 
+def _derived_seed(*parts: int) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:7], "big")
+
+
 def _generator(*parts: int) -> torch.Generator:
-    return torch.Generator().manual_seed(hash(tuple(parts)) % (2 ** 63))
+    return torch.Generator().manual_seed(_derived_seed(*parts))
 
 
 def train_diffusion_lora(cfg: DictConfig, train_images: Any, output_dir: str | os.PathLike, logger=None,
@@ -292,6 +298,7 @@ def train_diffusion_lora(cfg: DictConfig, train_images: Any, output_dir: str | o
     `output_dir/diffusion/checkpoints/last` when `cfg.resume` is true.
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
 
@@ -302,16 +309,21 @@ def train_diffusion_lora(cfg: DictConfig, train_images: Any, output_dir: str | o
     prompts = OmegaConf.to_container(diffusion_cfg.prompts) if OmegaConf.is_config(diffusion_cfg.prompts) \
         else dict(diffusion_cfg.prompts)
     data = as_training_images(train_images)
+    if data.pixels.shape[-1] < resolution:
+        log.warning("diffusion LoRA: training images are %d px, below diffusion_lora.resolution=%d: they are "
+                    "upsampled (cache them at the diffusion resolution instead)", data.pixels.shape[-1], resolution)
     stage_dir = Path(output_dir) / STAGE_DIR
     checkpoint_dir = stage_dir / "checkpoints" / "last"
 
     trainer_cfg = cfg.get("trainer", None) or {}
-    accelerator = Accelerator(mixed_precision=settings.precision, cpu=bool(trainer_cfg.get("cpu", False)))
+    precision = settings.precision or Precision(trainer_cfg.get("precision", "no")).value
+    AcceleratorState._reset_state(reset_partial_state=False)  # as the classifier does: a precision of our own
+    accelerator = Accelerator(mixed_precision=precision, cpu=bool(trainer_cfg.get("cpu", False)))
     source = components.source if components is not None else pipeline_source(diffusion_cfg, cfg.paths.cache_dir)
     components = components or load_components(source)
     torch.manual_seed(seed)  # the LoRA's gaussian initialisation
     add_lora(components, diffusion_cfg.lora)
-    weight_dtype = WEIGHT_DTYPES[settings.precision]
+    weight_dtype = WEIGHT_DTYPES[precision]
     for module in (components.vae, components.text_encoder, components.unet):  # frozen weights in weight_dtype
         module.to(accelerator.device, **({} if weight_dtype == torch.float32 else {"dtype": weight_dtype}))
     cast_training_params(components.unet, dtype=torch.float32)  # the LoRA trains in fp32
@@ -333,9 +345,6 @@ def train_diffusion_lora(cfg: DictConfig, train_images: Any, output_dir: str | o
     if is_main:
         stage_dir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsFile(stage_dir / "metrics.jsonl", _emitter(logger), enabled=is_main)
-
-    def mean_over_processes(values: list[float]) -> float:
-        return accelerator.reduce(torch.tensor(float(np.mean(values)), device=accelerator.device), "mean").item()
     global_step, start_epoch = 0, 1
     if not checkpoint_dir.is_dir() and checkpoint_dir.with_name("last.old").is_dir():
         checkpoint_dir = checkpoint_dir.with_name("last.old")  # a crash between the two renames of a save
@@ -354,6 +363,9 @@ def train_diffusion_lora(cfg: DictConfig, train_images: Any, output_dir: str | o
              "processes), r=%s alpha=%s", len(data.labels), epochs, steps_per_epoch, settings.batch_size,
              settings.grad_accum_steps, accelerator.num_processes, diffusion_cfg.lora.r, diffusion_cfg.lora.alpha)
 
+    def mean_over_processes(values: list[float]) -> float:
+        return accelerator.reduce(torch.tensor(float(np.mean(values)), device=accelerator.device), "mean").item()
+
     def validate() -> None:
         if is_main and settings.validation_every > 0:
             path = save_validation_grid(components, raw_unet, settings, prompts, seed, resolution,
@@ -365,7 +377,7 @@ def train_diffusion_lora(cfg: DictConfig, train_images: Any, output_dir: str | o
     for epoch in range(start_epoch, epochs + 1):
         if global_step >= total_steps:
             break
-        torch.manual_seed(hash((seed, epoch, accelerator.process_index)) % (2 ** 63))  # LoRA dropout
+        torch.manual_seed(_derived_seed(seed, epoch, accelerator.process_index))  # LoRA dropout
         order = torch.randperm(len(data.labels), generator=_generator(seed, epoch))
         shard = order[accelerator.process_index::accelerator.num_processes][:per_process]
         batches = list(shard.split(settings.batch_size))
@@ -375,7 +387,7 @@ def train_diffusion_lora(cfg: DictConfig, train_images: Any, output_dir: str | o
         epoch_losses, window = [], []
         bar = tqdm(steps, desc=f"diffusion LoRA epoch {epoch}/{epochs}", unit="step", leave=False,
                    disable=not is_main, mininterval=1.0)
-        for micro_batches in bar:
+        for step_index, micro_batches in enumerate(bar):
             step_loss = 0.0
             for position, indices in enumerate(micro_batches):
                 images = random_crops(data.pixels[indices], resolution, settings.crop_min_side, generator)
@@ -399,9 +411,10 @@ def train_diffusion_lora(cfg: DictConfig, train_images: Any, output_dir: str | o
             epoch_losses.append(step_loss)
             window.append(step_loss)
             bar.set_postfix(loss=f"{step_loss:.4f}")
-            if len(window) >= settings.log_every or global_step == total_steps:
+            if len(window) >= settings.log_every or step_index == len(steps) - 1:
                 metrics.log({"diffusion/step": global_step, "diffusion/epoch": epoch,
-                             "diffusion/loss": mean_over_processes(window), "diffusion/lr": scheduler.get_last_lr()[0]})
+                             "diffusion/loss": mean_over_processes(window),
+                             "diffusion/lr": scheduler.get_last_lr()[0]})
                 window = []
             if settings.validation_every > 0 and global_step % settings.validation_every == 0:
                 validate()
