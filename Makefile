@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml requirements/lock.txt
 	$(BIN)/python -m pip install --quiet -c requirements/lock.txt -e ".[dev]"
 	touch $(STAMP)
 
-demo: install ## the main job on the built-in phantom data (no download)
+demo: install ## the main job on built-in phantom data (no download): classifier, then with diffusion augmentation
 	$(BIN)/pneumo-exp experiment=demo
+	$(BIN)/pneumo-exp experiment=demo_augmented
 
 test: install ## the whole test suite (slow tests included)
 	$(BIN)/python -m pytest

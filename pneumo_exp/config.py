@@ -13,6 +13,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from pneumo_exp.diffusion.settings import DiffusionGenerationConfig, DiffusionTrainingConfig
 from pneumo_exp.labels import CLASSES
 
 
@@ -107,6 +108,9 @@ class DiffusionConfig:
         "BACTERIA": "a pediatric chest X-ray, bacterial pneumonia",
         "VIRUS": "a pediatric chest X-ray, viral pneumonia",
     })
+    training: DiffusionTrainingConfig = field(default_factory=DiffusionTrainingConfig)
+    generation: DiffusionGenerationConfig = field(default_factory=DiffusionGenerationConfig)
+    trained_lora: Optional[str] = None  # a LoRA folder from an earlier run: synthesize without the diffusion stage
 
 
 class AugmentationStrategy(str, Enum):

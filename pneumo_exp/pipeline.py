@@ -1,20 +1,27 @@
-"""The task function: run the stages named in the config, in order, inside one run folder."""
+"""The task function: run the stages named in the config, in order, inside one run folder.
+
+data (manifest, splits, summary) -> diffusion (LoRA on the training split) -> synthesize (synthetic training
+images, per `augmentation`) -> classify (train, validate, test once) -> quality (synthetic vs real images in the
+trained classifier's feature space). One W&B run covers the whole job.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pneumo_exp.data.prepare import prepare_data
-from pneumo_exp.rundir import write_run_info, write_text_atomic
+from pneumo_exp.data import manifest
+from pneumo_exp.data.prepare import PreparedData, prepare_data
+from pneumo_exp.rundir import is_main_process, write_run_info, write_text_atomic
 from pneumo_exp.summary import format_summary
+from pneumo_exp.tracking import RunLogger
 
 log = logging.getLogger(__name__)
 
-KNOWN_STAGES = ("data", "classify")
+KNOWN_STAGES = ("data", "diffusion", "synthesize", "classify", "quality")
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -23,6 +30,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     unknown = [stage for stage in cfg.stages if stage not in KNOWN_STAGES]
     if unknown:
         raise ValueError(f"stages: unknown stage(s) {unknown}; known: {list(KNOWN_STAGES)}")
+    finished = output_dir / "results.json"
+    if finished.is_file() and cfg.task == "run":
+        log.info("%s exists: this job finished before, skipping it", finished)
+        return flat_metrics(json.loads(finished.read_text()))
     write_run_info(cfg, output_dir)
     if cfg.task == "predict":
         from pneumo_exp.classify.predict import predict
@@ -33,18 +44,77 @@ def run(cfg: DictConfig) -> dict[str, float]:
     data = prepare_data(cfg.dataset, cfg.paths.cache_dir, output_dir)
     if data.skipped:
         write_text_atomic(output_dir / "skipped.txt", "\n".join(data.skipped) + "\n")
-    print(format_summary(data, cfg.dataset.name), flush=True)
-    log.info("manifest written to %s", output_dir / "manifest.csv")
-    if cfg.task == "summary":
+    if is_main_process():
+        print(format_summary(data, cfg.dataset.name), flush=True)
+    if cfg.task == "summary" or list(cfg.stages) == ["data"]:
         return {}
+
+    logger = RunLogger(cfg, output_dir, job_type="-".join(cfg.stages), run_name=run_name(cfg),
+                       enabled=is_main_process())
+    try:
+        metrics = run_training_stages(cfg, data, output_dir, logger)
+    except BaseException:
+        logger.finish(failed=True)
+        raise
+    logger.finish()
+    return metrics
+
+
+def run_training_stages(cfg: DictConfig, data: PreparedData, output_dir: Path, logger: RunLogger) -> dict:
+    lora_folder = cfg.diffusion_lora.trained_lora
+    if "diffusion" in cfg.stages:
+        lora_folder = train_diffusion(cfg, data, output_dir, logger)
+    if "synthesize" in cfg.stages:
+        if not lora_folder:
+            raise ValueError("stages: synthesize needs a LoRA: add the diffusion stage or set "
+                             "diffusion_lora.trained_lora=<folder of a trained LoRA>")
+        data = add_synthetic(cfg, data, lora_folder, output_dir)
     metrics: dict[str, float] = {}
     if "classify" in cfg.stages:
         from pneumo_exp.classify.train import train_and_evaluate
 
-        metrics.update(train_and_evaluate(cfg, data, output_dir, run_name=run_name(cfg)))
-        if int(os.environ.get("RANK", "0")) == 0:
+        metrics = train_and_evaluate(cfg, data, output_dir, logger)
+        if is_main_process():
             print(format_metrics(metrics), flush=True)
+    if "quality" in cfg.stages and is_main_process():
+        if "classify" not in cfg.stages:
+            raise ValueError("stages: quality measures images in the feature space of the classifier the same run "
+                             "trains: add the classify stage")
+        from pneumo_exp.diffusion.quality_stage import format_quality, run_quality
+
+        print(format_quality(run_quality(cfg, data, output_dir, logger)), flush=True)
     return metrics
+
+
+def train_diffusion(cfg: DictConfig, data: PreparedData, output_dir: Path, logger: RunLogger) -> str:
+    """The diffusion LoRA, trained on real training images only, cached at the diffusion resolution."""
+    import torch
+
+    from pneumo_exp.data.cache import open_or_build
+    from pneumo_exp.diffusion.train import train_diffusion_lora
+    from pneumo_exp.labels import class_index
+
+    train = [r for r in data.split("train") if r.source == "real"]
+    cache = open_or_build(train, cfg.diffusion_lora.resolution, cfg.paths.cache_dir, progress=is_main_process())
+    images = {"pixels": torch.from_numpy(cache.pixels[cache.rows_of(train)].copy()),
+              "labels": torch.tensor([class_index(r.label) for r in train])}
+    return str(train_diffusion_lora(cfg, images, output_dir, logger=logger.log_metrics))
+
+
+def add_synthetic(cfg: DictConfig, data: PreparedData, lora_folder: str, output_dir: Path) -> PreparedData:
+    """Synthetic images join the training split, never validation or test; the manifest is rewritten."""
+    from collections import Counter
+
+    from pneumo_exp.diffusion.generate import synthesize_for_run
+
+    real_counts = Counter(r.label for r in data.split("train") if r.source == "real")
+    synthetic = synthesize_for_run(cfg, lora_folder, dict(real_counts), output_dir, progress=is_main_process())
+    records = data.records + synthetic
+    manifest.validate(records, where="manifest with synthetic images")
+    manifest.write_csv(records, output_dir / "manifest.csv")
+    if is_main_process() and synthetic:
+        print(f"synthetic training images: {dict(Counter(r.label for r in synthetic))}", flush=True)
+    return PreparedData(records=records, skipped=data.skipped, notes=data.notes)
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -54,6 +124,10 @@ def run_name(cfg: DictConfig) -> str:
     if HydraConfig.initialized() and HydraConfig.get().job.override_dirname:
         return HydraConfig.get().job.override_dirname
     return cfg.experiment_name
+
+
+def flat_metrics(results: dict) -> dict[str, float]:
+    return {k: v for k, v in results.get("metrics", {}).items() if isinstance(v, float)}
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

@@ -14,6 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a launched run (torchrun / accelerate launch set RANK), or a plain process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def git_version() -> dict[str, Any]:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,

@@ -48,6 +48,8 @@ class RunLogger:
         run.define_metric("epoch")
         for prefix in ("train", "val", "test"):
             run.define_metric(f"{prefix}/*", step_metric="epoch")
+        run.define_metric("diffusion/step")
+        run.define_metric("diffusion/*", step_metric="diffusion/step")
         for name, summary in BEST_EPOCH_SUMMARIES.items():
             run.define_metric(name, step_metric="epoch", summary=summary)
         return run
@@ -62,6 +64,11 @@ class RunLogger:
             return
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
+        if self.run is not None:
+            self.run.log({k: v for k, v in numeric_items(row).items() if not math.isnan(v)})
+
+    def log_metrics(self, row: dict) -> None:
+        """W&B only, for stages that keep their own metrics file (the diffusion stage)."""
         if self.run is not None:
             self.run.log({k: v for k, v in numeric_items(row).items() if not math.isnan(v)})
 

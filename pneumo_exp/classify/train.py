@@ -285,37 +285,32 @@ def test_best(cfg: DictConfig, splits: dict[str, SplitTensors], output_dir: Path
 
 
 def train_and_evaluate(cfg: DictConfig, data: PreparedData, output_dir: str | os.PathLike,
-                       run_name: str) -> dict[str, float]:
+                       logger: RunLogger) -> dict[str, float]:
     output_dir = Path(output_dir)
     accelerator = make_accelerator(cfg)
     seed_everything(cfg.seed)
     with accelerator.main_process_first():
         splits = load_splits(data, cfg.dataset.resolution, cfg.paths.cache_dir, accelerator.is_main_process)
-    logger = RunLogger(cfg, output_dir, job_type="classify", run_name=run_name,
-                       enabled=accelerator.is_main_process)
-    try:
-        mode = ClassifierMode(cfg.clip_lora.mode)
-        if mode != ClassifierMode.zero_shot:
-            fit(cfg, splits, output_dir, accelerator, logger)
-        results = test_best(cfg, splits, output_dir, accelerator)
-        history = read_history(output_dir / "metrics.jsonl")
-        results["best_epoch"] = max(history, key=lambda row: row[SELECTION_METRIC])["epoch"] if history else 0
-        results["mode"] = mode.value
-        results["seed"] = cfg.seed
-        if accelerator.is_main_process:
-            write_json_atomic(output_dir / "results.json", results)
-            figures = {f"confusion_{name}": confusion_matrix_png(
-                results["confusion_matrix"][name], output_dir / f"confusion_{name}.png",
-                f"{name}: acc {results['metrics'][f'{name}/acc']:.3f}, macro F1 "
-                f"{results['metrics'][f'{name}/f1_macro']:.3f}") for name in ("val", "test")}
-            if history:
-                figures["curves"] = curves_png(history, output_dir / "curves.png")
-            logger.log_images(figures)
-            logger.set_summary({**results["metrics"], "best_epoch": results["best_epoch"]})
-    except BaseException:
-        logger.finish(failed=True)
-        raise
-    logger.finish()
+    mode = ClassifierMode(cfg.clip_lora.mode)
+    if mode != ClassifierMode.zero_shot:
+        fit(cfg, splits, output_dir, accelerator, logger)
+    results = test_best(cfg, splits, output_dir, accelerator)
+    history = read_history(output_dir / "metrics.jsonl")
+    results["best_epoch"] = max(history, key=lambda row: row[SELECTION_METRIC])["epoch"] if history else 0
+    results["mode"] = mode.value
+    results["seed"] = cfg.seed
+    results["train_images"] = {"real": sum(r.source == "real" for r in splits["train"].records),
+                               "synthetic": sum(r.source == "synthetic" for r in splits["train"].records)}
+    if accelerator.is_main_process:
+        write_json_atomic(output_dir / "results.json", results)
+        figures = {f"confusion_{name}": confusion_matrix_png(
+            results["confusion_matrix"][name], output_dir / f"confusion_{name}.png",
+            f"{name}: acc {results['metrics'][f'{name}/acc']:.3f}, macro F1 "
+            f"{results['metrics'][f'{name}/f1_macro']:.3f}") for name in ("val", "test")}
+        if history:
+            figures["curves"] = curves_png(history, output_dir / "curves.png")
+        logger.log_images(figures)
+        logger.set_summary({**results["metrics"], "best_epoch": results["best_epoch"]})
     return {key: value for key, value in results["metrics"].items() if isinstance(value, float)}
 
 

@@ -132,3 +132,24 @@ def generate_synthetic(pipeline_source: str, lora_folder: str | os.PathLike, cou
 
     write_folder_atomic(target, fill)
     return records
+
+
+def synthesize_for_run(cfg, lora_folder: str | os.PathLike, real_counts: dict[str, int],
+                       output_dir: str | os.PathLike, progress: bool = True) -> list[Record]:
+    """The stage as a run does it: counts from `cfg.augmentation` and the training split's real counts, sampling
+    settings from `diffusion_lora.generation`, prompts and resolution from `diffusion_lora`."""
+    from omegaconf import OmegaConf
+
+    from pneumo_exp.diffusion.pipeline import pipeline_source
+    from pneumo_exp.diffusion.settings import generation_settings
+
+    settings = generation_settings(cfg.diffusion_lora)
+    prompts = OmegaConf.to_container(cfg.diffusion_lora.prompts) if OmegaConf.is_config(cfg.diffusion_lora.prompts) \
+        else dict(cfg.diffusion_lora.prompts)
+    return generate_synthetic(
+        pipeline_source(cfg.diffusion_lora, cfg.paths.cache_dir), lora_folder,
+        synthetic_counts(real_counts, cfg.augmentation), prompts, output_dir,
+        seed=int(cfg.seed if settings.seed is None else settings.seed), steps=settings.num_inference_steps,
+        guidance=settings.guidance_scale, batch_size=settings.batch_size, resolution=int(cfg.diffusion_lora.resolution),
+        device="cpu" if cfg.get("trainer", {}).get("cpu", False) else None, precision=settings.precision,
+        progress=progress)

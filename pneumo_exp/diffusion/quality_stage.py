@@ -1,0 +1,104 @@
+"""The `quality` stage: are the synthetic images any good? Per class, in the feature space of the classifier this
+run trained (a chest-X-ray encoder; Inception features say little about radiographs): FID, KID, diversity, and
+nearest-real-neighbour distances that flag likely copies of training images. Writes `quality.json` and
+`synthetic_vs_real.png` (a row of real and a row of synthetic images per class) and logs both to W&B.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from pneumo_exp.data.cache import open_or_build
+from pneumo_exp.data.prepare import PreparedData
+from pneumo_exp.diffusion.quality import quality_report
+from pneumo_exp.labels import CLASSES
+from pneumo_exp.rundir import write_json_atomic
+
+COPY_FRACTION = 0.25  # a synthetic image this much closer to a real one than real images are to each other
+
+
+class ImageEmbedding(nn.Module):
+    """The trained classifier's unit-norm image embedding, as a feature extractor."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier.eval()
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.classifier.clip.get_image_features(pixel_values=self.classifier.pixel_values(images))
+        return F.normalize(features.pooler_output.float(), dim=-1)
+
+
+def pixels_by_class(data: PreparedData, source: str, resolution: int, cache_dir: str) -> dict[str, np.ndarray]:
+    records = [r for r in data.split("train") if r.source == source]
+    if not records:
+        return {}
+    cache = open_or_build(records, resolution, cache_dir, progress=False)
+    rows = cache.rows_of(records)
+    return {label: np.asarray(cache.pixels[rows[[r.label == label for r in records]]])
+            for label in CLASSES if any(r.label == label for r in records)}
+
+
+def diversity(features: torch.Tensor) -> float:
+    """Mean pairwise distance between images of one set."""
+    if len(features) < 2:
+        return math.nan
+    distances = torch.cdist(features.double(), features.double())
+    return float(distances.sum() / (len(features) * (len(features) - 1)))
+
+
+def run_quality(cfg: DictConfig, data: PreparedData, output_dir: Path, logger) -> dict:
+    from pneumo_exp.classify.predict import load_trained
+    from pneumo_exp.diffusion.pipeline import grid_image
+
+    resolution = cfg.dataset.resolution
+    real = pixels_by_class(data, "real", resolution, cfg.paths.cache_dir)
+    synthetic = pixels_by_class(data, "synthetic", resolution, cfg.paths.cache_dir)
+    if not synthetic:
+        return {}
+    classifier, _ = load_trained(output_dir, cfg.paths.cache_dir)
+    encoder = ImageEmbedding(classifier)
+    dimension = classifier.clip.config.projection_dim
+    report = quality_report(real, synthetic, encoder, dimension, image_size=resolution, seed=cfg.seed)
+    for label, row in report.items():
+        real_features = encoder(torch.from_numpy(real[label]).unsqueeze(1).float() / 255)
+        synthetic_features = encoder(torch.from_numpy(synthetic[label]).unsqueeze(1).float() / 255)
+        row["diversity_synthetic_over_real"] = diversity(synthetic_features) / diversity(real_features)
+        nearest = torch.cdist(synthetic_features.double(), real_features.double()).min(dim=1).values
+        row["likely_copies"] = int((nearest < COPY_FRACTION * row.get("real_nn_median", math.nan)).sum())
+    write_json_atomic(output_dir / "quality.json", {"feature_space": f"classifier image embedding ({dimension}-d)",
+                                                    "copy_threshold": f"{COPY_FRACTION} x median real-real "
+                                                                      f"nearest-neighbour distance",
+                                                    "per_class": report})
+    rows = {}
+    for label in CLASSES:
+        if label in synthetic:
+            rows[f"{label} real"] = real[label][:6]
+            rows[f"{label} synth"] = synthetic[label][:6]
+    grid_path = output_dir / "synthetic_vs_real.png"
+    staging = grid_path.with_suffix(".png.tmp")
+    grid_image(rows).save(staging, format="PNG")
+    staging.replace(grid_path)
+    logger.log_images({"synthetic_vs_real": grid_path})
+    logger.set_summary({f"quality/{label}/{key}": value for label, row in report.items()
+                        for key, value in row.items() if isinstance(value, (int, float))})
+    return report
+
+
+def format_quality(report: dict) -> str:
+    columns = ("real", "synthetic", "fid", "kid_mean", "diversity_synthetic_over_real", "nn_median",
+               "real_nn_median", "likely_copies")
+    lines = ["synthetic image quality (classifier embedding space)",
+             f"{'class':<10}" + "".join(f"{c.replace('diversity_synthetic_over_real', 'diversity'):>15}"
+                                        for c in columns)]
+    for label, row in report.items():
+        lines.append(f"{label:<10}" + "".join(f"{row.get(c, math.nan):>15.4g}" for c in columns))
+    return "\n".join(lines)
