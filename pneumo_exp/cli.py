@@ -17,10 +17,47 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # the repository
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def hydra_entry(cfg: DictConfig) -> dict[str, float]:
+def hydra_entry(cfg: DictConfig):
+    """One job. In a sweep a failing job is recorded in its folder (failed.json) and the sweep goes on."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     from pneumo_exp.pipeline import run  # heavy imports after Hydra has parsed the command line
 
-    return run(cfg)
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        return objective(cfg, run(cfg))
+    try:
+        return objective(cfg, run(cfg))
+    except Exception as error:  # noqa: BLE001: any failure of one job must not stop the others
+        record_failure(cfg, error)
+        return objective(cfg, None)
+
+
+def objective(cfg: DictConfig, metrics: dict | None):
+    """What a sweeper optimises: `sweep_objective` (a metric name) as a float, else the metrics dict."""
+    if not cfg.get("sweep_objective"):
+        return metrics
+    if metrics is None:
+        return float("nan")
+    if cfg.sweep_objective not in metrics:
+        raise KeyError(f"sweep_objective={cfg.sweep_objective!r} is not among the run's metrics: {sorted(metrics)}")
+    return metrics[cfg.sweep_objective]
+
+
+def record_failure(cfg: DictConfig, error: Exception) -> None:
+    import logging
+    import traceback
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from pneumo_exp.rundir import write_json_atomic
+
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    write_json_atomic(folder / "failed.json", {"error": f"{type(error).__name__}: {error}",
+                                               "traceback": traceback.format_exc(),
+                                               "overrides": list(HydraConfig.get().overrides.task)})
+    logging.getLogger("pneumo_exp").error("job %s failed: %s: %s (details in %s)", folder.name,
+                                          type(error).__name__, error, folder / "failed.json")
 
 
 def launcher_start_time() -> str:

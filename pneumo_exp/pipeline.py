@@ -34,6 +34,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if finished.is_file() and cfg.task == "run":
         log.info("%s exists: this job finished before, skipping it", finished)
         return flat_metrics(json.loads(finished.read_text()))
+    (output_dir / "failed.json").unlink(missing_ok=True)  # left by an earlier failed try of this job
     write_run_info(cfg, output_dir)
     if cfg.task == "predict":
         from pneumo_exp.classify.predict import predict

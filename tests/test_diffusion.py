@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from pneumo_exp.data.cache import load_pixels
 from pneumo_exp.data.manifest import read_csv
@@ -59,8 +59,8 @@ def phantom_batch(per_class: int = 4, size: int = 64) -> dict:
 
 
 def with_training(cfg, **training):
-    with open_dict(cfg.diffusion_lora):  # works before and after the schema has a `training` block
-        cfg.diffusion_lora.training = training
+    for key, value in training.items():
+        cfg.diffusion_lora.training[key] = value
     return cfg
 
 
@@ -120,11 +120,15 @@ def test_unloadable_source_is_named_in_the_error(make_cfg, pretrained):
         load_pipeline(source)
 
 
-def test_settings_default_and_refuse_unknown_keys(make_cfg):
+def test_settings_come_from_the_config_and_unknown_keys_fail_at_composition(make_cfg):
+    from hydra.errors import ConfigCompositionException
+
     cfg = make_cfg()
-    assert training_settings(cfg.diffusion_lora) == DiffusionTrainingConfig()
-    with pytest.raises(ValueError, match="unknown key.*stepz"):
-        training_settings(with_training(make_cfg(), stepz=3).diffusion_lora)
+    settings = training_settings(cfg.diffusion_lora)
+    assert isinstance(settings, DiffusionTrainingConfig)
+    assert (settings.epochs, settings.lr) == (cfg.diffusion_lora.training.epochs, cfg.diffusion_lora.training.lr)
+    with pytest.raises(ConfigCompositionException, match="stepz"):
+        make_cfg("diffusion_lora.training.stepz=3")
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -353,6 +357,23 @@ def test_generated_images_are_train_only_records_under_synthetic(trained, tmp_pa
     for first, second in zip(records, again):
         difference = np.abs(np.asarray(Image.open(first.path), dtype=int) - np.asarray(Image.open(second.path)))
         assert difference.max() <= 1
+
+
+@pytest.mark.slow
+def test_a_run_synthesizes_what_its_augmentation_preset_asks_for(trained, tmp_path):
+    from pneumo_exp.diffusion.generate import synthesize_for_run
+
+    cfg = trained["cfg"].copy()
+    cfg.augmentation = {**OmegaConf.to_container(cfg.augmentation), "strategy": "fixed",
+                        "per_class_count": {"BACTERIA": 2}}
+    cfg.diffusion_lora.generation.num_inference_steps = 2
+    cfg.diffusion_lora.generation.batch_size = 2
+    records = synthesize_for_run(cfg, trained["lora"], REAL, tmp_path, progress=False)
+    assert [(r.label, r.split, r.source) for r in records] == [("BACTERIA", "train", "synthetic")] * 2
+    assert json.loads((tmp_path / "synthetic" / "generation.json").read_text())["steps"] == 2
+    cfg.augmentation.strategy = "none"  # nothing to draw: no LoRA needed, an empty manifest
+    assert synthesize_for_run(cfg, tmp_path / "no-lora", REAL, tmp_path / "none", progress=False) == []
+    assert read_csv(tmp_path / "none" / "synthetic" / "manifest.csv") == []
 
 
 @pytest.mark.slow

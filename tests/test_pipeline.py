@@ -1,0 +1,56 @@
+"""Whole jobs: generative augmentation end to end, and finished jobs skipped when run again."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from pneumo_exp.pipeline import run
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["dataset.patients_per_class=8", "dataset.test_patients_per_class=4", "trainer.epochs=2",
+         "trainer.batch_size=8", "trainer.bootstrap_samples=100"]
+
+
+def test_augmented_run_keeps_synthetic_images_in_training_only(make_cfg):
+    cfg = make_cfg("experiment=demo_augmented", *SMALL, "diffusion_lora.training.epochs=1",
+                   "diffusion_lora.training.validation_every=0", "diffusion_lora.generation.num_inference_steps=2")
+    run(cfg)
+    folder = Path(cfg.paths.output_dir)
+    with (folder / "manifest.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    synthetic = [row for row in rows if row["source"] == "synthetic"]
+    real_train = [row for row in rows if row["source"] == "real" and row["split"] == "train"]
+    per_class = Counter(row["label"] for row in real_train)
+    assert Counter(row["label"] for row in synthetic) == {label: int(0.5 * n + 0.5) for label, n in per_class.items()}
+    assert {row["split"] for row in synthetic} == {"train"}
+    assert all(Path(row["path"]).is_relative_to(folder / "synthetic") for row in synthetic)
+    evaluated = {line.split(",")[0] for name in ("predictions.csv", "predictions_val.csv")
+                 for line in (folder / name).read_text().splitlines()[1:]}
+    assert not evaluated & {row["path"] for row in synthetic}
+    results = json.loads((folder / "results.json").read_text())
+    assert results["train_images"] == {"real": len(real_train), "synthetic": len(synthetic)}
+    quality = json.loads((folder / "quality.json").read_text())["per_class"]
+    assert set(quality) == {"NORMAL", "BACTERIA", "VIRUS"}
+    assert all(row["synthetic"] > 0 and row["fid"] == row["fid"] for row in quality.values())
+    assert (folder / "synthetic_vs_real.png").is_file()
+    assert (folder / "diffusion" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_a_finished_job_is_not_run_again(make_cfg):
+    cfg = make_cfg(*SMALL)
+    first = run(cfg)
+    metrics_file = Path(cfg.paths.output_dir) / "metrics.jsonl"
+    written = metrics_file.stat().st_mtime_ns
+    assert run(cfg) == first
+    assert metrics_file.stat().st_mtime_ns == written
+
+
+def test_synthesize_without_a_lora_is_refused_clearly(make_cfg):
+    with pytest.raises(ValueError, match="synthesize needs a LoRA"):
+        run(make_cfg(*SMALL, "stages=[data,synthesize,classify]", "augmentation=balance"))
