@@ -7,7 +7,12 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test summary lock sync clean
+.PHONY: help install demo test summary sweep-demo paper paper-cpu bench lock sync clean
+
+PAPER_ROWS := original_study,original_no_augmentation,zero_shot,linear_probe,lora,full
+SEEDS ?= 0,1,2
+SWEEP ?= $(shell date +%Y-%m-%d_%H-%M-%S)
+comma := ,
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -28,6 +33,23 @@ test: install ## the whole test suite (slow tests included)
 
 summary: install ## counts and leakage check of a dataset: make summary DATA=path/to/chest_xray
 	$(BIN)/pneumo-exp summary dataset=kermany dataset.root=$(DATA)
+
+sweep-demo: install ## LoRA alpha x lr x 3 seeds on phantom data (~2 min), then its report
+	$(BIN)/pneumo-exp -m experiment=sweep/alpha_lr hydra.sweep.dir=multirun/sweep_alpha_lr/$(SWEEP)
+	$(BIN)/pneumo-exp report report.input=multirun/sweep_alpha_lr/$(SWEEP)
+
+paper: install ## the paper table (GPU + hub access): make paper DATA=path/to/chest_xray
+	$(BIN)/pneumo-exp -m experiment=$(subst $(comma),$(comma)paper/,paper/$(PAPER_ROWS)) seed=$(SEEDS) \
+	  dataset.root=$(DATA) hydra.sweep.dir=multirun/paper/$(SWEEP)
+	$(BIN)/pneumo-exp report report.input=multirun/paper/$(SWEEP)
+
+paper-cpu: install ## the same table with the small from-scratch presets on a CPU: make paper-cpu DATA=...
+	$(BIN)/pneumo-exp -m experiment=$(subst $(comma),$(comma)paper_cpu/,paper_cpu/$(PAPER_ROWS)) seed=$(SEEDS) \
+	  dataset.root=$(DATA) hydra.sweep.dir=multirun/paper_cpu/$(SWEEP)
+	$(BIN)/pneumo-exp report report.input=multirun/paper_cpu/$(SWEEP)
+
+bench: install ## classifier throughput: framework vs plain loops (images/s and ratios)
+	$(BIN)/python bench/bench_classifier.py
 
 lock: install ## rewrite requirements/lock.txt from the current .venv
 	{ echo "# Exact versions that install and work together (CPU, Python 3.11). Regenerate: make lock"; \

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from pneumo_exp.config import register_schemas
 
-COMMANDS = ("run", "summary", "predict")
+COMMANDS = ("run", "summary", "predict", "report")
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # the repository's conf/ (editable install)
 
 

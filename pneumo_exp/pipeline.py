@@ -41,6 +41,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
         print(f"predictions written to {predict(cfg, output_dir)}", flush=True)
         return {}
+    if cfg.task == "report":
+        from pneumo_exp.report import main_report
+
+        if not cfg.report.input:
+            raise ValueError("report needs report.input=<a sweep folder, or any folder holding run folders>")
+        target = Path(cfg.report.output or Path(cfg.report.input) / "report")
+        print(main_report(cfg.report.input, target), flush=True)
+        print(f"report written to {target}", flush=True)
+        return {}
 
     data = prepare_data(cfg.dataset, cfg.paths.cache_dir, output_dir)
     if data.skipped:

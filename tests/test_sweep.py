@@ -1,0 +1,60 @@
+"""A real multirun: 2 x 2 grid on the tiny preset plus a job made to fail, a rerun that skips finished jobs,
+and the report's table checked against the runs' own results files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from pneumo_exp.report import collect_runs, group_key
+
+pytestmark = pytest.mark.slow
+
+GRID = ["-m", "experiment=demo", "clip_lora=tiny_vit", "clip_lora.lora.alpha=8,16", "dataset.patients_per_class=8",
+        "dataset.test_patients_per_class=4", "trainer.epochs=1", "trainer.bootstrap_samples=50", "logger=none"]
+
+
+def pneumo_exp(*args: str) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "pneumo_exp.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def test_grid_sweep_report_failure_and_rerun(tmp_path, model_cache):
+    sweep = tmp_path / "sweep"
+    common = [f"hydra.sweep.dir={sweep}", f"paths.cache_dir={model_cache}"]
+    output = pneumo_exp(*GRID, "optim.lr=1e-3,2e-3,-1", *common)
+    jobs = sorted(path for path in sweep.iterdir() if (path / ".hydra").is_dir())
+    finished = [job for job in jobs if (job / "results.json").is_file()]
+    failed = [job for job in jobs if (job / "failed.json").is_file()]
+    assert len(jobs) == 6 and len(finished) == 4 and len(failed) == 2
+    assert all("optim.lr=-1" in job.name for job in failed)
+    assert "Invalid learning rate" in json.loads((failed[0] / "failed.json").read_text())["error"]
+    assert "failed: ValueError" in output
+
+    stamps = {job: (job / "results.json").stat().st_mtime_ns for job in finished}
+    pneumo_exp(*GRID, "optim.lr=1e-3,2e-3", *common)
+    assert all((job / "results.json").stat().st_mtime_ns == stamp for job, stamp in stamps.items())
+
+    pneumo_exp("report", f"report.input={sweep}", f"report.output={tmp_path / 'report'}",
+               f"hydra.run.dir={tmp_path / 'report_job'}")
+    with (tmp_path / "report" / "table.csv").open() as handle:
+        rows = {row["configuration"]: row for row in csv.DictReader(handle)}
+    key_of_job = {run.path: group_key(run) for run in collect_runs(sweep)}
+    for job in finished:
+        row = rows[key_of_job[job]]
+        assert row["status"] != "failed" and row["n"] == "1"
+        results = json.loads((job / "results.json").read_text())["metrics"]
+        for metric in ("test/acc", "test/f1_macro", "test/recall_macro"):
+            assert float(row[f"{metric}_mean"]) == pytest.approx(results[metric], abs=1e-6)
+    assert sorted(row["status"] for row in rows.values()).count("failed") == 2
+    table = (tmp_path / "report" / "table.md").read_text()
+    assert "failed" in table and (tmp_path / "report" / "curves.png").is_file()
