@@ -48,8 +48,9 @@ paper-cpu: install ## the same table with the small from-scratch presets on a CP
 	  dataset.root=$(DATA) hydra.sweep.dir=multirun/paper_cpu/$(SWEEP)
 	$(BIN)/pneumo-exp report report.input=multirun/paper_cpu/$(SWEEP)
 
-bench: install ## classifier throughput: framework vs plain loops (images/s and ratios)
+bench: install ## throughput: framework vs plain loops (classifier images/s, diffusion steps/s and images/s)
 	$(BIN)/python bench/bench_classifier.py
+	$(BIN)/python bench/bench_diffusion.py
 
 lock: install ## rewrite requirements/lock.txt from the current .venv
 	{ echo "# Exact versions that install and work together (CPU, Python 3.11). Regenerate: make lock"; \

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -46,3 +47,22 @@ def write_run_info(cfg: DictConfig, output_dir: str | os.PathLike) -> None:
     output_dir = Path(output_dir)
     write_text_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     write_json_atomic(output_dir / "git.json", git_version())
+
+
+def build_folder_once(folder: str | os.PathLike, marker: str, build: Callable[[Path], None]) -> Path:
+    """Make `folder` with `build(staging)` unless `folder/marker` exists; the staging folder is renamed into place,
+    so a crash leaves nothing half-built and, of two processes building the same thing, the first rename wins."""
+    folder = Path(folder)
+    if (folder / marker).is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", suffix=".tmp", dir=folder.parent))
+    try:
+        build(staging)
+        os.rename(staging, folder)
+    except OSError:
+        if not (folder / marker).is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder

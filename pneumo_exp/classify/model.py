@@ -11,8 +11,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import warnings
@@ -24,6 +22,7 @@ from torch import nn
 
 from pneumo_exp.config import ClassifierMode
 from pneumo_exp.labels import CLASSES
+from pneumo_exp.rundir import build_folder_once
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
@@ -78,18 +77,8 @@ def backbone_source(clip_cfg: DictConfig, cache_dir: str | os.PathLike) -> str:
     key = hashlib.sha256(json.dumps([RANDOM_INIT_FORMAT, architecture, clip_cfg.image_size],
                                     sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(cache_dir) / "models" / f"clip-{clip_cfg.name}-{key}"
-    if not (folder / "config.json").is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", suffix=".tmp", dir=folder.parent))
-        try:
-            build_random_clip(architecture, clip_cfg.image_size, staging)
-            os.rename(staging, folder)
-        except OSError:
-            if not (folder / "config.json").is_file():
-                raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return str(folder)
+    build = lambda staging: build_random_clip(architecture, clip_cfg.image_size, staging)  # noqa: E731
+    return str(build_folder_once(folder, "config.json", build))
 
 
 def load_backbone(source: str):

@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from tqdm.auto import tqdm
 from pneumo_exp.data import phantom
 from pneumo_exp.data.images import decode_grayscale
 from pneumo_exp.data.manifest import Record
+from pneumo_exp.rundir import build_folder_once
 
 FORMAT_VERSION = 1
 
@@ -59,34 +58,22 @@ def open_or_build(records: list[Record], resolution: int, cache_dir: str | os.Pa
                   progress: bool = True) -> ImageCache:
     unique = list({r.path: r for r in records}.values())
     folder = Path(cache_dir) / "images" / f"{resolution}px-{cache_key(unique, resolution)}"
-    built = False
-    if not (folder / "index.json").is_file():
-        _build(unique, resolution, folder, progress)
-        built = True
+    built = not (folder / "index.json").is_file()
+    build_folder_once(folder, "index.json", lambda staging: _build(unique, resolution, staging, progress))
     index = json.loads((folder / "index.json").read_text())
     pixels = np.memmap(folder / "pixels.u8", dtype=np.uint8, mode="r",
                        shape=(len(index["paths"]), resolution, resolution))
     return ImageCache(folder=folder, pixels=pixels, paths=index["paths"], built=built)
 
 
-def _build(records: list[Record], resolution: int, folder: Path, progress: bool) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", suffix=".tmp", dir=folder.parent))
-    try:
-        array = np.memmap(staging / "pixels.u8", dtype=np.uint8, mode="w+",
-                          shape=(max(len(records), 1), resolution, resolution))
-        for row, record in enumerate(tqdm(records, desc=f"caching images at {resolution}px", unit="img",
-                                          disable=not progress, mininterval=1.0)):
-            array[row] = load_pixels(record, resolution)
-        array.flush()
-        del array
-        index = {"format": FORMAT_VERSION, "resolution": resolution, "paths": [r.path for r in records],
-                 "sha256": [r.sha256 for r in records]}
-        (staging / "index.json").write_text(json.dumps(index))
-        try:
-            os.rename(staging, folder)
-        except OSError:  # another process finished the same cache first: theirs is identical
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+def _build(records: list[Record], resolution: int, staging: Path, progress: bool) -> None:
+    array = np.memmap(staging / "pixels.u8", dtype=np.uint8, mode="w+",
+                      shape=(max(len(records), 1), resolution, resolution))
+    for row, record in enumerate(tqdm(records, desc=f"caching images at {resolution}px", unit="img",
+                                      disable=not progress, mininterval=1.0)):
+        array[row] = load_pixels(record, resolution)
+    array.flush()
+    del array
+    index = {"format": FORMAT_VERSION, "resolution": resolution, "paths": [r.path for r in records],
+             "sha256": [r.sha256 for r in records]}
+    (staging / "index.json").write_text(json.dumps(index))

@@ -11,14 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+
+from pneumo_exp.rundir import build_folder_once
 
 RANDOM_INIT_FORMAT = 1
 MAX_TEXT_TOKENS = 77
@@ -46,18 +46,8 @@ def pipeline_source(diffusion_cfg, cache_dir: str | os.PathLike) -> str:
     key = hashlib.sha256(json.dumps([RANDOM_INIT_FORMAT, architecture, resolution],
                                     sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(cache_dir) / "models" / f"sd-{diffusion_cfg.name}-{key}"
-    if not (folder / "model_index.json").is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", suffix=".tmp", dir=folder.parent))
-        try:
-            build_tiny_pipeline(architecture, resolution, staging)
-            os.rename(staging, folder)
-        except OSError:  # another process finished the same preset first: theirs is identical
-            if not (folder / "model_index.json").is_file():
-                raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return str(folder)
+    build = lambda staging: build_tiny_pipeline(architecture, resolution, staging)  # noqa: E731
+    return str(build_folder_once(folder, "model_index.json", build))
 
 
 def _group_count(channels: list[int]) -> int:

@@ -1,0 +1,131 @@
+"""Diffusion throughput for the `tiny` preset: the framework against a minimal loop written directly on diffusers.
+
+    python bench/bench_diffusion.py [--steps 60] [--images 32] [--repeats 2] [--out bench/results/diffusion.json]
+
+  LoRA training  `train_diffusion_lora` (accelerate, checkpoints, metrics file; no validation grids) against the
+                 diffusers example's inner loop (VAE encode, noise, UNet, MSE, AdamW) on the same images and batch
+  generation     `generate_synthetic` (seeded per image, PNGs and manifests written) against plain
+                 `StableDiffusionPipeline.__call__` batches with the same scheduler, steps and guidance
+Times are the best of `--repeats` interleaved rounds; only the ratios within one run mean much on these machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from conftest import compose  # noqa: E402
+
+from pneumo_exp.data.cache import load_pixels  # noqa: E402
+from pneumo_exp.data.phantom import phantom_records  # noqa: E402
+from pneumo_exp.diffusion.generate import generate_synthetic  # noqa: E402
+from pneumo_exp.diffusion.pipeline import load_components, load_pipeline, pipeline_source, to_vae_input  # noqa: E402
+from pneumo_exp.diffusion.train import add_lora, encode_prompts, train_diffusion_lora  # noqa: E402
+from pneumo_exp.labels import class_index  # noqa: E402
+
+
+def timed(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/diffusion.json"))
+    args = parser.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="bench-diffusion-"))
+    cfg = compose(["paths.output_dir=" + str(scratch / "run"), f"paths.cache_dir={scratch / 'cache'}",
+                   "logger=none", "trainer.cpu=true", f"diffusion_lora.training.max_train_steps={args.steps}",
+                   "diffusion_lora.training.validation_every=0", "diffusion_lora.training.warmup_ratio=0"])
+    settings, generation = cfg.diffusion_lora.training, cfg.diffusion_lora.generation
+    resolution, batch = cfg.diffusion_lora.resolution, settings.batch_size
+    records = phantom_records(patients_per_class=20, test_patients_per_class=0, images_per_patient=1)
+    pixels = torch.from_numpy(np.stack([load_pixels(r, resolution) for r in records]))
+    labels = torch.tensor([class_index(r.label) for r in records])
+    source = pipeline_source(cfg.diffusion_lora, cfg.paths.cache_dir)
+    prompts = dict(cfg.diffusion_lora.prompts)
+
+    def framework_training() -> None:
+        cfg.paths.output_dir = str(scratch / f"run-{time.time_ns()}")
+        train_diffusion_lora(cfg, {"pixels": pixels, "labels": labels}, cfg.paths.output_dir)
+
+    def plain_training() -> None:
+        parts = load_components(source)
+        add_lora(parts, cfg.diffusion_lora.lora)
+        states = encode_prompts(parts, prompts, "cpu")
+        optimizer = torch.optim.AdamW([p for p in parts.unet.parameters() if p.requires_grad], lr=settings.lr)
+        generator = torch.Generator().manual_seed(0)
+        for step in range(args.steps):
+            index = torch.randint(0, len(labels), (batch,), generator=generator)
+            images = pixels[index].unsqueeze(1).float() / 255
+            with torch.no_grad():
+                latents = parts.vae.encode(to_vae_input(images)).latent_dist.sample() * parts.vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, parts.noise_scheduler.config.num_train_timesteps, (batch,))
+            prediction = parts.unet(parts.noise_scheduler.add_noise(latents, noise, timesteps), timesteps,
+                                    states[labels[index]], return_dict=False)[0]
+            loss = F.mse_loss(prediction, noise)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parts.unet.parameters(), settings.max_grad_norm)
+            optimizer.step()
+
+    lora = None
+
+    def framework_generation() -> None:
+        generate_synthetic(source, lora, {"NORMAL": args.images}, prompts, scratch / f"gen-{time.time_ns()}",
+                           seed=0, steps=generation.num_inference_steps, guidance=generation.guidance_scale,
+                           batch_size=generation.batch_size, resolution=resolution, device="cpu", progress=False)
+
+    def plain_generation() -> None:
+        pipeline = load_pipeline(source, lora=lora, device="cpu")
+        for start in range(0, args.images, generation.batch_size):
+            count = min(generation.batch_size, args.images - start)
+            pipeline([prompts["NORMAL"]] * count, num_inference_steps=generation.num_inference_steps,
+                     guidance_scale=generation.guidance_scale, height=resolution, width=resolution,
+                     generator=torch.Generator().manual_seed(start), output_type="np")
+
+    framework_training()  # warm-up, and the LoRA the generation runs use
+    lora = Path(cfg.paths.output_dir) / "diffusion" / "lora"
+    runs = {"framework_training": framework_training, "plain_training": plain_training,
+            "framework_generation": framework_generation, "plain_generation": plain_generation}
+    plain_generation()
+    seconds = {name: float("inf") for name in runs}
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            seconds[name] = min(seconds[name], timed(run))
+    result = {
+        "preset": "tiny", "resolution": resolution, "batch_size": batch, "train_steps": args.steps,
+        "images": args.images, "inference_steps": generation.num_inference_steps,
+        "train_steps_per_second": {k: round(args.steps / seconds[k], 2) for k in ("framework_training",
+                                                                                 "plain_training")},
+        "generated_images_per_second": {k: round(args.images / seconds[k], 2) for k in ("framework_generation",
+                                                                                       "plain_generation")},
+        "training_overhead_vs_plain": round(seconds["framework_training"] / seconds["plain_training"] - 1, 4),
+        "generation_overhead_vs_plain": round(seconds["framework_generation"] / seconds["plain_generation"] - 1, 4),
+        "note": "both sides include loading the model; the framework also writes checkpoints, PNGs and manifests",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
