@@ -1,0 +1,167 @@
+"""Manifest, patient-grouped splits, the decoded-image cache, tensor augmentations, prepare_data and the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REAL_DATA, REPO, requires_real_data
+from pneumo_exp.data import manifest
+from pneumo_exp.data.augment import AugmentSettings, random_augment, to_unit_float
+from pneumo_exp.data.cache import open_or_build
+from pneumo_exp.data.manifest import LeakageError, Record
+from pneumo_exp.data.phantom import phantom_records
+from pneumo_exp.data.prepare import prepare_data
+from pneumo_exp.data.splits import carve_validation
+
+
+def records(**kwargs) -> list[Record]:
+    return phantom_records(**{"patients_per_class": 20, "test_patients_per_class": 5, "images_per_patient": 3,
+                              **kwargs})
+
+
+def test_manifest_round_trip_and_fingerprint(tmp_path):
+    rows = records()
+    path = manifest.write_csv(rows, tmp_path / "m" / "manifest.csv")
+    assert manifest.read_csv(path) == rows
+    assert manifest.fingerprint(rows) == manifest.fingerprint(manifest.read_csv(path))
+    assert not list((tmp_path / "m").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("change,message", [({"label": "COVID"}, "label 'COVID'"), ({"split": "dev"}, "split 'dev'"),
+                                            ({"patient_id": ""}, "empty patient_id"),
+                                            ({"source": "synthetic", "split": "val"}, "train only")])
+def test_bad_manifest_rows_are_named(tmp_path, change, message):
+    rows = records()
+    rows[3] = replace(rows[3], **change)
+    path = manifest.write_csv(rows, tmp_path / "manifest.csv")
+    with pytest.raises(ValueError, match=message) as error:
+        manifest.read_csv(path)
+    assert "row 5" in str(error.value) and str(path) in str(error.value)
+
+
+def test_manifest_missing_column_is_named(tmp_path):
+    (tmp_path / "m.csv").write_text("path,label,split\nx.png,NORMAL,train\n")
+    with pytest.raises(ValueError, match="missing column.*patient_id"):
+        manifest.read_csv(tmp_path / "m.csv")
+
+
+def test_leakage_check_fails_loudly():
+    rows = records()
+    rows[0] = replace(rows[0], split="test")  # one image of a training patient moved to test
+    with pytest.raises(LeakageError, match="1 patient"):
+        manifest.check_no_leakage(rows)
+
+
+def test_validation_is_grouped_by_patient_stratified_and_seeded():
+    rows = records()
+    split = carve_validation(rows, 0.2, seed=0)
+    assert manifest.leaking_patients(split) == {}
+    val = Counter(r.label for r in split if r.split == "val")
+    assert set(val.values()) == {12}  # 4 of 20 patients per class, 3 images each
+    assert [r.split for r in carve_validation(rows, 0.2, seed=0)] == [r.split for r in split]
+    assert [r.split for r in carve_validation(rows, 0.2, seed=1)] != [r.split for r in split]
+    assert [r for r in split if r.split == "test"] == [r for r in rows if r.split == "test"]
+
+
+def test_validation_groups_can_be_coarser_than_patients():
+    rows = [Record(f"{p}_{c}_{i}.jpg", c, f"person{p}_{c.lower()}", "train")
+            for p in range(30) for c in ("BACTERIA", "VIRUS") for i in range(2)]
+    split = carve_validation(rows, 0.3, seed=0, group_of=lambda pid: pid.rsplit("_", 1)[0])
+    sides: dict[str, set] = {}
+    for r in split:
+        sides.setdefault(r.patient_id.rsplit("_", 1)[0], set()).add(r.split)
+    assert all(len(s) == 1 for s in sides.values())
+    assert any(r.split == "val" for r in split)
+
+
+def test_bad_val_fraction_is_refused():
+    with pytest.raises(ValueError, match="val_fraction"):
+        carve_validation(records(), 1.5, seed=0)
+
+
+def test_cache_miss_then_hit_and_content_keys(tmp_path):
+    rows = records(patients_per_class=3, test_patients_per_class=1, images_per_patient=1)
+    first = open_or_build(rows, 32, tmp_path, progress=False)
+    again = open_or_build(rows, 32, tmp_path, progress=False)
+    assert first.built and not again.built and first.folder == again.folder
+    assert np.array_equal(np.asarray(first.pixels), np.asarray(again.pixels))
+    assert open_or_build(rows, 48, tmp_path, progress=False).built  # another resolution
+    changed = [replace(rows[0], sha256="0" * 64), *rows[1:]]
+    assert open_or_build(changed, 32, tmp_path, progress=False).built  # same path, new content
+    assert not list(tmp_path.glob("images/*.tmp"))
+
+
+def test_cache_rows_follow_the_requested_records(tmp_path):
+    rows = records(patients_per_class=2, test_patients_per_class=0, images_per_patient=1)
+    cache = open_or_build(rows, 32, tmp_path, progress=False)
+    reversed_rows = cache.rows_of(rows[::-1])
+    assert list(reversed_rows) == list(range(len(rows)))[::-1]
+    with pytest.raises(KeyError, match="not in the cache"):
+        cache.rows_of([replace(rows[0], path="phantom:missing")])
+
+
+def test_augmentations_keep_shape_range_and_are_seeded():
+    images = to_unit_float(torch.randint(0, 256, (6, 40, 40), dtype=torch.uint8))
+    first = random_augment(images, AugmentSettings(), torch.Generator().manual_seed(0))
+    second = random_augment(images, AugmentSettings(), torch.Generator().manual_seed(0))
+    assert first.shape == images.shape and first.min() >= 0 and first.max() <= 1
+    assert torch.equal(first, second) and not torch.equal(first, images)
+
+
+def test_prepare_data_on_phantom_writes_a_clean_manifest(make_cfg, tmp_path):
+    cfg = make_cfg()
+    data = prepare_data(cfg.dataset, cfg.paths.cache_dir, tmp_path)
+    assert {r.split for r in data.records} == {"train", "val", "test"}
+    assert manifest.read_csv(tmp_path / "manifest.csv") == data.records
+
+
+def test_folder_dataset_needs_exactly_one_source(make_cfg):
+    cfg = make_cfg("dataset=folder")
+    with pytest.raises(ValueError, match="exactly one of dataset.root"):
+        prepare_data(cfg.dataset, cfg.paths.cache_dir)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pneumo_exp.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+
+
+def test_help_explains_the_commands_and_groups():
+    done = run_cli("--help")
+    assert done.returncode == 0
+    for text in ("pneumo-exp summary", "clip_lora", "diffusion_lora", "augmentation", "experiment"):
+        assert text in done.stdout
+
+
+def test_summary_command_prints_counts_and_the_leakage_check(tmp_path):
+    done = run_cli("summary", f"hydra.run.dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "leakage check: OK" in done.stdout and "patients" in done.stdout
+    assert (tmp_path / "manifest.csv").is_file() and (tmp_path / "git.json").is_file()
+
+
+@requires_real_data
+@pytest.mark.realdata
+def test_real_data_official_counts_and_no_leakage(make_cfg, tmp_path):
+    from pneumo_exp.data.kermany import split_group
+
+    cfg = make_cfg("dataset=kermany", f"dataset.root={REAL_DATA}")
+    data = prepare_data(cfg.dataset, cfg.paths.cache_dir, tmp_path)
+    per_split = manifest.counts(data.records)
+    official_train = {label: per_split["train"][label] + per_split["val"][label] for label in per_split["train"]}
+    assert official_train == {"NORMAL": 1349, "BACTERIA": 2538, "VIRUS": 1345}
+    assert per_split["test"] == {"NORMAL": 234, "BACTERIA": 242, "VIRUS": 148}
+    manifest.check_no_leakage(data.records)
+    sides: dict[str, set] = {}
+    for r in data.records:
+        if r.split != "test":
+            sides.setdefault(split_group(r.patient_id), set()).add(r.split)
+    assert all(len(s) == 1 for s in sides.values())  # personN numbers never straddle train and val
+    assert 0.13 < sum(per_split["val"].values()) / sum(official_train.values()) < 0.17
