@@ -338,21 +338,32 @@ def aggregate(runs: Iterable[RunRecord], metrics: Sequence[str] = DEFAULT_METRIC
     return summaries
 
 
+def newest_per_seed(runs: list[RunRecord]) -> list[RunRecord]:
+    """A seed run twice counts once (the newest results), so repeats never inflate n or shrink the CI."""
+    newest: dict[Any, RunRecord] = {}
+    for run in sorted(runs, key=lambda r: (r.path / "results.json").stat().st_mtime_ns):
+        newest[run.seed if run.seed is not None else str(run.path)] = run
+    kept = {id(run) for run in newest.values()}
+    return [run for run in runs if id(run) in kept]
+
+
 def summarize_group(experiment: str, key: str, label: str, members: list[RunRecord],
                     metrics: Sequence[str]) -> dict:
     """experiment, configuration (the group key), label (for plots), status (completed when a seed completed,
     else failed or unfinished), n (completed seeds), seeds, failed, unfinished, repeated_seeds, run_dirs,
     metrics {name: n, mean, std, ci_low, ci_high, bootstrap_low, bootstrap_high} over completed seeds,
     epochs [per-epoch means], confusion_matrix_test (summed over completed seeds)."""
-    completed = [run for run in members if run.status == COMPLETED]
+    all_completed = [run for run in members if run.status == COMPLETED]
+    completed = newest_per_seed(all_completed)
     failed = sum(run.status == FAILED for run in members)
     unfinished = sum(run.status == UNFINISHED for run in members)
+    all_seeds = [run.seed for run in all_completed]
     seeds = [run.seed for run in completed]
     summary: dict[str, Any] = {
         "experiment": experiment, "configuration": key, "label": label,
         "status": COMPLETED if completed else (FAILED if failed else UNFINISHED),
         "n": len(completed), "seeds": seeds, "failed": failed, "unfinished": unfinished,
-        "repeated_seeds": sorted({s for s in seeds if s is not None and seeds.count(s) > 1}),
+        "repeated_seeds": sorted({s for s in all_seeds if s is not None and all_seeds.count(s) > 1}),
         "run_dirs": [str(run.path) for run in members], "metrics": {},
         "epochs": epoch_means(completed, tuple(dict.fromkeys(EPOCH_METRICS + CURVE_METRICS))),
         "confusion_matrix_test": summed_confusion(completed),
@@ -386,7 +397,7 @@ def format_stats(stats: dict, group: dict, plus_minus: str = "±") -> str:
 
 def group_notes(group: dict) -> str:
     notes = [f"{group[status]} {status}" for status in (FAILED, UNFINISHED) if group[status]]
-    notes += [f"seed {seed} run more than once" for seed in group["repeated_seeds"]]
+    notes += [f"seed {seed} run more than once: the newest counted" for seed in group["repeated_seeds"]]
     return "; ".join(notes)
 
 

@@ -400,6 +400,6 @@ def test_damaged_files_and_repeated_seeds_are_reported_not_fatal(tmp_path):
     assert runs[broken.name].overrides == []
     groups = aggregate(runs.values())
     assert {g["configuration"]: (g["n"], g["repeated_seeds"]) for g in groups} == {
-        "optim.lr=0.0001": (2, [0]), "again": (0, [])}  # no readable overrides: the experiment name
+        "optim.lr=0.0001": (1, [0]), "again": (0, [])}  # a repeated seed counts once; no overrides: experiment
     table = main_report(root, tmp_path / "out")
     assert "seed 0 run more than once" in table and "results.json unreadable" in table
