@@ -208,7 +208,7 @@ def fit(cfg: DictConfig, splits: dict[str, SplitTensors], output_dir: Path, acce
             parameter.data = parameter.data.to(torch.float32 if parameter.requires_grad else frozen_dtype)
     optimizer = torch.optim.AdamW(trainable_parameters(classifier), lr=cfg.optim.lr,
                                   weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas))
-    batches = len(splits["train"].labels) // accelerator.num_processes // cfg.trainer.batch_size + 1
+    batches = math.ceil(len(splits["train"].labels) // accelerator.num_processes / cfg.trainer.batch_size)
     if cfg.trainer.max_steps_per_epoch:
         batches = min(batches, cfg.trainer.max_steps_per_epoch * cfg.trainer.grad_accum_steps)
     total_steps = math.ceil(batches / cfg.trainer.grad_accum_steps) * cfg.trainer.epochs
