@@ -35,8 +35,12 @@ def test_augmented_run_keeps_synthetic_images_in_training_only(make_cfg):
     assert not evaluated & {row["path"] for row in synthetic}
     results = json.loads((folder / "results.json").read_text())
     assert results["train_images"] == {"real": len(real_train), "synthetic": len(synthetic)}
-    quality = json.loads((folder / "quality.json").read_text())["per_class"]
+    report = json.loads((folder / "quality.json").read_text())
+    quality = report["per_class"]
     assert set(quality) == {"NORMAL", "BACTERIA", "VIRUS"}
+    scores = report["classification_accuracy_score"]
+    assert scores["synthetic_only"]["train_images"] == scores["real_matched"]["train_images"] == len(synthetic)
+    assert (folder / "quality" / "classifier_synthetic_only" / "results.json").is_file()
     assert all(row["synthetic"] > 0 and row["fid"] == row["fid"] for row in quality.values())
     assert (folder / "synthetic_vs_real.png").is_file()
     assert (folder / "diffusion" / "lora" / "pytorch_lora_weights.safetensors").is_file()

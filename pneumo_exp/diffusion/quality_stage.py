@@ -2,6 +2,9 @@
 run trained (a chest-X-ray encoder; Inception features say little about radiographs): FID, KID, diversity, and
 nearest-real-neighbour distances that flag likely copies of training images. Writes `quality.json` and
 `synthetic_vs_real.png` (a row of real and a row of synthetic images per class) and logs both to W&B.
+
+Plus the classification accuracy score: the same classifier recipe trained on the synthetic images alone and on
+as many real training images per class, both tested on the real test split (validation stays real for both).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from pneumo_exp.data.cache import open_or_build
+from pneumo_exp.data.manifest import Record
 from pneumo_exp.data.prepare import PreparedData
 from pneumo_exp.diffusion.quality import quality_report
 from pneumo_exp.labels import CLASSES
@@ -55,6 +59,36 @@ def diversity(features: torch.Tensor) -> float:
     return float(distances.sum() / (len(features) * (len(features) - 1)))
 
 
+def matched_real_subset(data: PreparedData, seed: int) -> list[Record]:
+    """As many real training images per class as there are synthetic ones, drawn at random."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in CLASSES:
+        wanted = sum(r.source == "synthetic" and r.label == label for r in data.split("train"))
+        real = [r for r in data.split("train") if r.source == "real" and r.label == label]
+        chosen += [real[i] for i in sorted(rng.choice(len(real), size=min(wanted, len(real)), replace=False))]
+    return chosen
+
+
+def classification_accuracy_score(cfg: DictConfig, data: PreparedData, output_dir: Path) -> dict:
+    """Test metrics of the run's classifier recipe trained on synthetic images only, and on matched real ones."""
+    from pneumo_exp.classify.train import train_and_evaluate
+    from pneumo_exp.tracking import RunLogger
+
+    held_out = [r for r in data.records if r.split != "train"]
+    training_sets = {"synthetic_only": [r for r in data.split("train") if r.source == "synthetic"],
+                     "real_matched": matched_real_subset(data, cfg.seed)}
+    scores = {}
+    for name, train in training_sets.items():
+        folder = output_dir / "quality" / f"classifier_{name}"
+        folder.mkdir(parents=True, exist_ok=True)
+        metrics = train_and_evaluate(cfg, PreparedData(records=train + held_out), folder,
+                                     RunLogger(cfg, folder, "quality", name, enabled=False))
+        scores[name] = {"train_images": len(train), **{k: metrics[k] for k in
+                                                       ("test/acc", "test/f1_macro", "test/recall_macro")}}
+    return scores
+
+
 def run_quality(cfg: DictConfig, data: PreparedData, output_dir: Path, logger) -> dict:
     from pneumo_exp.classify.predict import load_trained
     from pneumo_exp.diffusion.pipeline import grid_image
@@ -74,10 +108,12 @@ def run_quality(cfg: DictConfig, data: PreparedData, output_dir: Path, logger) -
         row["diversity_synthetic_over_real"] = diversity(synthetic_features) / diversity(real_features)
         nearest = torch.cdist(synthetic_features.double(), real_features.double()).min(dim=1).values
         row["likely_copies"] = int((nearest < COPY_FRACTION * row.get("real_nn_median", math.nan)).sum())
+    scores = classification_accuracy_score(cfg, data, output_dir)
     write_json_atomic(output_dir / "quality.json", {"feature_space": f"classifier image embedding ({dimension}-d)",
                                                     "copy_threshold": f"{COPY_FRACTION} x median real-real "
                                                                       f"nearest-neighbour distance",
-                                                    "per_class": report})
+                                                    "per_class": report,
+                                                    "classification_accuracy_score": scores})
     rows = {}
     for label in CLASSES:
         if label in synthetic:
@@ -90,15 +126,23 @@ def run_quality(cfg: DictConfig, data: PreparedData, output_dir: Path, logger) -
     logger.log_images({"synthetic_vs_real": grid_path})
     logger.set_summary({f"quality/{label}/{key}": value for label, row in report.items()
                         for key, value in row.items() if isinstance(value, (int, float))})
-    return report
+    logger.set_summary({f"quality/cas/{name}/{key}": value for name, row in scores.items()
+                        for key, value in row.items()})
+    return {"per_class": report, "classification_accuracy_score": scores}
 
 
-def format_quality(report: dict) -> str:
+def format_quality(quality: dict) -> str:
     columns = ("real", "synthetic", "fid", "kid_mean", "diversity_synthetic_over_real", "nn_median",
                "real_nn_median", "likely_copies")
     lines = ["synthetic image quality (classifier embedding space)",
              f"{'class':<10}" + "".join(f"{c.replace('diversity_synthetic_over_real', 'diversity'):>15}"
                                         for c in columns)]
-    for label, row in report.items():
+    for label, row in quality.get("per_class", {}).items():
         lines.append(f"{label:<10}" + "".join(f"{row.get(c, math.nan):>15.4g}" for c in columns))
+    scores = quality.get("classification_accuracy_score", {})
+    if scores:
+        lines.append("classification accuracy score (trained on ..., tested on the real test split)")
+        for name, row in scores.items():
+            lines.append(f"  {name:<16}{row['train_images']:>6} images   test acc {row['test/acc']:.4f}   "
+                         f"macro F1 {row['test/f1_macro']:.4f}")
     return "\n".join(lines)
