@@ -12,6 +12,7 @@ export WANDB_SILENT ?= true
 PAPER_ROWS := original_study,original_no_augmentation,zero_shot,linear_probe,lora,full
 SEEDS ?= 0,1,2
 SWEEP ?= $(shell date +%Y-%m-%d_%H-%M-%S)
+SWEEP := $(SWEEP)
 comma := ,
 
 help: ## list the targets
@@ -57,7 +58,7 @@ lock: install ## rewrite requirements/lock.txt from the current .venv
 	  $(BIN)/pip freeze --exclude-editable | grep -v '^pneumo' | sed 's/^torch==\(.*\)+cpu/torch==\1/'; } > requirements/lock.txt
 
 sync: install ## upload offline W&B runs found under outputs/ and multirun/
-	find outputs multirun -type d -name 'offline-run-*' -exec $(BIN)/wandb sync {} \;
+	find $(wildcard outputs multirun) -type d -name 'offline-run-*' -exec $(BIN)/wandb sync {} \;
 
 clean: ## remove run outputs (outputs/, multirun/ sweeps); keeps .venv and caches
 	rm -rf outputs && find multirun -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

@@ -164,6 +164,20 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
 
 
+class LoggerMode(str, Enum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+@dataclass
+class LoggerConfig:
+    mode: LoggerMode = LoggerMode.offline
+    project: str = "pneumo_exp"
+    entity: Optional[str] = None
+    group: str = "${experiment_name}"
+
+
 SCHEMAS = {
     ("dataset", "phantom_schema"): PhantomDatasetConfig,
     ("dataset", "kermany_schema"): KermanyDatasetConfig,
@@ -173,6 +187,7 @@ SCHEMAS = {
     ("augmentation", "augmentation_schema"): AugmentationConfig,
     ("trainer", "trainer_schema"): TrainerConfig,
     ("optim", "optim_schema"): OptimConfig,
+    ("logger", "logger_schema"): LoggerConfig,
 }
 
 

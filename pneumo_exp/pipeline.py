@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from pneumo_exp.data import manifest
 from pneumo_exp.data.prepare import PreparedData, prepare_data
-from pneumo_exp.rundir import is_main_process, write_run_info, write_text_atomic
+from pneumo_exp.rundir import is_main_process, write_json_atomic, write_run_info, write_text_atomic
 from pneumo_exp.summary import format_summary
 from pneumo_exp.tracking import RunLogger
 
@@ -24,12 +24,44 @@ log = logging.getLogger(__name__)
 KNOWN_STAGES = ("data", "diffusion", "synthesize", "classify", "quality")
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Returns the run's metrics (empty until a training stage runs), so sweepers can optimise them."""
-    output_dir = Path(cfg.paths.output_dir)
+TASKS = ("run", "summary", "predict", "report")
+
+
+def check_plan(cfg: DictConfig) -> None:
+    """Refuse a job that cannot finish before it spends any time."""
+    if cfg.task not in TASKS:
+        raise ValueError(f"task={cfg.task!r} is not one of {', '.join(TASKS)}")
     unknown = [stage for stage in cfg.stages if stage not in KNOWN_STAGES]
     if unknown:
         raise ValueError(f"stages: unknown stage(s) {unknown}; known: {list(KNOWN_STAGES)}")
+    if "synthesize" in cfg.stages and "diffusion" not in cfg.stages and not cfg.diffusion_lora.trained_lora:
+        raise ValueError("stages: synthesize needs a LoRA: add the diffusion stage or set "
+                         "diffusion_lora.trained_lora=<folder of a trained LoRA>")
+    if "quality" in cfg.stages and "classify" not in cfg.stages:
+        raise ValueError("stages: quality measures images in the feature space of the classifier the same run "
+                         "trains: add the classify stage")
+
+
+def check_resumable(cfg: DictConfig, output_dir: Path) -> None:
+    """resume=true continues the same experiment: any setting that shapes the result must be unchanged."""
+    from omegaconf import OmegaConf
+
+    stored_file = output_dir / "config.yaml"
+    if not cfg.resume or not stored_file.is_file():
+        return
+    stored, current = OmegaConf.load(stored_file), OmegaConf.to_container(cfg, resolve=True)
+    ignored = {"resume", "logger", "paths", "tags", "sweep_name", "sweep_objective", "report", "predict"}
+    changed = [key for key in current if key not in ignored and OmegaConf.to_container(stored).get(key) != current[key]]
+    if changed:
+        raise ValueError(f"resume=true in {output_dir}: the run was started with other settings for "
+                         f"{', '.join(changed)} (see {stored_file}); resume with the same settings or start a new run")
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Returns the run's metrics (empty until a training stage runs), so sweepers can optimise them."""
+    output_dir = Path(cfg.paths.output_dir)
+    check_plan(cfg)
+    check_resumable(cfg, output_dir)
     finished = output_dir / "results.json"
     if finished.is_file() and cfg.task == "run":
         log.info("%s exists: this job finished before, skipping it", finished)
@@ -75,9 +107,7 @@ def run_training_stages(cfg: DictConfig, data: PreparedData, output_dir: Path, l
     if "diffusion" in cfg.stages:
         lora_folder = train_diffusion(cfg, data, output_dir, logger)
     if "synthesize" in cfg.stages:
-        if not lora_folder:
-            raise ValueError("stages: synthesize needs a LoRA: add the diffusion stage or set "
-                             "diffusion_lora.trained_lora=<folder of a trained LoRA>")
+        check_lora_training_split(lora_folder, data)
         data = add_synthetic(cfg, data, lora_folder, output_dir)
     metrics: dict[str, float] = {}
     if "classify" in cfg.stages:
@@ -87,9 +117,6 @@ def run_training_stages(cfg: DictConfig, data: PreparedData, output_dir: Path, l
         if is_main_process():
             print(format_metrics(metrics), flush=True)
     if "quality" in cfg.stages and is_main_process():
-        if "classify" not in cfg.stages:
-            raise ValueError("stages: quality measures images in the feature space of the classifier the same run "
-                             "trains: add the classify stage")
         from pneumo_exp.diffusion.quality_stage import format_quality, run_quality
 
         print(format_quality(run_quality(cfg, data, output_dir, logger)), flush=True)
@@ -108,7 +135,27 @@ def train_diffusion(cfg: DictConfig, data: PreparedData, output_dir: Path, logge
     cache = open_or_build(train, cfg.diffusion_lora.resolution, cfg.paths.cache_dir, progress=is_main_process())
     images = {"pixels": torch.from_numpy(cache.pixels[cache.rows_of(train)].copy()),
               "labels": torch.tensor([class_index(r.label) for r in train])}
-    return str(train_diffusion_lora(cfg, images, output_dir, logger=logger.log_metrics))
+    lora_folder = train_diffusion_lora(cfg, images, output_dir, logger=logger)
+    if is_main_process():
+        write_json_atomic(lora_folder / TRAINING_SPLIT_FILE, {"fingerprint": manifest.fingerprint(train),
+                                                              "images": len(train)})
+    return str(lora_folder)
+
+
+TRAINING_SPLIT_FILE = "training_split.json"
+
+
+def check_lora_training_split(lora_folder: str, data: PreparedData) -> None:
+    """A LoRA from another run may have seen this run's validation or test images: it must have been trained on
+    exactly this run's real training split."""
+    record_file = Path(lora_folder) / TRAINING_SPLIT_FILE
+    train = [r for r in data.split("train") if r.source == "real"]
+    if not record_file.is_file():
+        raise FileNotFoundError(f"{record_file} is missing: cannot tell which images the LoRA in {lora_folder} "
+                                f"was trained on, so it could have seen validation or test images")
+    if json.loads(record_file.read_text())["fingerprint"] != manifest.fingerprint(train):
+        raise ValueError(f"the LoRA in {lora_folder} was trained on another training split than this run's "
+                         f"(dataset, val_fraction or split_seed differ): it may have seen validation or test images")
 
 
 def add_synthetic(cfg: DictConfig, data: PreparedData, lora_folder: str, output_dir: Path) -> PreparedData:
@@ -117,8 +164,13 @@ def add_synthetic(cfg: DictConfig, data: PreparedData, lora_folder: str, output_
 
     from pneumo_exp.diffusion.generate import synthesize_for_run
 
+    from accelerate import PartialState
+
     real_counts = Counter(r.label for r in data.split("train") if r.source == "real")
-    synthetic = synthesize_for_run(cfg, lora_folder, dict(real_counts), output_dir, progress=is_main_process())
+    if is_main_process():  # one process draws; the others read its manifest
+        synthesize_for_run(cfg, lora_folder, dict(real_counts), output_dir)
+    PartialState().wait_for_everyone()
+    synthetic = manifest.read_csv(output_dir / "synthetic" / "manifest.csv")
     records = data.records + synthetic
     manifest.validate(records, where="manifest with synthetic images")
     manifest.write_csv(records, output_dir / "manifest.csv")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pneumo_exp.data.manifest import SPLITS, counts, leaking_patients, patient_counts
+from pneumo_exp.data.manifest import SPLITS, counts, images_in_several_splits, leaking_patients, patient_counts
 from pneumo_exp.data.prepare import PreparedData
 from pneumo_exp.labels import CLASSES
 
@@ -23,9 +23,11 @@ def format_summary(data: PreparedData, name: str) -> str:
     for label, splits in (("train+val", ("train", "val")), ("all", SPLITS)):
         lines.append(f"{label:<10}" + "".join(f"{sum(table[s][c] for s in splits):>10}"
                                               for c in [*CLASSES, "total"]))
-    leaks = leaking_patients(data.records)
-    lines.append("leakage check: " + ("OK, no patient appears in more than one split" if not leaks
-                                      else f"FAILED, {len(leaks)} patient(s) in several splits"))
+    leaks, copies = leaking_patients(data.records), images_in_several_splits(data.records)
+    lines.append("leakage check: " + ("OK, no patient and no identical image appears in more than one split"
+                                      if not leaks and not copies else
+                                      f"FAILED, {len(leaks)} patient(s) and {len(copies)} image(s) in several "
+                                      f"splits"))
     lines.extend(f"note: {note}" for note in data.notes)
     if data.skipped:
         lines.append(f"skipped {len(data.skipped)} file(s):")

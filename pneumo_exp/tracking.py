@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from pneumo_exp.config import LoggerMode
 from pneumo_exp.rundir import write_text_atomic
 
 BEST_EPOCH_SUMMARIES = {"val/f1_macro": "max", "val/acc": "max", "val/recall_macro": "max", "val/loss": "min"}
@@ -31,7 +32,7 @@ class RunLogger:
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self.enabled = enabled
         self.run = None
-        if enabled and cfg.logger.mode != "disabled":
+        if enabled and LoggerMode(cfg.logger.mode) != LoggerMode.disabled:
             self.run = self._start_wandb(cfg, job_type, run_name)
 
     def _start_wandb(self, cfg: DictConfig, job_type: str, run_name: str):
@@ -43,7 +44,7 @@ class RunLogger:
         config = OmegaConf.to_container(cfg, resolve=True)
         run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
                          job_type=job_type, name=run_name, tags=list(cfg.tags), config=config,
-                         dir=str(self.output_dir), mode=cfg.logger.mode, id=run_id, resume="allow",
+                         dir=str(self.output_dir), mode=LoggerMode(cfg.logger.mode).value, id=run_id, resume="allow",
                          settings=wandb.Settings(quiet=True, x_disable_stats=True))
         run.define_metric("epoch")
         for prefix in ("train", "val", "test"):

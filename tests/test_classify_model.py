@@ -174,10 +174,34 @@ def test_conv_tower_preset_trains_fully_and_frozen_towers_keep_their_statistics(
     assert not any("text_model" in n for n in trainable_names(classifier))
     frozen, _ = build(make_cfg("clip_lora=tiny", "clip_lora.mode=linear_probe"))
     frozen.train()
-    assert not frozen.clip.vision_model.training
+    assert not any(m.training for m in frozen.clip.vision_model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     before = [b.clone() for b in frozen.clip.vision_model.buffers()]
     frozen(images())
     assert all(torch.equal(a, b) for a, b in zip(before, frozen.clip.vision_model.buffers()))
+
+
+def test_conv_lora_adapter_reproduces_the_model_after_training_mode_forwards(make_cfg, tmp_path):
+    cfg = make_cfg("clip_lora=tiny", "clip_lora.mode=lora")
+    trained, peft_model = build(cfg)
+    perturb_trainable(trained)
+    trained.train()
+    trained(images(8))  # a training-mode forward must not change what the saved adapter cannot hold
+    trained.eval()
+    save_weights(trained, peft_model, ClassifierMode.lora, tmp_path)
+    fresh, fresh_peft = build(cfg)
+    load_weights(fresh, fresh_peft, ClassifierMode.lora, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(images()), trained(images()), rtol=0, atol=0)
+
+
+def test_seeds_start_from_different_conv_towers_and_a_seed_rebuilds_the_same(make_cfg):
+    cfg = make_cfg("clip_lora=tiny")
+    first = build_classifier(cfg.clip_lora, cfg.paths.cache_dir, seed=0)[0]
+    again = build_classifier(cfg.clip_lora, cfg.paths.cache_dir, seed=0)[0]
+    other = build_classifier(cfg.clip_lora, cfg.paths.cache_dir, seed=1)[0]
+    weight = "clip.vision_model.stem.0.weight"
+    assert torch.equal(first.state_dict()[weight], again.state_dict()[weight])
+    assert not torch.equal(first.state_dict()[weight], other.state_dict()[weight])
 
 
 def test_centred_class_embeddings_are_spread_apart(make_cfg):

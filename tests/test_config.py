@@ -36,6 +36,7 @@ def test_experiments_folder_is_the_experiment_group():
 
 @pytest.mark.parametrize("override", ["dataset.resolutin=64", "clip_lora.mode=lorra", "clip_lora.lora.r=two",
                                       "trainer.class_balance=oversample", "augmentation.strategy=double",
+                                      "logger.mode=ofline", "clip_lora.image_tower=resnet",
                                       "optim.lr=fast"])
 def test_typos_and_bad_values_fail_at_composition(override):
     with pytest.raises(ConfigCompositionException) as error:

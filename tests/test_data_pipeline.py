@@ -59,6 +59,14 @@ def test_leakage_check_fails_loudly():
         manifest.check_no_leakage(rows)
 
 
+def test_the_same_image_in_two_splits_is_leakage_even_under_another_patient():
+    rows = records()
+    test_row = next(r for r in rows if r.split == "test")
+    rows.append(replace(test_row, path="renamed.png", patient_id="someone-else", split="train"))
+    with pytest.raises(LeakageError, match="identical image"):
+        manifest.check_no_leakage(rows)
+
+
 def test_validation_is_grouped_by_patient_stratified_and_seeded():
     rows = records()
     split = carve_validation(rows, 0.2, seed=0)

@@ -59,3 +59,15 @@ def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_images()
 def test_auroc_is_nan_not_a_crash_when_a_class_is_absent():
     metrics = classification_metrics(one_hot_probabilities([0, 1]), torch.tensor([0, 1]))
     assert np.isnan(metrics["auroc_macro"])
+
+
+def test_patient_bootstrap_is_wider_when_a_patients_images_agree():
+    rng = np.random.default_rng(3)
+    patients = np.repeat(np.arange(60), 5)  # 60 patients, 5 images each, all judged alike
+    targets = np.repeat(rng.integers(0, 3, 60), 5)
+    right = np.repeat(rng.random(60) < 0.8, 5)
+    predictions = np.where(right, targets, (targets + 1) % 3)
+    by_image = bootstrap_intervals(predictions, targets, samples=2000)["acc"]
+    by_patient = bootstrap_intervals(predictions, targets, samples=2000, groups=patients)["acc"]
+    assert by_patient[0] <= (predictions == targets).mean() <= by_patient[1]
+    assert (by_patient[1] - by_patient[0]) > 1.7 * (by_image[1] - by_image[0])  # about sqrt(5) wider

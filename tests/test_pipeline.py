@@ -58,3 +58,34 @@ def test_a_finished_job_is_not_run_again(make_cfg):
 def test_synthesize_without_a_lora_is_refused_clearly(make_cfg):
     with pytest.raises(ValueError, match="synthesize needs a LoRA"):
         run(make_cfg(*SMALL, "stages=[data,synthesize,classify]", "augmentation=balance"))
+
+
+@pytest.mark.parametrize("override,message", [("task=sumary", "task='sumary'"),
+                                              ("stages=[data,quality]", "quality measures")])
+def test_impossible_plans_are_refused_before_any_work(make_cfg, override, message):
+    cfg = make_cfg(override)
+    with pytest.raises(ValueError, match=message):
+        run(cfg)
+    assert not (Path(cfg.paths.output_dir) / "manifest.csv").exists()
+
+
+def test_resume_refuses_changed_settings(make_cfg):
+    cfg = make_cfg(*SMALL)
+    run(cfg)
+    changed = make_cfg(*SMALL, "optim.lr=0.5", "resume=true")
+    (Path(changed.paths.output_dir) / "results.json").unlink()
+    with pytest.raises(ValueError, match="optim"):
+        run(changed)
+
+
+def test_a_lora_trained_on_another_split_is_refused(make_cfg, tmp_path):
+    from pneumo_exp.data.prepare import prepare_data
+    from pneumo_exp.pipeline import TRAINING_SPLIT_FILE, check_lora_training_split
+
+    cfg = make_cfg()
+    data = prepare_data(cfg.dataset, cfg.paths.cache_dir)
+    with pytest.raises(FileNotFoundError, match=TRAINING_SPLIT_FILE):
+        check_lora_training_split(str(tmp_path), data)
+    (tmp_path / TRAINING_SPLIT_FILE).write_text(json.dumps({"fingerprint": "another", "images": 1}))
+    with pytest.raises(ValueError, match="another training split"):
+        check_lora_training_split(str(tmp_path), data)

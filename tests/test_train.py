@@ -67,9 +67,10 @@ def test_every_mode_runs(make_cfg, mode):
     assert has_checkpoints == (mode != "zero_shot")
 
 
-def test_gradient_accumulation_and_balanced_sampler_run(make_cfg):
-    cfg = make_cfg(*QUICK, "clip_lora=tiny_vit", "trainer.grad_accum_steps=3", "trainer.class_balance=sampler",
-                   "trainer.precision=bf16")
+@pytest.mark.parametrize("preset", ["tiny_vit", "tiny"])
+def test_gradient_accumulation_balanced_sampler_and_bf16_run(make_cfg, preset):
+    cfg = make_cfg(*QUICK, f"clip_lora={preset}", "clip_lora.mode=lora", "trainer.grad_accum_steps=3",
+                   "trainer.class_balance=sampler", "trainer.precision=bf16")
     run(cfg)
     assert len(read_history(run_dir(cfg) / "metrics.jsonl")) == 2
 

@@ -2,7 +2,7 @@
 
 It answers the call CLIP makes on its vision tower (pixel_values in, `pooler_output` out), so CLIP's projection,
 text side and scaled-cosine logits stay as they are. BatchNorm makes it learn from scratch in a few dozen steps
-(with GroupNorm every image started at the same embedding for ~200 steps); a frozen tower keeps its statistics.
+(with GroupNorm every image started at the same embedding for ~200 steps).
 """
 
 from __future__ import annotations
@@ -48,8 +48,13 @@ class ConvVisionTower(nn.Module):
         self.head = nn.Linear(channels, hidden_size)
 
     def train(self, mode: bool = True) -> "ConvVisionTower":
-        frozen = not any(parameter.requires_grad for parameter in self.parameters())
-        return super().train(mode and not frozen)
+        """BatchNorm layers update their statistics only when their own weights train: with the tower frozen or
+        adapted by LoRA, the statistics stay those of the base weights, so a saved adapter reproduces the model."""
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.train(mode and module.weight.requires_grad)
+        return self
 
     def forward(self, pixel_values: torch.Tensor, **_) -> BaseModelOutputWithPooling:
         features = self.stages(self.stem(pixel_values))

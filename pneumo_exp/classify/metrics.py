@@ -71,16 +71,20 @@ def _confusion_metrics(confusion: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def bootstrap_intervals(predictions: np.ndarray, targets: np.ndarray, samples: int = 1000, seed: int = 0,
-                        level: float = 0.95) -> dict[str, list[float]]:
-    """Percentile bootstrap CIs over images for the confusion-matrix metrics: {name: [low, high]}."""
+                        level: float = 0.95, groups: np.ndarray | None = None) -> dict[str, list[float]]:
+    """Percentile bootstrap CIs of the confusion-matrix metrics: {name: [low, high]}.
+
+    With `groups` (patient ids) whole patients are resampled with all their images (a cluster bootstrap): images
+    of one patient are not independent, and resampling them one by one makes the intervals too narrow.
+    """
     rng = np.random.default_rng(seed)
-    n = len(targets)
-    draws = rng.integers(0, n, size=(samples, n))
-    cells = targets[draws] * NUM_CLASSES + predictions[draws]
-    offsets = np.arange(samples)[:, None] * NUM_CLASSES * NUM_CLASSES
-    confusion = np.bincount((cells + offsets).ravel(), minlength=samples * NUM_CLASSES ** 2)
-    confusion = confusion.reshape(samples, NUM_CLASSES, NUM_CLASSES)
+    groups = np.arange(len(targets)) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+    cells = targets * NUM_CLASSES + predictions
+    per_group = np.zeros((groups.max() + 1, NUM_CLASSES * NUM_CLASSES))  # each patient's confusion counts
+    np.add.at(per_group, (groups, cells), 1)
+    count = len(per_group)
+    draws = rng.multinomial(count, np.full(count, 1 / count), size=samples)  # how often each patient is drawn
+    confusion = (draws @ per_group).reshape(samples, NUM_CLASSES, NUM_CLASSES)
     tail = (1 - level) / 2 * 100
     return {name: [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
             for name, values in _confusion_metrics(confusion).items()}
-

@@ -183,20 +183,25 @@ def lora_target_pattern(target_modules: list[str], towers: list[str]) -> str:
     return rf"({'|'.join(towers)})\..*\.({modules})"
 
 
-def attach_conv_tower(clip, conv: dict) -> None:
-    """Swap CLIP's vision transformer for a residual CNN (seeded, so rebuilding gives the same weights)."""
+def attach_conv_tower(clip, conv: dict, seed: int) -> None:
+    """Swap CLIP's vision transformer for a residual CNN and re-draw the image projection, from `seed`: each seed
+    of a from-scratch run starts elsewhere, and rebuilding with the run's seed gives the same weights."""
     from pneumo_exp.classify.conv_tower import ConvVisionTower
 
-    torch.manual_seed(0)
-    clip.vision_model = ConvVisionTower(widths=list(conv["widths"]), blocks_per_stage=int(conv["blocks_per_stage"]),
-                                        hidden_size=clip.config.vision_config.hidden_size)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        clip.vision_model = ConvVisionTower(widths=list(conv["widths"]),
+                                            blocks_per_stage=int(conv["blocks_per_stage"]),
+                                            hidden_size=clip.config.vision_config.hidden_size)
+        clip.visual_projection.reset_parameters()
 
 
-def build_classifier(clip_cfg: DictConfig, cache_dir: str | os.PathLike):
-    """The classifier with the configured mode applied; returns (classifier, peft_model or None)."""
+def build_classifier(clip_cfg: DictConfig, cache_dir: str | os.PathLike, seed: int = 0):
+    """The classifier with the configured mode applied; returns (classifier, peft_model or None). `seed` draws the
+    weights a from-scratch image tower starts from (pretrained and random-init ViT bases are the same for all)."""
     clip, tokenizer, (mean, std) = load_backbone(backbone_source(clip_cfg, cache_dir))
     if clip_cfg.image_tower == "conv":
-        attach_conv_tower(clip, clip_cfg.architecture["conv"])
+        attach_conv_tower(clip, clip_cfg.architecture["conv"], seed)
     prompt_ids, prompt_mask, templates = tokenize_prompts(tokenizer, OmegaConf.to_container(clip_cfg.prompts),
                                                           clip.config.text_config.max_position_embeddings)
     mode = ClassifierMode(clip_cfg.mode)

@@ -33,7 +33,7 @@ def load_trained(run_dir: Path, cache_dir: str):
     if not config_file.is_file():
         raise FileNotFoundError(f"predict.run_dir={run_dir}: no config.yaml; give the folder of a finished run")
     run_cfg = OmegaConf.load(config_file)
-    classifier, peft_model = build_classifier(run_cfg.clip_lora, cache_dir)
+    classifier, peft_model = build_classifier(run_cfg.clip_lora, cache_dir, seed=run_cfg.seed)
     mode = ClassifierMode(run_cfg.clip_lora.mode)
     if mode != ClassifierMode.zero_shot:
         load_weights(classifier, peft_model, mode, run_dir / "checkpoints" / "best")

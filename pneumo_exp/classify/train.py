@@ -121,7 +121,7 @@ def train_one_epoch(model, optimizer, scheduler, train: SplitTensors, cfg: DictC
             with contextlib.nullcontext() if last_micro_batch else accelerator.no_sync(model):
                 logits = model(images).float()
                 loss = F.cross_entropy(logits, labels, weight=loss_weights)
-                if not torch.isfinite(loss):
+                if not bool(torch.isfinite(accelerator.gather(loss.detach().view(1))).all()):  # stop every rank
                     raise NonFiniteLossError(
                         f"loss became {loss.item()} at epoch {epoch}, step {step_number}: lower optim.lr, use "
                         f"trainer.precision=bf16 instead of fp16, or check the input images")
@@ -201,11 +201,14 @@ def fit(cfg: DictConfig, splits: dict[str, SplitTensors], output_dir: Path, acce
     from transformers import get_cosine_schedule_with_warmup
 
     mode = ClassifierMode(cfg.clip_lora.mode)
-    classifier, peft_model = build_classifier(cfg.clip_lora, cfg.paths.cache_dir)
+    classifier, peft_model = build_classifier(cfg.clip_lora, cfg.paths.cache_dir, seed=cfg.seed)
     if cfg.trainer.precision != "no" and mode in (ClassifierMode.lora, ClassifierMode.linear_probe):
         frozen_dtype = torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float16
-        for parameter in classifier.parameters():  # frozen weights in half precision, trained ones in fp32
-            parameter.data = parameter.data.to(torch.float32 if parameter.requires_grad else frozen_dtype)
+        for module in classifier.modules():  # frozen weights in half precision, trained ones and norms in fp32
+            if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.LayerNorm, torch.nn.GroupNorm)):
+                continue
+            for parameter in module.parameters(recurse=False):
+                parameter.data = parameter.data.to(torch.float32 if parameter.requires_grad else frozen_dtype)
     optimizer = torch.optim.AdamW(trainable_parameters(classifier), lr=cfg.optim.lr,
                                   weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas))
     batches = math.ceil(len(splits["train"].labels) // accelerator.num_processes / cfg.trainer.batch_size)
@@ -263,7 +266,7 @@ def fit(cfg: DictConfig, splits: dict[str, SplitTensors], output_dir: Path, acce
 def test_best(cfg: DictConfig, splits: dict[str, SplitTensors], output_dir: Path, accelerator) -> dict:
     """Reload the best weights from disk into a fresh model and evaluate validation and test once."""
     mode = ClassifierMode(cfg.clip_lora.mode)
-    classifier, peft_model = build_classifier(cfg.clip_lora, cfg.paths.cache_dir)
+    classifier, peft_model = build_classifier(cfg.clip_lora, cfg.paths.cache_dir, seed=cfg.seed)
     best_folder = output_dir / "checkpoints" / "best"
     if mode != ClassifierMode.zero_shot:
         load_weights(classifier, peft_model, mode, best_folder)
@@ -276,7 +279,8 @@ def test_best(cfg: DictConfig, splits: dict[str, SplitTensors], output_dir: Path
         results["images"][name] = len(splits[name].labels)
         if accelerator.is_main_process:
             predictions = probabilities.argmax(-1).numpy()
-            intervals = bootstrap_intervals(predictions, splits[name].labels.numpy(),
+            patients = np.array([r.patient_id for r in splits[name].records])
+            intervals = bootstrap_intervals(predictions, splits[name].labels.numpy(), groups=patients,
                                             samples=cfg.trainer.bootstrap_samples, seed=cfg.seed)
             results["ci95"].update(prefixed(name, intervals))
             write_predictions(splits[name].records, probabilities,

@@ -35,8 +35,8 @@ def random_augment(images: torch.Tensor, settings: AugmentSettings, generator: t
     """images: float (B, 1, H, W) in [0, 1]; returns the same shape."""
     batch = images.shape[0]
 
-    def uniform(low: float, high: float) -> torch.Tensor:
-        return low + (high - low) * torch.rand(batch, generator=generator)
+    def uniform(low: float, high: float) -> torch.Tensor:  # drawn on the CPU generator, used on the images' device
+        return (low + (high - low) * torch.rand(batch, generator=generator)).to(images.device)
 
     scale = uniform(*settings.crop_scale).sqrt()  # side length of the crop relative to the image
     angle = uniform(-settings.max_rotation_degrees, settings.max_rotation_degrees) * math.pi / 180

@@ -62,11 +62,26 @@ def leaking_patients(records: list[Record]) -> dict[str, list[str]]:
     return {patient: sorted(splits) for patient, splits in splits_of_patient.items() if len(splits) > 1}
 
 
+def images_in_several_splits(records: list[Record]) -> dict[str, list[str]]:
+    """Byte-identical real images (same sha256) found in more than one split, with the splits."""
+    splits_of_image: dict[str, set[str]] = defaultdict(set)
+    for record in records:
+        if record.source == "real" and record.sha256:
+            splits_of_image[record.sha256].add(record.split)
+    return {digest: sorted(splits) for digest, splits in splits_of_image.items() if len(splits) > 1}
+
+
 def check_no_leakage(records: list[Record]) -> None:
+    """No patient, and no identical image under another name, in two splits."""
     leaks = leaking_patients(records)
     if leaks:
         examples = "; ".join(f"{patient} in {'+'.join(splits)}" for patient, splits in list(leaks.items())[:5])
         raise LeakageError(f"{len(leaks)} patient(s) appear in more than one split: {examples}")
+    copies = images_in_several_splits(records)
+    if copies:
+        paths = {r.sha256: r.path for r in records if r.sha256 in copies}
+        examples = "; ".join(f"{paths[d]} in {'+'.join(s)}" for d, s in list(copies.items())[:5])
+        raise LeakageError(f"{len(copies)} identical image(s) appear in more than one split: {examples}")
 
 
 def counts(records: list[Record]) -> dict[str, dict[str, int]]:

@@ -1,8 +1,8 @@
-"""Settings of the diffusion stage that the config schema does not hold yet: `diffusion_lora.training` and
-`diffusion_lora.generation`.
+"""Settings of the diffusion stage: `diffusion_lora.training` and `diffusion_lora.generation`.
 
-Both are plain dataclasses with defaults, so the stage runs before the schema knows them, and the schema can later
-hold them as typed fields. This module imports nothing from the project (the schema may import it).
+Plain dataclasses with defaults, typed fields of the config schema (`pneumo_exp.config.DiffusionConfig`); the
+accessors below also accept plain mappings, for callers without a composed config. This module imports nothing
+from the project (the schema imports it).
 """
 
 from __future__ import annotations

@@ -228,11 +228,12 @@ def save_lora(folder: Path, unet, info: dict) -> Path:
 
 
 def _emitter(logger) -> Callable[[dict], None]:
-    """A RunLogger (its log_epoch), any callable taking a dict, or None."""
+    """A RunLogger (its log_metrics: W&B only, this stage keeps its own metrics file), any callable taking a dict,
+    or None."""
     if logger is None:
         return lambda row: None
-    if hasattr(logger, "log_epoch"):
-        return logger.log_epoch
+    if hasattr(logger, "log_metrics"):
+        return logger.log_metrics
     if callable(logger):
         return logger
     raise TypeError(f"logger must be a RunLogger, a callable or None, got {type(logger).__name__}")
