@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test summary sweep-demo paper paper-cpu bench lock sync clean
+.PHONY: help install demo test summary sweep-demo paper-demo paper paper-cpu bench bench-kermany lock sync clean
 
 PAPER_ROWS := original_study,original_no_augmentation,zero_shot,linear_probe,lora,full
 SEEDS ?= 0,1,2
@@ -39,6 +39,12 @@ sweep-demo: install ## LoRA alpha x lr x 3 seeds on phantom data (~2 min), then 
 	$(BIN)/pneumo-exp -m experiment=sweep/alpha_lr hydra.sweep.dir=multirun/sweep_alpha_lr/$(SWEEP)
 	$(BIN)/pneumo-exp report report.input=multirun/sweep_alpha_lr/$(SWEEP)
 
+paper-demo: install ## the paper table's rows at demo scale on phantom data, 3 seeds (~10 min), then the table
+	$(BIN)/pneumo-exp -m experiment=$(subst $(comma),$(comma)paper_cpu/,paper_cpu/$(PAPER_ROWS)) seed=$(SEEDS) \
+	  dataset=phantom clip_lora=tiny dataset.resolution=64 experiment_name=paper_demo \
+	  'augmentation.per_class_count={NORMAL:30,VIRUS:30}' hydra.sweep.dir=multirun/paper_demo/$(SWEEP)
+	$(BIN)/pneumo-exp report report.input=multirun/paper_demo/$(SWEEP)
+
 paper: install ## the paper table (GPU + hub access): make paper DATA=path/to/chest_xray
 	$(BIN)/pneumo-exp -m experiment=$(subst $(comma),$(comma)paper/,paper/$(PAPER_ROWS)) seed=$(SEEDS) \
 	  dataset.root=$(DATA) hydra.sweep.dir=multirun/paper/$(SWEEP)
@@ -52,6 +58,9 @@ paper-cpu: install ## the same table with the small from-scratch presets on a CP
 bench: install ## throughput: framework vs plain loops (classifier images/s, diffusion steps/s and images/s)
 	$(BIN)/python bench/bench_classifier.py
 	$(BIN)/python bench/bench_diffusion.py
+
+bench-kermany: install ## the real-data recipe for 3 seeds: make bench-kermany DATA=path/to/chest_xray
+	$(BIN)/python bench/bench_kermany.py $(DATA) --seeds $(subst $(comma), ,$(SEEDS))
 
 lock: install ## rewrite requirements/lock.txt from the current .venv
 	{ echo "# Exact versions that install and work together (CPU, Python 3.11). Regenerate: make lock"; \

@@ -1,0 +1,81 @@
+"""The real-data recipe, N seeds: test metrics per seed and their mean with CIs, wall time and peak memory.
+
+    python bench/bench_kermany.py DATA_DIR [--seeds 0 1 2] [--experiment kermany_cpu] [--out FILE] [overrides ...]
+
+Each seed is one ordinary `pneumo-exp experiment=... seed=N` run in its own process (so peak memory is per run),
+selecting the epoch on the patient-grouped validation split and touching the test split once. The JSON holds each
+run's test metrics with patient-level bootstrap CIs, per-class recall, confusion matrix, wall time and peak RSS,
+and the mean over seeds with a Student-t 95 % CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pneumo_exp.report import summarize  # noqa: E402
+
+HEADLINE = ("test/acc", "test/f1_macro", "test/recall_macro", "test/recall_NORMAL", "test/recall_BACTERIA",
+            "test/recall_VIRUS", "test/auroc_macro", "test/ece")
+
+
+def run_seed(data: Path, experiment: str, seed: int, folder: Path, overrides: list[str]) -> dict:
+    command = [sys.executable, "-m", "pneumo_exp.cli", f"experiment={experiment}", f"dataset.root={data}",
+               f"seed={seed}", f"hydra.run.dir={folder}", "logger=none", *overrides]
+    folder.mkdir(parents=True, exist_ok=True)
+    memory_file = folder.parent / f"seed{seed}-max-rss-kib.txt"
+    if Path("/usr/bin/time").exists():  # the run's own peak resident memory
+        command = ["/usr/bin/time", "-f", "%M", "-o", str(memory_file), *command]
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                          text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"seed {seed} failed:\n{done.stderr[-3000:]}")
+    results = json.loads((folder / "results.json").read_text())
+    peak_kib = int(memory_file.read_text().split()[-1]) if memory_file.is_file() else \
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"seed": seed, "run_dir": str(folder), "wall_seconds": round(wall, 1),
+            "peak_rss_mib": round(peak_kib / 1024, 1), "best_epoch": results["best_epoch"],
+            "metrics": {k: results["metrics"][k] for k in HEADLINE},
+            "ci95": {k: results["ci95"][k] for k in HEADLINE if k in results["ci95"]},
+            "confusion_matrix_test": results["confusion_matrix"]["test"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", type=Path, help="the Kermany dataset folder or zip")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--experiment", default="kermany_cpu")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "kermany.json")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every seed")
+    args = parser.parse_args()
+    root = args.out.parent / f"{args.experiment}-runs-{time.strftime('%Y%m%d-%H%M%S')}"
+    runs = []
+    for seed in args.seeds:
+        runs.append(run_seed(args.data.resolve(), args.experiment, seed, root / f"seed{seed}", args.overrides))
+        print(f"seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in runs[-1]["metrics"].items())
+              + f"  ({runs[-1]['wall_seconds']:.0f} s)", flush=True)
+    mean = {metric: summarize(run["metrics"][metric] for run in runs) for metric in HEADLINE}
+    report = {"experiment": args.experiment, "data": str(args.data), "overrides": args.overrides,
+              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+              "seeds": runs, "mean_over_seeds": mean}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    for metric, stats in mean.items():
+        print(f"{metric:<22} mean {stats['mean']:.4f}  95% CI [{stats['ci_low']}, {stats['ci_high']}]")
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
