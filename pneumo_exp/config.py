@@ -126,7 +126,7 @@ class AugmentationConfig:
     strategy: AugmentationStrategy = AugmentationStrategy.none
     ratio: float = 0.0
     per_class_ratio: dict[str, float] = field(default_factory=dict)
-    per_class_count: dict[str, int] = field(default_factory=dict)
+    per_class_count: dict[str, int] = field(default_factory=lambda: {label: 0 for label in CLASSES})  # fixed
 
 
 class ClassBalance(str, Enum):
