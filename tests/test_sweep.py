@@ -58,3 +58,17 @@ def test_grid_sweep_report_failure_and_rerun(tmp_path, model_cache):
     assert sorted(row["status"] for row in rows.values()).count("failed") == 2
     table = (tmp_path / "report" / "table.md").read_text()
     assert "failed" in table and (tmp_path / "report" / "curves.png").is_file()
+
+
+@pytest.mark.parametrize("launcher", ["parallel", "submitit_local"])
+def test_parallel_and_submitit_launchers_run_a_sweep(tmp_path, model_cache, launcher):
+    """joblib processes and submitit (the Slurm launcher's local twin) run the same jobs, W&B offline included."""
+    sweep = tmp_path / "sweep"
+    extra = ["hydra.launcher.timeout_min=10"] if launcher == "submitit_local" else []
+    pneumo_exp("-m", f"hydra/launcher={launcher}", *extra, "experiment=demo", "clip_lora=tiny_vit",
+               "optim.lr=1e-3,2e-3", "dataset.patients_per_class=4", "dataset.test_patients_per_class=2",
+               "trainer.epochs=1", "trainer.bootstrap_samples=20", "logger.mode=offline",
+               f"hydra.sweep.dir={sweep}", f"paths.cache_dir={model_cache}")
+    finished = sorted(sweep.glob("*/results.json"))
+    assert len(finished) == 2
+    assert all(list(path.parent.glob("wandb/offline-run-*")) for path in finished)
