@@ -22,6 +22,7 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -331,11 +332,27 @@ def aggregate(runs: Iterable[RunRecord], metrics: Sequence[str] = DEFAULT_METRIC
     """One dict per configuration, sorted by experiment then overrides (see `summarize_group` for the keys)."""
     groups = group_runs(runs)
     single_experiment = len({experiment for experiment, _ in groups}) <= 1
+    shared = shared_overrides([key for _, key in groups])
     summaries = []
     for (experiment, key), members in groups.items():
-        label = key if single_experiment or key == experiment else f"{experiment}: {key}"
-        summaries.append(summarize_group(experiment, key, label, members, metrics))
+        short = ",".join(part for part in override_parts(key) if part not in shared) or key
+        label = short if single_experiment or key == experiment else f"{experiment}: {short}"
+        summary = summarize_group(experiment, key, label, members, metrics)
+        summary["short_configuration"] = short
+        summaries.append(summary)
     return summaries
+
+
+def override_parts(key: str) -> list[str]:
+    """`a=1,b={x:1,y:2}` -> ["a=1", "b={x:1,y:2}"]: commas inside braces or brackets belong to the value."""
+    return re.split(r",(?![^{\[]*[}\]])", key) if key else []
+
+
+def shared_overrides(keys: list[str]) -> set[str]:
+    """Overrides every configuration has: they say nothing about the differences, so labels leave them out."""
+    if len(keys) < 2:
+        return set()
+    return set.intersection(*(set(override_parts(key)) for key in keys))
 
 
 def newest_per_seed(runs: list[RunRecord]) -> list[RunRecord]:
@@ -420,7 +437,7 @@ def reference_cell(metric: str, marker: str) -> str:
 
 def results_markdown(groups: list[dict], metrics: Sequence[str], reference: bool) -> list[str]:
     header = ["experiment", "configuration", "n", *map(metric_title, metrics), "notes"]
-    rows = [[g["experiment"], g["configuration"], str(g["n"]),
+    rows = [[g["experiment"], g["short_configuration"], str(g["n"]),
              *(format_stats(g["metrics"][m], g) for m in metrics), group_notes(g)] for g in groups]
     if reference:
         rows.append([ORIGINAL_STUDY["name"], "", "—", *(reference_cell(m, " ¹") for m in metrics), ""])
@@ -445,10 +462,11 @@ def bootstrap_markdown(groups: list[dict], metrics: Sequence[str]) -> list[str]:
             stats = g["metrics"][metric]
             cells.append("—" if stats["bootstrap_low"] is None
                          else f"[{fmt(stats['bootstrap_low'])}, {fmt(stats['bootstrap_high'])}]")
-        rows.append([g["experiment"], g["configuration"], str(g["n"]), *cells])
+        rows.append([g["experiment"], g["short_configuration"], str(g["n"]), *cells])
     header = ["experiment", "configuration", "n", *map(metric_title, metrics)]
-    return ["## Bootstrap intervals over test images", "",
-            "Each run's percentile-bootstrap 95 % CI over test images (`results.json` ci95), averaged over seeds.",
+    return ["## Bootstrap intervals over test patients", "",
+            "Each run's percentile-bootstrap 95 % CI over test patients (all images of a drawn patient together;",
+            "`results.json` ci95), averaged over seeds.",
             "", *markdown_rows(header, rows)]
 
 
@@ -459,7 +477,7 @@ def epochs_markdown(groups: list[dict], reference: bool = True) -> list[str]:
     rows = []
     for g in groups:
         for entry in g["epochs"]:
-            row = [g["experiment"], g["configuration"], str(entry["epoch"]), str(entry["n"]),
+            row = [g["experiment"], g["short_configuration"], str(entry["epoch"]), str(entry["n"]),
                    *(fmt(entry[m]) for m in EPOCH_METRICS)]
             if reference:
                 published = ORIGINAL_STUDY["epochs"].get(entry["epoch"], {})
