@@ -13,6 +13,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from pneumo_exp.data.augment import AugmentSettings
 from pneumo_exp.diffusion.settings import DiffusionGenerationConfig, DiffusionTrainingConfig
 from pneumo_exp.labels import CLASSES
 
@@ -151,6 +152,8 @@ class TrainerConfig:
     precision: Precision = Precision.no
     class_balance: ClassBalance = ClassBalance.weighted_loss
     augment: bool = True
+    augment_settings: AugmentSettings = field(default_factory=AugmentSettings)  # ranges of the random transforms
+    ema_decay: float = 0.0  # >0: validate, keep and test an exponential moving average of the weights; 0 turns it off
     max_steps_per_epoch: Optional[int] = None  # cap for smoke tests
     bootstrap_samples: int = 1000
     cpu: bool = False  # force the CPU even where a GPU is present

@@ -40,6 +40,14 @@ def check_plan(cfg: DictConfig) -> None:
     if "quality" in cfg.stages and "classify" not in cfg.stages:
         raise ValueError("stages: quality measures images in the feature space of the classifier the same run "
                          "trains: add the classify stage")
+    if not 0 <= cfg.trainer.ema_decay < 1:
+        raise ValueError(f"trainer.ema_decay={cfg.trainer.ema_decay}: use 0 (off) or a decay in (0, 1), e.g. 0.998")
+    crop_scale = list(cfg.trainer.augment_settings.crop_scale)
+    if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1]:
+        raise ValueError(f"trainer.augment_settings.crop_scale={crop_scale}: give [low, high] with 0 < low <= high")
+    if cfg.trainer.augment_settings.max_gamma < 1:
+        raise ValueError(f"trainer.augment_settings.max_gamma={cfg.trainer.augment_settings.max_gamma}: "
+                         "use 1 (off) or more, e.g. 1.5 for gammas between 1/1.5 and 1.5")
 
 
 def check_resumable(cfg: DictConfig, output_dir: Path) -> None:

@@ -123,6 +123,18 @@ def test_augmentations_keep_shape_range_and_are_seeded():
     assert torch.equal(first, second) and not torch.equal(first, images)
 
 
+def test_zoom_out_shows_a_black_border_and_gamma_bends_mid_tones():
+    grey = torch.full((4, 1, 32, 32), 0.5)
+    still = dict(max_rotation_degrees=0.0, brightness=0.0, contrast=0.0)
+    zoomed = random_augment(grey, AugmentSettings(crop_scale=(2.0, 2.0), **still), torch.Generator().manual_seed(0))
+    assert zoomed[:, :, 16, 16].eq(0.5).all() and zoomed[:, :, 0, 0].eq(0).all()  # centre kept, corner uncovered
+    bent = random_augment(grey, AugmentSettings(crop_scale=(1.0, 1.0), max_gamma=2.0, **still),
+                          torch.Generator().manual_seed(0))
+    levels = bent[:, 0, 16, 16]
+    assert levels.min() >= 0.5 ** 2 - 1e-6 and levels.max() <= 0.5 ** 0.5 + 1e-6  # gamma within [1/2, 2]
+    assert levels.unique().numel() == 4  # one gamma per image
+
+
 def test_prepare_data_on_phantom_writes_a_clean_manifest(make_cfg, tmp_path):
     cfg = make_cfg()
     data = prepare_data(cfg.dataset, cfg.paths.cache_dir, tmp_path)

@@ -42,6 +42,19 @@ def test_tiny_classifier_learns_far_above_chance(make_cfg):
     assert history[-1]["train/loss"] < history[0]["train/loss"]
 
 
+def test_real_data_recipe_runs_a_few_steps_on_phantom_data(make_cfg):
+    """experiment=kermany_cpu as it is (small preset, 128 px, augmentation ranges, weight average), shrunk."""
+    cfg = make_cfg("experiment=kermany_cpu", "dataset=phantom", *QUICK, "trainer.max_steps_per_epoch=2")
+    assert cfg.trainer.ema_decay > 0 and cfg.clip_lora.name == "small"
+    run(cfg)
+    history = read_history(run_dir(cfg) / "metrics.jsonl")
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert {"val_live/f1_macro", "val/f1_macro"} <= set(history[0])
+    results = json.loads((run_dir(cfg) / "results.json").read_text())
+    validated = history[results["best_epoch"] - 1]  # the averaged weights were validated, kept and tested
+    assert results["metrics"]["val/ece"] == pytest.approx(validated["val/ece"], abs=1e-6)
+
+
 def test_run_folder_holds_every_artifact(make_cfg):
     cfg = make_cfg(*QUICK, "clip_lora=tiny_vit")
     run(cfg)
@@ -112,7 +125,7 @@ def finish(process: subprocess.Popen, timeout: int = 300) -> str:
 
 def test_resume_after_a_kill_reaches_the_same_final_metrics(tmp_path, model_cache):
     common = ["experiment=demo", "logger=none", f"paths.cache_dir={model_cache}", "trainer.epochs=4",
-              "dataset.patients_per_class=10", "trainer.bootstrap_samples=100"]
+              "dataset.patients_per_class=10", "trainer.bootstrap_samples=100", "trainer.ema_decay=0.9"]
     finish(cli(*common, f"hydra.run.dir={tmp_path / 'straight'}"))
 
     killed = tmp_path / "killed"

@@ -30,10 +30,11 @@ from pneumo_exp.classify.checkpoint import (
     save_weights,
     write_folder_atomic,
 )
+from pneumo_exp.classify.ema import WeightAverage
 from pneumo_exp.classify.metrics import bootstrap_intervals, classification_metrics
 from pneumo_exp.classify.model import build_classifier, trainable_parameters
 from pneumo_exp.config import ClassBalance, ClassifierMode, Precision
-from pneumo_exp.data.augment import AugmentSettings, random_augment, to_unit_float
+from pneumo_exp.data.augment import random_augment, to_unit_float
 from pneumo_exp.data.cache import open_or_build
 from pneumo_exp.data.manifest import Record
 from pneumo_exp.data.prepare import PreparedData
@@ -96,7 +97,7 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def train_one_epoch(model, optimizer, scheduler, train: SplitTensors, cfg: DictConfig, epoch: int, accelerator,
-                    loss_weights: torch.Tensor | None) -> dict:
+                    loss_weights: torch.Tensor | None, average: WeightAverage | None) -> dict:
     model.train()
     generator = epoch_generator(cfg.seed, epoch)
     order = epoch_order(train.labels, ClassBalance(cfg.trainer.class_balance), generator)
@@ -107,7 +108,7 @@ def train_one_epoch(model, optimizer, scheduler, train: SplitTensors, cfg: DictC
     if cfg.trainer.max_steps_per_epoch:
         batches = batches[: cfg.trainer.max_steps_per_epoch * accumulation]
     steps = [batches[i:i + accumulation] for i in range(0, len(batches), accumulation)]
-    settings = AugmentSettings()
+    settings = cfg.trainer.augment_settings
     probabilities, targets, losses = [], [], []
     bar = tqdm(steps, desc=f"epoch {epoch}/{cfg.trainer.epochs} train", unit="step", leave=False,
                disable=not accelerator.is_main_process, mininterval=1.0)
@@ -134,6 +135,8 @@ def train_one_epoch(model, optimizer, scheduler, train: SplitTensors, cfg: DictC
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if average is not None:
+            average.update(accelerator.unwrap_model(model))
         bar.set_postfix(loss=f"{losses[-1].item() / len(micro_batches[-1]):.3f}")
     probabilities = accelerator.gather(torch.cat(probabilities))
     targets = accelerator.gather(torch.cat(targets))
@@ -217,6 +220,7 @@ def fit(cfg: DictConfig, splits: dict[str, SplitTensors], output_dir: Path, acce
     total_steps = math.ceil(batches / cfg.trainer.grad_accum_steps) * cfg.trainer.epochs
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.optim.warmup_ratio * total_steps), total_steps)
     model, optimizer = accelerator.prepare(classifier, optimizer)
+    average = WeightAverage(classifier, cfg.trainer.ema_decay) if cfg.trainer.ema_decay > 0 else None
     loss_weights = None
     if cfg.trainer.class_balance == ClassBalance.weighted_loss:
         loss_weights = class_weights(splits["train"].labels).to(accelerator.device)
@@ -233,6 +237,8 @@ def fit(cfg: DictConfig, splits: dict[str, SplitTensors], output_dir: Path, acce
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             restore_rng(state["rng"])
+            if average is not None:
+                average.load_state_dict(state["weight_average"])
             history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
             logger.rewrite_history(history)
             log.info("resumed from %s after epoch %d", last, state["epoch"])
@@ -241,20 +247,26 @@ def fit(cfg: DictConfig, splits: dict[str, SplitTensors], output_dir: Path, acce
 
     for epoch in range(start_epoch, cfg.trainer.epochs + 1):
         train_metrics = train_one_epoch(model, optimizer, scheduler, splits["train"], cfg, epoch, accelerator,
-                                        loss_weights)
-        val_metrics, _ = evaluate(model, splits["val"], cfg, accelerator, f"epoch {epoch} val")
-        row = {"epoch": epoch, "lr": scheduler.get_last_lr()[0], **prefixed("train", train_metrics),
-               **prefixed("val", val_metrics)}
-        history.append(row)
-        improved = row[SELECTION_METRIC] > best["value"]
-        if improved:
-            best = {"epoch": epoch, "value": row[SELECTION_METRIC]}
-        if accelerator.is_main_process:
+                                        loss_weights, average)
+        row = {"epoch": epoch, "lr": scheduler.get_last_lr()[0], **prefixed("train", train_metrics)}
+        if average is not None:  # the live weights too, to show what the average adds
+            live_metrics, _ = evaluate(model, splits["val"], cfg, accelerator, f"epoch {epoch} val (live)")
+            row.update({f"val_live/{key}": live_metrics[key] for key in ("acc", "f1_macro", "recall_macro")})
+        with average.applied(classifier) if average is not None else contextlib.nullcontext():
+            val_metrics, _ = evaluate(model, splits["val"], cfg, accelerator, f"epoch {epoch} val")
+            row.update(prefixed("val", val_metrics))
+            history.append(row)
+            improved = row[SELECTION_METRIC] > best["value"]
             if improved:
+                best = {"epoch": epoch, "value": row[SELECTION_METRIC]}
+            if accelerator.is_main_process and improved:
                 write_folder_atomic(checkpoints / "best",
                                     lambda folder: save_weights(classifier, peft_model, mode, folder))
-            save_checkpoint(checkpoints / "last", classifier, peft_model, mode, optimizer, scheduler,
-                            {"epoch": epoch, "history": history, "best": best})
+        if accelerator.is_main_process:
+            progress = {"epoch": epoch, "history": history, "best": best}
+            if average is not None:
+                progress["weight_average"] = average.state_dict()
+            save_checkpoint(checkpoints / "last", classifier, peft_model, mode, optimizer, scheduler, progress)
         accelerator.wait_for_everyone()
         logger.log_epoch(row)
         if accelerator.is_main_process:

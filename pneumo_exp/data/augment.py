@@ -1,6 +1,9 @@
-"""Training augmentations on batched tensors: random resized crop, small rotation, brightness and contrast.
+"""Training augmentations on batched tensors: random zoom in or out, shift, small rotation, brightness, contrast
+and gamma.
 
-One affine warp per image (crop scale, shift and rotation together) keeps it a single `grid_sample` call.
+One affine warp per image (zoom, shift and rotation together) keeps it a single `grid_sample` call; what a zoom out
+or a rotation uncovers is black, as at the edge of a radiograph. `AugmentSettings` is also the schema of
+`trainer.augment_settings`.
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ import torch
 import torch.nn.functional as F
 
 
-@dataclass(frozen=True)
+@dataclass
 class AugmentSettings:
-    crop_scale: tuple[float, float] = (0.75, 1.0)  # share of the image area kept by the random crop
+    crop_scale: tuple[float, float] = (0.75, 1.0)  # area of the view relative to the image; above 1 zooms out
     max_rotation_degrees: float = 7.0
     brightness: float = 0.1  # additive shift, uniform in [-b, b], on [0, 1] pixels
     contrast: float = 0.15  # multiplicative factor, uniform in [1 - c, 1 + c]
+    max_gamma: float = 1.0  # pixels ** gamma with log(gamma) uniform in [-log g, log g]; 1 turns it off
 
 
 def to_unit_float(pixels: torch.Tensor) -> torch.Tensor:
@@ -32,7 +36,7 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def random_augment(images: torch.Tensor, settings: AugmentSettings, generator: torch.Generator) -> torch.Tensor:
-    """images: float (B, 1, H, W) in [0, 1]; returns the same shape."""
+    """images: float (B, 1, H, W) in [0, 1]; returns the same shape. `settings` may also be the DictConfig."""
     batch = images.shape[0]
 
     def uniform(low: float, high: float) -> torch.Tensor:  # drawn on the CPU generator, used on the images' device
@@ -45,9 +49,13 @@ def random_augment(images: torch.Tensor, settings: AugmentSettings, generator: t
     cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
     theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    warped = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    warped = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
     contrast = uniform(1 - settings.contrast, 1 + settings.contrast).view(-1, 1, 1, 1)
     brightness = uniform(-settings.brightness, settings.brightness).view(-1, 1, 1, 1)
     mean = warped.mean(dim=(2, 3), keepdim=True)
-    return ((warped - mean) * contrast + mean + brightness).clamp_(0.0, 1.0)
+    adjusted = ((warped - mean) * contrast + mean + brightness).clamp_(0.0, 1.0)
+    if settings.max_gamma > 1:
+        log_gamma = math.log(settings.max_gamma)
+        adjusted = adjusted.pow(uniform(-log_gamma, log_gamma).exp().view(-1, 1, 1, 1))
+    return adjusted
