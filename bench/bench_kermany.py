@@ -27,6 +27,7 @@ from pneumo_exp.report import summarize  # noqa: E402
 
 HEADLINE = ("test/acc", "test/f1_macro", "test/recall_macro", "test/recall_NORMAL", "test/recall_BACTERIA",
             "test/recall_VIRUS", "test/auroc_macro", "test/ece")
+VALIDATION = ("val/acc", "val/f1_macro", "val/recall_NORMAL", "val/recall_BACTERIA", "val/recall_VIRUS")
 
 
 def run_seed(data: Path, experiment: str, seed: int, folder: Path, overrides: list[str]) -> dict:
@@ -48,6 +49,7 @@ def run_seed(data: Path, experiment: str, seed: int, folder: Path, overrides: li
     return {"seed": seed, "run_dir": str(folder), "wall_seconds": round(wall, 1),
             "peak_rss_mib": round(peak_kib / 1024, 1), "best_epoch": results["best_epoch"],
             "metrics": {k: results["metrics"][k] for k in HEADLINE},
+            "validation": {k: results["metrics"][k] for k in VALIDATION},
             "ci95": {k: results["ci95"][k] for k in HEADLINE if k in results["ci95"]},
             "confusion_matrix_test": results["confusion_matrix"]["test"]}
 

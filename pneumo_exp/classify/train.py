@@ -1,7 +1,8 @@
 """The classifier stage: train CLIP on cached tensors, keep the best epoch by validation macro F1, test it once.
 
 Reads top to bottom: tensors from the cache, model, optimiser and schedule, resume, epochs (train, validate,
-checkpoint, log), then the test split evaluated once with the best weights reloaded from disk.
+checkpoint, log), then the test split evaluated once with the best weights reloaded from disk. With
+`trainer.ema_decay > 0` the weights validated, kept as best and tested are the moving average (`ema.py`).
 """
 
 from __future__ import annotations
