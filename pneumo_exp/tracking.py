@@ -47,7 +47,7 @@ class RunLogger:
                          dir=str(self.output_dir), mode=LoggerMode(cfg.logger.mode).value, id=run_id, resume="allow",
                          settings=wandb.Settings(quiet=True, x_disable_stats=True))
         run.define_metric("epoch")
-        for prefix in ("train", "val", "test"):
+        for prefix in ("train", "val", "val_live", "test"):
             run.define_metric(f"{prefix}/*", step_metric="epoch")
         run.define_metric("diffusion/step")
         run.define_metric("diffusion/*", step_metric="diffusion/step")

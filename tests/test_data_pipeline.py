@@ -127,7 +127,8 @@ def test_zoom_out_shows_a_black_border_and_gamma_bends_mid_tones():
     grey = torch.full((4, 1, 32, 32), 0.5)
     still = dict(max_rotation_degrees=0.0, brightness=0.0, contrast=0.0)
     zoomed = random_augment(grey, AugmentSettings(crop_scale=(2.0, 2.0), **still), torch.Generator().manual_seed(0))
-    assert zoomed[:, :, 16, 16].eq(0.5).all() and zoomed[:, :, 0, 0].eq(0).all()  # centre kept, corner uncovered
+    black = zoomed.eq(0).float().mean(dim=(1, 2, 3))  # the image covers half the view, wherever it is shifted
+    assert torch.allclose(black, torch.full_like(black, 0.5), atol=0.1) and zoomed.max() == 0.5
     bent = random_augment(grey, AugmentSettings(crop_scale=(1.0, 1.0), max_gamma=2.0, **still),
                           torch.Generator().manual_seed(0))
     levels = bent[:, 0, 16, 16]

@@ -55,6 +55,10 @@ def test_frozen_parameters_are_left_out_and_state_round_trips():
     restored.load_state_dict(average.state_dict())
     assert restored.updates == 1
     assert all(torch.equal(restored.average[name], average.average[name]) for name in average.names)
+    moved = average.state_dict()
+    moved["average"] = {name: tensor.double() for name, tensor in moved["average"].items()}
+    restored.load_state_dict(moved)  # a checkpoint read on another device or dtype lands where the average lives
+    assert all(restored.average[name].dtype == torch.float32 for name in restored.names)
     with pytest.raises(KeyError, match="lacks"):
         WeightAverage(model(), decay=0.99).load_state_dict(average.state_dict())
 

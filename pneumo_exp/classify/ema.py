@@ -54,4 +54,5 @@ class WeightAverage:
         if missing:
             raise KeyError(f"the saved weight average lacks {sorted(missing)[:3]}")
         self.updates = state["updates"]
-        self.average = {name: state["average"][name].float() for name in self.names}
+        self.average = {name: state["average"][name].to(self.average[name].device, torch.float32)
+                        for name in self.names}

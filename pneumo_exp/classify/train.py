@@ -136,7 +136,7 @@ def train_one_epoch(model, optimizer, scheduler, train: SplitTensors, cfg: DictC
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if average is not None:
+        if average is not None and not accelerator.optimizer_step_was_skipped:  # fp16 skips inf/nan steps
             average.update(accelerator.unwrap_model(model))
         bar.set_postfix(loss=f"{losses[-1].item() / len(micro_batches[-1]):.3f}")
     probabilities = accelerator.gather(torch.cat(probabilities))
