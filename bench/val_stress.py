@@ -4,9 +4,9 @@
 
 Each run's own validation split (from its manifest.csv) is evaluated as it is and under one shift at a time: gamma
 0.7 and 1.4, contrast x0.75, zoom in and out by 15 % (zooming out repeats the edge pixels, where training
-augmentation pads with black, so it is a shift for every recipe). The test split is never read. A recipe whose validation normals
-flip to VIRUS under a mild gamma or zoom is leaning on exposure or framing; `experiments/kermany_cpu.yaml` chose its
-augmentation ranges from this table. Prints one table per run and writes them all as JSON.
+augmentation pads with black, so it is a shift for every recipe). The test split is never read. A recipe whose
+validation normals flip to VIRUS under a mild gamma or zoom is leaning on exposure or framing;
+`experiments/kermany_cpu.yaml` chose its augmentation ranges from this table. Prints one table per run and writes them all as JSON.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +27,7 @@ sys.path.insert(0, str(REPO))
 from pneumo_exp.classify.metrics import classification_metrics  # noqa: E402
 from pneumo_exp.classify.predict import load_trained  # noqa: E402
 from pneumo_exp.data import manifest  # noqa: E402
-from pneumo_exp.data.augment import to_unit_float  # noqa: E402
+from pneumo_exp.data.augment import affine_warp, scale_contrast, to_unit_float  # noqa: E402
 from pneumo_exp.data.cache import open_or_build  # noqa: E402
 from pneumo_exp.labels import CLASSES, class_index  # noqa: E402
 
@@ -36,20 +35,14 @@ from pneumo_exp.labels import CLASSES, class_index  # noqa: E402
 def zoom(images: torch.Tensor, factor: float) -> torch.Tensor:
     """factor > 1 magnifies the centre; < 1 shrinks the image and repeats its edge pixels around it."""
     theta = torch.tensor([[1 / factor, 0.0, 0.0], [0.0, 1 / factor, 0.0]]).expand(len(images), 2, 3)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, padding_mode="border", align_corners=False)
-
-
-def contrast(images: torch.Tensor, factor: float) -> torch.Tensor:
-    mean = images.mean(dim=(2, 3), keepdim=True)
-    return ((images - mean) * factor + mean).clamp(0, 1)
+    return affine_warp(images, theta, padding_mode="border")
 
 
 SHIFTS = {
     "none": lambda x: x,
     "gamma 0.7": lambda x: x.pow(0.7),
     "gamma 1.4": lambda x: x.pow(1.4),
-    "contrast x0.75": lambda x: contrast(x, 0.75),
+    "contrast x0.75": lambda x: scale_contrast(x, 0.75).clamp(0, 1),
     "zoom in 15%": lambda x: zoom(x, 1.15),
     "zoom out 15%": lambda x: zoom(x, 1 / 1.15),
 }

@@ -35,6 +35,18 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
+def affine_warp(images: torch.Tensor, theta: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
+    """theta (B, 2, 3) maps output coordinates to input ones, both in [-1, 1]."""
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+
+
+def scale_contrast(images: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
+    """Stretch each image's pixels about its own mean (factor < 1 flattens); not clamped."""
+    mean = images.mean(dim=(2, 3), keepdim=True)
+    return (images - mean) * factor + mean
+
+
 def random_augment(images: torch.Tensor, settings: AugmentSettings, generator: torch.Generator) -> torch.Tensor:
     """images: float (B, 1, H, W) in [0, 1]; returns the same shape. `settings` may also be the DictConfig."""
     batch = images.shape[0]
@@ -48,13 +60,11 @@ def random_augment(images: torch.Tensor, settings: AugmentSettings, generator: t
     shift_y = uniform(-1, 1) * (1 - scale)
     cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
     theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    warped = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    warped = affine_warp(images, theta)
 
     contrast = uniform(1 - settings.contrast, 1 + settings.contrast).view(-1, 1, 1, 1)
     brightness = uniform(-settings.brightness, settings.brightness).view(-1, 1, 1, 1)
-    mean = warped.mean(dim=(2, 3), keepdim=True)
-    adjusted = ((warped - mean) * contrast + mean + brightness).clamp_(0.0, 1.0)
+    adjusted = (scale_contrast(warped, contrast) + brightness).clamp_(0.0, 1.0)
     if settings.max_gamma > 1:
         log_gamma = math.log(settings.max_gamma)
         adjusted = adjusted.pow(uniform(-log_gamma, log_gamma).exp().view(-1, 1, 1, 1))
