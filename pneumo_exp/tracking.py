@@ -85,6 +85,11 @@ class RunLogger:
                 self.run.summary[key] = value
 
     def finish(self, failed: bool = False) -> None:
+        """Returns once the run file is complete on disk: `run.finish` only asks W&B's service process to close the
+        run, so without the teardown a reader (a test, `make sync`) could find it half written."""
         if self.run is not None:
+            import wandb
+
             self.run.finish(exit_code=1 if failed else 0)
             self.run = None
+            wandb.teardown()
