@@ -51,3 +51,18 @@ def test_typos_and_bad_values_fail_at_composition(override):
 def test_alpha_is_independent_of_rank():
     cfg = compose(["clip_lora.lora.r=4", "clip_lora.lora.alpha=32"])
     assert (cfg.clip_lora.lora.r, cfg.clip_lora.lora.alpha) == (4, 32)
+
+
+WITHDRAWN_HUB_NAMESPACES = ("stabilityai/stable-diffusion-2",)  # removed from the hub in November 2025
+
+
+@pytest.mark.parametrize("option", ["sd2", "sd21_base"])
+def test_sd2_presets_name_maintained_mirrors(option):
+    cfg = compose([f"diffusion_lora={option}"])
+    assert cfg.diffusion_lora.pretrained.startswith("sd2-community/")
+    assert not cfg.diffusion_lora.pretrained.startswith(WITHDRAWN_HUB_NAMESPACES)
+
+
+def test_no_config_names_a_withdrawn_hub_id():
+    for path in [*CONF_DIR.rglob("*.yaml"), *(REPO / "experiments").rglob("*.yaml")]:
+        assert "stabilityai/stable-diffusion-2" not in path.read_text(), path
