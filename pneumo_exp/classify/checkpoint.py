@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pneumo_exp.config import ClassifierMode
+from pneumo_exp.errors import UserError
 
 ADAPTER_DIR = "adapter"
 FULL_FILE = "clip.safetensors"
@@ -25,8 +26,8 @@ HEAD_FILE = "head.safetensors"
 STATE_FILE = "training_state.pt"
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that is missing, damaged or does not fit the run; the message names the file."""
 
 
 def save_weights(classifier, peft_model, mode: ClassifierMode, folder: Path) -> None:

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from pneumo_exp.errors import UserError
+
 MAX_IMAGE_PIXELS: int = 40_000_000
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpeg", ".jpg", ".png")
 
@@ -30,7 +32,7 @@ _DECODER_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zli
 _HASH_CHUNK_BYTES = 1 << 20
 
 
-class BadImageError(ValueError):
+class BadImageError(UserError, ValueError):
     """A file that cannot be used as an image; the message names the file and the problem."""
 
 

@@ -30,6 +30,7 @@ from pathlib import Path, PurePath
 
 from pneumo_exp.data.images import IMAGE_SUFFIXES, BadImageError, check_image, sha256_file
 from pneumo_exp.data.manifest import Record
+from pneumo_exp.errors import UserError
 from pneumo_exp.labels import CLASSES
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ _EXPECTED_NAMES = ("personN_bacteria_K / personN_virus_K (pneumonia) or IM-XXXX-
                    "(normal), with an image suffix")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """The dataset on disk is not usable as it is; the message names the file or folder at fault."""
 
 

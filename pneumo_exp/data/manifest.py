@@ -15,6 +15,7 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from pneumo_exp.errors import UserError
 from pneumo_exp.labels import CLASSES
 
 SPLITS = ("train", "val", "test")
@@ -34,7 +35,7 @@ class Record:
 COLUMNS = tuple(f.name for f in fields(Record))
 
 
-class LeakageError(ValueError):
+class LeakageError(UserError, ValueError):
     """A patient appears in more than one split."""
 
 

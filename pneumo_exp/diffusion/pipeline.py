@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from pneumo_exp.errors import UserError
 from pneumo_exp.rundir import build_folder_once
 
 RANDOM_INIT_FORMAT = 1
@@ -26,7 +27,7 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lo
 LORA_INFO_NAME = "lora_info.json"
 
 
-class LoraFileError(RuntimeError):
+class LoraFileError(UserError, RuntimeError):
     """A LoRA file that is missing, unreadable, or does not fit the pipeline."""
 
 
