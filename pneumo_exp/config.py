@@ -86,6 +86,7 @@ def default_prompts() -> dict[str, list[str]]:
 class ClipConfig:
     name: str = MISSING
     pretrained: Optional[str] = None  # hub id or local directory; null builds `architecture` with random weights
+    revision: Optional[str] = None  # hub commit hash (or branch/tag) to load; null: the hub's main
     architecture: Optional[dict[str, Any]] = None  # CLIPConfig keyword arguments for the random-init presets
     image_size: int = 224
     image_tower: ImageTower = ImageTower.vit  # conv: a residual CNN in place of the ViT (from-scratch presets)
@@ -100,6 +101,7 @@ class ClipConfig:
 class DiffusionConfig:
     name: str = MISSING
     pretrained: Optional[str] = None  # hub id or local directory of a Stable Diffusion pipeline
+    revision: Optional[str] = None  # hub commit hash (or branch/tag) to load; null: the hub's main
     architecture: Optional[dict[str, Any]] = None  # sizes of the random-init tiny pipeline
     resolution: int = 512  # must match the base model: 512 for SD 1.5 / 2.1-base, 768 for SD 2
     lora: LoraSpec = field(default_factory=lambda: LoraSpec(r=4, alpha=16.0, dropout=0.1,

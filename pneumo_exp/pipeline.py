@@ -128,7 +128,25 @@ def run_training_stages(cfg: DictConfig, data: PreparedData, output_dir: Path, l
         from pneumo_exp.diffusion.quality_stage import format_quality, run_quality
 
         print(format_quality(run_quality(cfg, data, output_dir, logger)), flush=True)
+    if is_main_process():
+        record_loaded_models(cfg, output_dir)
     return metrics
+
+
+def record_loaded_models(cfg: DictConfig, output_dir: Path) -> None:
+    """models.json: the hub commit or local folder hash of each base model the stages loaded."""
+    from pneumo_exp.hub import record_model
+
+    if {"diffusion", "synthesize"} & set(cfg.stages):
+        from pneumo_exp.diffusion.pipeline import pipeline_source
+
+        record_model(output_dir, "diffusion", pipeline_source(cfg.diffusion_lora, cfg.paths.cache_dir),
+                     cfg.diffusion_lora.revision, marker="model_index.json")
+    if "classify" in cfg.stages:
+        from pneumo_exp.classify.model import backbone_source
+
+        record_model(output_dir, "classifier", backbone_source(cfg.clip_lora, cfg.paths.cache_dir),
+                     cfg.clip_lora.revision, marker="config.json")
 
 
 def train_diffusion(cfg: DictConfig, data: PreparedData, output_dir: Path, logger: RunLogger) -> str:

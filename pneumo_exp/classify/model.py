@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from pneumo_exp.config import ClassifierMode
+from pneumo_exp.hub import cannot_load
 from pneumo_exp.labels import CLASSES
 from pneumo_exp.rundir import build_folder_once
 
@@ -81,21 +82,20 @@ def backbone_source(clip_cfg: DictConfig, cache_dir: str | os.PathLike) -> str:
     return str(build_folder_once(folder, "config.json", build))
 
 
-def load_backbone(source: str):
-    """CLIPModel, tokenizer and (mean, std) from a hub id or a local folder."""
+def load_backbone(source: str, revision: str | None = None):
+    """CLIPModel, tokenizer and (mean, std) from a hub id (at `revision`) or a local folder."""
     from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
     try:
-        clip = CLIPModel.from_pretrained(source)
-        tokenizer = CLIPTokenizer.from_pretrained(source)
+        clip = CLIPModel.from_pretrained(source, revision=revision)
+        tokenizer = CLIPTokenizer.from_pretrained(source, revision=revision)
     except OSError as error:
-        raise FileNotFoundError(
-            f"clip_lora.pretrained={source!r}: no CLIP checkpoint could be loaded ({error}). Give a local folder "
-            f"with config.json, weights and tokenizer files, or a hub id on a machine with hub access.") from None
+        raise cannot_load("clip_lora.pretrained", source, revision, error,
+                          "config.json, weights and tokenizer files") from None
     try:
-        processor = CLIPImageProcessorPil.from_pretrained(source)  # only its mean and std are used
+        processor = CLIPImageProcessorPil.from_pretrained(source, revision=revision)  # only its mean and std are used
         mean, std = tuple(processor.image_mean), tuple(processor.image_std)
     except OSError:
         mean, std = DEFAULT_MEAN, DEFAULT_STD
@@ -199,7 +199,7 @@ def attach_conv_tower(clip, conv: dict, seed: int) -> None:
 def build_classifier(clip_cfg: DictConfig, cache_dir: str | os.PathLike, seed: int = 0):
     """The classifier with the configured mode applied; returns (classifier, peft_model or None). `seed` draws the
     weights a from-scratch image tower starts from (pretrained and random-init ViT bases are the same for all)."""
-    clip, tokenizer, (mean, std) = load_backbone(backbone_source(clip_cfg, cache_dir))
+    clip, tokenizer, (mean, std) = load_backbone(backbone_source(clip_cfg, cache_dir), clip_cfg.get("revision"))
     if clip_cfg.image_tower == "conv":
         attach_conv_tower(clip, clip_cfg.architecture["conv"], seed)
     prompt_ids, prompt_mask, templates = tokenize_prompts(tokenizer, OmegaConf.to_container(clip_cfg.prompts),

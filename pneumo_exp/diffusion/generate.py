@@ -68,7 +68,7 @@ def synthetic_counts(real_counts: dict[str, int], augmentation_cfg) -> dict[str,
 def generate_synthetic(pipeline_source: str, lora_folder: str | os.PathLike, counts: dict[str, int],
                        prompts: dict[str, str], output_dir: str | os.PathLike, seed: int, steps: int,
                        guidance: float, batch_size: int, resolution: int, *, device: str | None = None,
-                       precision: str = "no", progress: bool = True) -> list[Record]:
+                       precision: str = "no", progress: bool = True, revision: str | None = None) -> list[Record]:
     """Draw `counts[c]` images of each class c with the class prompt; returns their Records (split=train,
     source=synthetic, sha256 of the PNG file). A missing or corrupt LoRA file raises LoraFileError naming it."""
     import torch
@@ -92,7 +92,8 @@ def generate_synthetic(pipeline_source: str, lora_folder: str | os.PathLike, cou
     total = sum(counts.values())
     lora_sha256 = check_lora_file(lora_folder)[1] if total else ""
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    pipeline = load_pipeline(pipeline_source, lora_folder, device=device, dtype=dtype) if total else None
+    pipeline = load_pipeline(pipeline_source, lora_folder, device=device, dtype=dtype, revision=revision) \
+        if total else None
     records: list[Record] = []
     sidecar: list[dict] = []
 
@@ -152,4 +153,4 @@ def synthesize_for_run(cfg, lora_folder: str | os.PathLike, real_counts: dict[st
         seed=int(cfg.seed if settings.seed is None else settings.seed), steps=settings.num_inference_steps,
         guidance=settings.guidance_scale, batch_size=settings.batch_size, resolution=int(cfg.diffusion_lora.resolution),
         device="cpu" if cfg.get("trainer", {}).get("cpu", False) else None, precision=settings.precision,
-        progress=progress)
+        progress=progress, revision=cfg.diffusion_lora.get("revision"))

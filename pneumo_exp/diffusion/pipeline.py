@@ -19,6 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pneumo_exp.errors import UserError
+from pneumo_exp.hub import cannot_load
 from pneumo_exp.rundir import build_folder_once
 
 RANDOM_INIT_FORMAT = 1
@@ -122,11 +123,9 @@ class SDComponents:
     source: str
 
 
-def _cannot_load(source: str, error: Exception) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"diffusion_lora.pretrained={source!r}: no Stable Diffusion pipeline could be loaded "
-        f"({type(error).__name__}: {error}). Give a local folder in the diffusers layout (model_index.json, unet/, "
-        f"vae/, text_encoder/, tokenizer/, scheduler/), or a hub id on a machine with hub access.")
+def _cannot_load(source: str, revision: str | None, error: Exception) -> FileNotFoundError:
+    return cannot_load("diffusion_lora.pretrained", source, revision, error,
+                       "the diffusers layout: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/")
 
 
 def _quiet_libraries() -> None:
@@ -137,21 +136,21 @@ def _quiet_libraries() -> None:
     diffusers_logging.disable_progress_bar()
 
 
-def load_components(source: str) -> SDComponents:
+def load_components(source: str, revision: str | None = None) -> SDComponents:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     _quiet_libraries()
     try:
         return SDComponents(
-            tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
-            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
-            vae=AutoencoderKL.from_pretrained(source, subfolder="vae"),
-            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet"),
-            noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler"),
+            tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision),
+            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", revision=revision),
+            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision),
+            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision),
+            noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision),
             source=source)
     except (OSError, ValueError) as error:
-        raise _cannot_load(source, error) from None
+        raise _cannot_load(source, revision, error) from None
 
 
 def sampling_scheduler(scheduler_config):
@@ -175,16 +174,17 @@ def pipeline_from_components(components: SDComponents, unet: torch.nn.Module | N
 
 
 def load_pipeline(source: str, lora: str | os.PathLike | None = None, device: str | torch.device | None = None,
-                  dtype: torch.dtype = torch.float32):
+                  dtype: torch.dtype = torch.float32, revision: str | None = None):
     """`StableDiffusionPipeline.from_pretrained(source)` with the DPM-Solver++ scheduler and, if given, a LoRA."""
     from diffusers import StableDiffusionPipeline
 
     _quiet_libraries()
     try:
         pipeline = StableDiffusionPipeline.from_pretrained(source, safety_checker=None, feature_extractor=None,
-                                                           requires_safety_checker=False, dtype=dtype)
+                                                           requires_safety_checker=False, dtype=dtype,
+                                                           revision=revision)
     except (OSError, ValueError) as error:
-        raise _cannot_load(source, error) from None
+        raise _cannot_load(source, revision, error) from None
     pipeline.scheduler = sampling_scheduler(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     if lora is not None:

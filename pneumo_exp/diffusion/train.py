@@ -321,7 +321,7 @@ def train_diffusion_lora(cfg: DictConfig, train_images: Any, output_dir: str | o
     AcceleratorState._reset_state(reset_partial_state=False)  # as the classifier does: a precision of our own
     accelerator = Accelerator(mixed_precision=precision, cpu=bool(trainer_cfg.get("cpu", False)))
     source = components.source if components is not None else pipeline_source(diffusion_cfg, cfg.paths.cache_dir)
-    components = components or load_components(source)
+    components = components or load_components(source, diffusion_cfg.get("revision"))
     torch.manual_seed(seed)  # the LoRA's gaussian initialisation
     add_lora(components, diffusion_cfg.lora)
     weight_dtype = WEIGHT_DTYPES[precision]

@@ -1,0 +1,69 @@
+"""Where a model comes from: a hub id at a revision, or a local folder; and the record of what was loaded.
+
+A hub id can move (a rewritten repository, a withdrawn one): each `pretrained` setting has a `revision` beside it
+(a commit hash pins it), and the run folder's `models.json` records the commit the hub cache resolved the id to, or
+the content hash of a local folder, so two runs that loaded different weights can be told apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from pneumo_exp.errors import UserError
+from pneumo_exp.rundir import write_json_atomic
+
+MODELS_FILE = "models.json"
+
+
+class ModelSourceError(UserError, FileNotFoundError):
+    """A `pretrained` hub id or folder that cannot be loaded."""
+
+
+def cannot_load(key: str, source: str, revision: str | None, error: Exception, layout: str) -> ModelSourceError:
+    at = f" at revision {revision!r}" if revision else ""
+    return ModelSourceError(f"no model could be loaded from {source!r}{at} ({type(error).__name__}: {error})",
+                            where=key, fix=f"give a local folder ({layout}), or a hub id and revision that exist, "
+                                           f"on a machine with hub access")
+
+
+def folder_content_hash(folder: str | os.PathLike) -> str:
+    """sha256 over the relative path and bytes of every file under `folder`, in sorted order."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def resolved_commit(repo_id: str, revision: str | None, marker: str, cache_dir: str | None = None) -> str | None:
+    """The commit of the hub cache's snapshot that `repo_id` at `revision` resolves to, or None if not cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, marker, cache_dir=cache_dir, revision=revision)
+    if not isinstance(cached, str):
+        return None
+    return Path(cached).parent.name  # .../models--org--name/snapshots/<commit>/<marker>
+
+
+def describe_source(source: str, revision: str | None, marker: str, cache_dir: str | None = None) -> dict:
+    """What `from_pretrained(source, revision=revision)` loaded: a local folder's content hash or a hub commit."""
+    if Path(source).is_dir():
+        return {"source": str(Path(source).resolve()), "kind": "local folder",
+                "content_sha256": folder_content_hash(source)}
+    return {"source": source, "kind": "hub", "revision": revision,
+            "commit": resolved_commit(source, revision, marker, cache_dir)}
+
+
+def record_model(output_dir: str | os.PathLike, role: str, source: str, revision: str | None, marker: str) -> dict:
+    """Add (or replace) the entry of `role` in the run folder's models.json; returns the entry."""
+    path = Path(output_dir) / MODELS_FILE
+    models = json.loads(path.read_text()) if path.is_file() else {}
+    models[role] = describe_source(source, revision, marker)
+    write_json_atomic(path, models)
+    return models[role]
