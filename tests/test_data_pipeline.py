@@ -186,3 +186,54 @@ def test_real_data_official_counts_and_no_leakage(make_cfg, tmp_path):
             sides.setdefault(split_group(r.patient_id), set()).add(r.split)
     assert all(len(s) == 1 for s in sides.values())  # personN numbers never straddle train and val
     assert 0.13 < sum(per_split["val"].values()) / sum(official_train.values()) < 0.17
+
+
+def write_tree(root, images_per_split: dict[str, int]):
+    """{split}/{class}/{i}.png with the same stems in every split: 0.png, 1.png, ... (distinct pixels)."""
+    from PIL import Image
+
+    for split_index, (split, count) in enumerate(images_per_split.items()):
+        for class_index, label in enumerate(("NORMAL", "BACTERIA", "VIRUS")):
+            (root / split / label).mkdir(parents=True)
+            for index in range(count):
+                shade = (split_index * 90 + class_index * 30 + index) % 256
+                Image.fromarray(np.full((32, 32), shade, dtype=np.uint8)).save(root / split / label / f"{index}.png")
+    return root
+
+
+def test_folder_tree_with_colliding_stems_keeps_every_test_image_in_test(make_cfg, tmp_path):
+    root = write_tree(tmp_path / "tree", {"train": 10, "test": 5})
+    cfg = make_cfg("dataset=folder", f"dataset.root={root}", "dataset.val_fraction=0.3")
+    data = prepare_data(cfg.dataset, cfg.paths.cache_dir)
+    per_split = manifest.counts(data.records)
+    assert sum(per_split["test"].values()) == 15 and all(r.path.startswith(str(root / "test"))
+                                                         for r in data.split("test"))
+    assert sum(per_split["val"].values()) == 9 and all("/train/" in r.path for r in data.split("val"))
+    assert len({r.patient_id for r in data.records}) == len(data.records)  # each image its own patient
+    assert any("no patient ids: give a manifest with patient_id" in note for note in data.notes)
+
+
+def test_leakage_in_the_official_split_is_refused_whichever_patients_validation_takes(make_cfg, tmp_path):
+    from PIL import Image
+
+    rows = ["path,label,patient_id,split"]
+    for index, (label, patient, split) in enumerate([("NORMAL", "p1", "train"), ("NORMAL", "p1", "test"),
+                                                     ("NORMAL", "p2", "train"), ("BACTERIA", "p3", "train"),
+                                                     ("BACTERIA", "p4", "test"), ("VIRUS", "p5", "train"),
+                                                     ("VIRUS", "p6", "test")]):
+        Image.fromarray(np.full((32, 32), index * 20, dtype=np.uint8)).save(tmp_path / f"{index}.png")
+        rows.append(f"{index}.png,{label},{patient},{split}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    for seed in range(6):  # some seeds carve p1 into val: its test image must not follow it there unnoticed
+        cfg = make_cfg("dataset=folder", f"dataset.manifest={tmp_path / 'm.csv'}", "dataset.val_fraction=0.5",
+                       f"dataset.split_seed={seed}")
+        with pytest.raises(LeakageError, match="p1 in test\\+train") as error:
+            prepare_data(cfg.dataset, cfg.paths.cache_dir)
+        assert "official split" in str(error.value)
+
+
+def test_carving_moves_only_training_records():
+    rows = [Record(f"{split}/{i}.png", "NORMAL", f"p{i}", split) for split in ("train", "test") for i in range(10)]
+    split = carve_validation(rows, 0.5, seed=0)
+    assert [r for r in split if r.path.startswith("test/")] == [r for r in rows if r.split == "test"]
+    assert {r.split for r in split if r.path.startswith("train/")} == {"train", "val"}

@@ -57,7 +57,7 @@ def test_tree_with_case_insensitive_classes_and_aliases(tmp_path):
     assert Counter((r.split, r.label) for r in records) == {(s, c): 2 for s in ("train", "val", "test")
                                                             for c in ("NORMAL", "BACTERIA", "VIRUS")}
     first = records[0]
-    assert first.patient_id == Path(first.path).stem and first.sha256 == sha256_file(first.path)
+    assert first.patient_id == "train/normal/train-normal-0.png" and first.sha256 == sha256_file(first.path)
     assert records == folder_records(tmp_path / "data", class_aliases=ALIASES)[0]
 
 

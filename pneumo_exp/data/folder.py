@@ -1,8 +1,9 @@
 """Any labelled image collection: a ``{split}/{class}/image`` tree or a CSV manifest.
 
 Tree: split folders ``train``, ``val``, ``test`` (any subset, any case); class folders named like ``labels.CLASSES``
-(any case) or by an alias from ``class_aliases``. A tree carries no patient information, so each image's
-patient_id is its file stem: images are not grouped by patient. Use a CSV manifest when patients matter.
+(any case) or by an alias from ``class_aliases``. A tree carries no patient information, so each image is its own
+patient (patient_id = its path under the root, unique per split and class): images are not grouped by patient, and
+``train/NORMAL/1.png`` and ``test/NORMAL/1.png`` are two patients. Use a CSV manifest when patients matter.
 
 CSV manifest: columns ``path,label,patient_id,split`` (optionally ``source``, ``sha256``); relative paths are
 resolved against the CSV's folder; labels go through the same case-insensitive alias lookup; a non-empty
@@ -29,6 +30,8 @@ from pneumo_exp.labels import CLASSES
 log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("path", "label", "patient_id", "split")
+TREE_PATIENTS_NOTE = ("no patient ids: give a manifest with patient_id for a grouped split (in a folder tree each "
+                      "image counts as its own patient)")
 
 
 def folder_records(root: str | os.PathLike | None = None, manifest: str | os.PathLike | None = None,
@@ -83,7 +86,8 @@ def _tree_records(root: Path, lookup: dict[str, str], check_images: bool, proble
     records = []
     for split in (name for name in SPLITS if name in splits):
         for label, class_folder in _class_folders(splits[split], lookup).items():
-            found = [_tree_record(file, label, split, check_images, problems) for file in image_entries(class_folder)]
+            found = [_tree_record(root, file, label, split, check_images, problems)
+                     for file in image_entries(class_folder)]
             records += require_usable([record for record in found if record is not None], class_folder)
     problems.raise_if_any(f"image folder {root}")
     return records
@@ -106,14 +110,16 @@ def _class_folders(split_folder: Path, lookup: dict[str, str]) -> dict[str, Path
     return by_class
 
 
-def _tree_record(file: Path, label: str, split: str, check_images: bool, problems: Problems) -> Record | None:
+def _tree_record(root: Path, file: Path, label: str, split: str, check_images: bool,
+                 problems: Problems) -> Record | None:
     try:
         require_image_suffix(file)
         digest = checked_sha256(file, check_images)
     except (DatasetError, BadImageError) as error:
         problems.add(str(error))
         return None
-    return Record(path=str(file), label=label, patient_id=file.stem, split=split, sha256=digest)
+    return Record(path=str(file), label=label, patient_id=file.relative_to(root).as_posix(), split=split,
+                  sha256=digest)
 
 
 # ---------------------------------------------------------------------------------------------------------------

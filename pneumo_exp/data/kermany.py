@@ -29,8 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 
 from pneumo_exp.data.images import IMAGE_SUFFIXES, BadImageError, check_image, sha256_file
-from pneumo_exp.data.manifest import Record
-from pneumo_exp.errors import UserError
+from pneumo_exp.data.manifest import DatasetError, Record
 from pneumo_exp.labels import CLASSES
 
 log = logging.getLogger(__name__)
@@ -46,10 +45,6 @@ _PNEUMONIA_NAME = re.compile(r"^person(?P<number>\d+)_(?:bacteria|virus)_\d+(?:_
 _PNEUMONIA_TOKEN = re.compile(r"_(bacteria|virus)_", re.IGNORECASE)
 _EXPECTED_NAMES = ("personN_bacteria_K / personN_virus_K (pneumonia) or IM-XXXX-YYYY / NORMAL2-IM-XXXX-YYYY "
                    "(normal), with an image suffix")
-
-
-class DatasetError(UserError, ValueError):
-    """The dataset on disk is not usable as it is; the message names the file or folder at fault."""
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import hashlib
 import os
 import tempfile
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from pneumo_exp.errors import UserError
@@ -33,6 +33,10 @@ class Record:
 
 
 COLUMNS = tuple(f.name for f in fields(Record))
+
+
+class DatasetError(UserError, ValueError):
+    """The dataset on disk is not usable as it is; the message names the file or folder at fault."""
 
 
 class LeakageError(UserError, ValueError):
@@ -72,17 +76,19 @@ def images_in_several_splits(records: list[Record]) -> dict[str, list[str]]:
     return {digest: sorted(splits) for digest, splits in splits_of_image.items() if len(splits) > 1}
 
 
-def check_no_leakage(records: list[Record]) -> None:
-    """No patient, and no identical image under another name, in two splits."""
+def check_no_leakage(records: list[Record], where: str | None = None) -> None:
+    """No patient, and no identical image under another name, in two splits; `where` names the records checked."""
     leaks = leaking_patients(records)
     if leaks:
         examples = "; ".join(f"{patient} in {'+'.join(splits)}" for patient, splits in list(leaks.items())[:5])
-        raise LeakageError(f"{len(leaks)} patient(s) appear in more than one split: {examples}")
+        raise LeakageError(f"{len(leaks)} patient(s) appear in more than one split: {examples}", where,
+                           "all images of a patient belong to one split: correct their patient_id or split")
     copies = images_in_several_splits(records)
     if copies:
         paths = {r.sha256: r.path for r in records if r.sha256 in copies}
         examples = "; ".join(f"{paths[d]} in {'+'.join(s)}" for d, s in list(copies.items())[:5])
-        raise LeakageError(f"{len(copies)} identical image(s) appear in more than one split: {examples}")
+        raise LeakageError(f"{len(copies)} identical image(s) appear in more than one split: {examples}", where,
+                           "keep the copies of an image in one split, or remove all but one")
 
 
 def counts(records: list[Record]) -> dict[str, dict[str, int]]:
@@ -136,10 +142,6 @@ def fingerprint(records: list[Record]) -> str:
         digest.update("\t".join(asdict(record).values()).encode())
         digest.update(b"\n")
     return digest.hexdigest()[:16]
-
-
-def with_split(records: list[Record], split_of_patient: dict[str, str]) -> list[Record]:
-    return [replace(r, split=split_of_patient.get(r.patient_id, r.split)) for r in records]
 
 
 def class_balance(records: list[Record], split: str) -> Counter:

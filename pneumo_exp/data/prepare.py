@@ -8,7 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pneumo_exp.data import kermany, manifest, phantom
-from pneumo_exp.data.folder import folder_records
+from pneumo_exp.data.folder import TREE_PATIENTS_NOTE, folder_records
 from pneumo_exp.data.manifest import Record
 from pneumo_exp.data.splits import carve_validation
 
@@ -48,14 +48,17 @@ def prepare_data(cfg: DictConfig, cache_dir: str, output_dir: str | Path | None 
     records, skipped = source_records(cfg, cache_dir)
     if not records:
         raise ValueError(f"dataset {cfg.name!r} yielded no images")
+    manifest.validate(records, where=f"dataset {cfg.name}")
+    manifest.check_no_leakage(records, where=f"the official split of dataset {cfg.name}")
     group_of = kermany.split_group if cfg.kind == "kermany" else (lambda patient_id: patient_id)
     if not any(r.split == "val" for r in records):
         records = carve_validation(records, cfg.val_fraction, cfg.split_seed, group_of=group_of)
-    manifest.validate(records, where=f"dataset {cfg.name}")
-    manifest.check_no_leakage(records)
+    manifest.check_no_leakage(records, where=f"dataset {cfg.name} after carving validation")
     data = PreparedData(records=records, skipped=skipped)
     if cfg.kind == "kermany":
         data.notes.extend(kermany.split_notes(records))
+    if cfg.kind == "folder" and cfg.root is not None:
+        data.notes.append(TREE_PATIENTS_NOTE)
     if output_dir is not None:
         manifest.write_csv(records, Path(output_dir) / "manifest.csv")
     return data

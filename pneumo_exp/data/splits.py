@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import random
 from collections import Counter, defaultdict
+from dataclasses import replace
 from typing import Callable
 
-from pneumo_exp.data.manifest import Record, with_split
+from pneumo_exp.data.manifest import Record
 from pneumo_exp.labels import CLASSES
 
 
@@ -15,11 +16,15 @@ def carve_validation(records: list[Record], fraction: float, seed: int,
     """Move whole patient groups from train to val until each class holds about `fraction` of its images in val.
 
     `group_of` maps a patient id to the unit that must stay on one side (a dataset can group more cautiously than
-    by patient). A group's class is the class most of its images have. Other splits are left as they are.
+    by patient). A group's class is the class most of its images have. Only real training records move: test and
+    synthetic records keep their split even when their patient id matches a group carved into val.
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"dataset.val_fraction must be in [0, 1), got {fraction}")
-    train = [r for r in records if r.split == "train" and r.source == "real"]
+    def carvable(record: Record) -> bool:
+        return record.split == "train" and record.source == "real"
+
+    train = [r for r in records if carvable(r)]
     images_per_group: dict[str, Counter] = defaultdict(Counter)
     for record in train:
         images_per_group[group_of(record.patient_id)][record.label] += 1
@@ -43,5 +48,4 @@ def carve_validation(records: list[Record], fraction: float, seed: int,
             val_groups.add(group)
             taken += size
 
-    split_of_patient = {r.patient_id: "val" for r in train if group_of(r.patient_id) in val_groups}
-    return with_split(records, split_of_patient)
+    return [replace(r, split="val") if carvable(r) and group_of(r.patient_id) in val_groups else r for r in records]
