@@ -25,6 +25,7 @@ class DatasetConfig:
     resolution: int = 128  # side of the square uint8 images kept in the cache
     val_fraction: float = 0.15  # share of training patients moved to validation
     split_seed: int = 0
+    limit_per_class: Optional[int] = None  # a short run: whole patients, up to N images per class and split; null = all
     skip_bad_images: bool = False  # True: skip unreadable or unrecognised files and report them
     check_images: bool = True  # verify every image header while building the manifest
 

@@ -19,6 +19,7 @@ from pneumo_exp.data.manifest import LeakageError, Record
 from pneumo_exp.data.phantom import phantom_records
 from pneumo_exp.data.prepare import prepare_data
 from pneumo_exp.data.splits import carve_validation
+from pneumo_exp.errors import UserError
 
 
 def records(**kwargs) -> list[Record]:
@@ -90,7 +91,7 @@ def test_validation_groups_can_be_coarser_than_patients():
 
 
 def test_bad_val_fraction_is_refused():
-    with pytest.raises(ValueError, match="val_fraction"):
+    with pytest.raises(UserError, match="val_fraction"):
         carve_validation(records(), 1.5, seed=0)
 
 
@@ -237,3 +238,53 @@ def test_carving_moves_only_training_records():
     split = carve_validation(rows, 0.5, seed=0)
     assert [r for r in split if r.path.startswith("test/")] == [r for r in rows if r.split == "test"]
     assert {r.split for r in split if r.path.startswith("train/")} == {"train", "val"}
+
+
+def patients_of_many_sizes() -> list[Record]:
+    """Per split and class, 6 patients holding 1, 2, 3, 4, 1, 2 images."""
+    return [Record(f"{split}/{label}/{p}_{i}.png", label, f"{split}-{label}-{p}", split)
+            for split in ("train", "val", "test") for label in ("NORMAL", "BACTERIA", "VIRUS")
+            for p in range(6) for i in range(p % 4 + 1)]
+
+
+def test_limit_per_class_keeps_whole_patients_within_the_limit_deterministically():
+    from pneumo_exp.data.splits import limit_per_class
+
+    rows = patients_of_many_sizes()
+    subset = limit_per_class(rows, 5, seed=0)
+    assert set(subset) < set(rows)  # only drops records: every kept record keeps its split
+    per_split = manifest.counts(subset)
+    assert all(1 <= n <= 5 for split in per_split.values() for n in split.values())
+    images_of = Counter(r.patient_id for r in rows)
+    assert all(n == images_of[p] for p, n in Counter(r.patient_id for r in subset).items())  # whole patients
+    assert manifest.leaking_patients(subset) == {}
+    assert limit_per_class(rows, 5, seed=0) == subset
+    assert limit_per_class(rows, 5, seed=1) != subset
+    assert limit_per_class(rows, 1000, seed=0) == rows
+
+
+def test_a_class_whose_patients_are_all_larger_than_the_limit_keeps_one_patient():
+    from pneumo_exp.data.splits import limit_per_class
+
+    rows = [Record(f"{p}_{i}.png", "NORMAL", f"p{p}", "train") for p in range(3) for i in range(4)]
+    assert len({r.patient_id for r in limit_per_class(rows, 2, seed=0)}) == 1
+
+
+def test_limit_per_class_is_applied_after_the_split_and_said_in_the_summary(make_cfg, tmp_path):
+    from pneumo_exp.summary import format_summary, summary_table
+
+    full = prepare_data(make_cfg().dataset, str(tmp_path / "cache"))
+    cfg = make_cfg("dataset.limit_per_class=4")  # phantom: 3 images per patient, so one patient per class and split
+    data = prepare_data(cfg.dataset, str(tmp_path / "cache"))
+    assert set(data.records) < set(full.records)
+    assert all(n == 3 for split in manifest.counts(data.records).values() for n in split.values())
+    manifest.check_no_leakage(data.records)
+    text = format_summary(data, "phantom")
+    assert summary_table(data)["train"] == {"NORMAL": 3, "BACTERIA": 3, "VIRUS": 3, "total": 9, "patients": 3}
+    assert "subset: dataset.limit_per_class=4" in text
+
+
+def test_limit_per_class_must_be_positive(make_cfg):
+    cfg = make_cfg("dataset.limit_per_class=0")
+    with pytest.raises(UserError, match="dataset.limit_per_class"):
+        prepare_data(cfg.dataset, cfg.paths.cache_dir)

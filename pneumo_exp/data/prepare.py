@@ -9,8 +9,8 @@ from omegaconf import DictConfig
 
 from pneumo_exp.data import kermany, manifest, phantom
 from pneumo_exp.data.folder import TREE_PATIENTS_NOTE, folder_records
-from pneumo_exp.data.manifest import Record
-from pneumo_exp.data.splits import carve_validation
+from pneumo_exp.data.manifest import DatasetError, Record
+from pneumo_exp.data.splits import carve_validation, limit_per_class
 
 
 @dataclass
@@ -47,18 +47,33 @@ def prepare_data(cfg: DictConfig, cache_dir: str, output_dir: str | Path | None 
     """Records with a patient-grouped validation split, checked for leakage; writes manifest.csv if asked."""
     records, skipped = source_records(cfg, cache_dir)
     if not records:
-        raise ValueError(f"dataset {cfg.name!r} yielded no images")
+        raise DatasetError(f"dataset {cfg.name!r} yielded no images", "dataset.root",
+                           "point it at a folder that holds the dataset's images")
     manifest.validate(records, where=f"dataset {cfg.name}")
     manifest.check_no_leakage(records, where=f"the official split of dataset {cfg.name}")
     group_of = kermany.split_group if cfg.kind == "kermany" else (lambda patient_id: patient_id)
     if not any(r.split == "val" for r in records):
         records = carve_validation(records, cfg.val_fraction, cfg.split_seed, group_of=group_of)
     manifest.check_no_leakage(records, where=f"dataset {cfg.name} after carving validation")
-    data = PreparedData(records=records, skipped=skipped)
-    if cfg.kind == "kermany":
-        data.notes.extend(kermany.split_notes(records))
-    if cfg.kind == "folder" and cfg.root is not None:
-        data.notes.append(TREE_PATIENTS_NOTE)
+    data = PreparedData(records=records, skipped=skipped, notes=dataset_notes(cfg, records))
+    if cfg.limit_per_class is not None:
+        data = subset(data, cfg.limit_per_class, cfg.split_seed)
     if output_dir is not None:
-        manifest.write_csv(records, Path(output_dir) / "manifest.csv")
+        manifest.write_csv(data.records, Path(output_dir) / "manifest.csv")
     return data
+
+
+def dataset_notes(cfg: DictConfig, records: list[Record]) -> list[str]:
+    if cfg.kind == "kermany":
+        return kermany.split_notes(records)
+    if cfg.kind == "folder" and cfg.root is not None:
+        return [TREE_PATIENTS_NOTE]
+    return []
+
+
+def subset(data: PreparedData, limit: int, seed: int) -> PreparedData:
+    """The patient-grouped subset of `limit_per_class`, taken after the split so it never moves a patient."""
+    records = limit_per_class(data.records, limit, seed)
+    note = (f"subset: dataset.limit_per_class={limit} keeps whole patients, up to about {limit} images per class "
+            f"and split (chosen with split_seed={seed}): {len(records)} of {len(data.records)} images")
+    return PreparedData(records=records, skipped=data.skipped, notes=[*data.notes, note])

@@ -1,4 +1,5 @@
-"""Carve a validation split out of the training split, stratified by class and grouped by patient."""
+"""Carve a validation split out of the training split, stratified by class and grouped by patient; take a smaller,
+patient-grouped subset of every split."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import replace
 from typing import Callable
 
 from pneumo_exp.data.manifest import Record
+from pneumo_exp.errors import UserError
 from pneumo_exp.labels import CLASSES
 
 
@@ -20,32 +22,67 @@ def carve_validation(records: list[Record], fraction: float, seed: int,
     synthetic records keep their split even when their patient id matches a group carved into val.
     """
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"dataset.val_fraction must be in [0, 1), got {fraction}")
+        raise UserError(f"dataset.val_fraction must be in [0, 1), got {fraction}", "dataset.val_fraction",
+                        "give the share of training patients to validate on, e.g. 0.15")
+
     def carvable(record: Record) -> bool:
         return record.split == "train" and record.source == "real"
 
-    train = [r for r in records if carvable(r)]
-    images_per_group: dict[str, Counter] = defaultdict(Counter)
-    for record in train:
-        images_per_group[group_of(record.patient_id)][record.label] += 1
-
-    groups_per_class: dict[str, list[str]] = defaultdict(list)
-    for group, labels in sorted(images_per_group.items()):
-        majority = max(CLASSES, key=lambda label: (labels[label], -CLASSES.index(label)))
-        groups_per_class[majority].append(group)
-
+    groups_per_class = _groups_per_class([r for r in records if carvable(r)], group_of)
     rng = random.Random(seed)
     val_groups: set[str] = set()
     for label in CLASSES:
         groups = groups_per_class[label]
         rng.shuffle(groups)
-        target = fraction * sum(sum(images_per_group[g].values()) for g in groups)
+        target = fraction * sum(size for _, size in groups)
         taken = 0
-        for group in groups:
-            size = sum(images_per_group[group].values())
+        for group, size in groups:
             if taken + size / 2 > target:  # stop where the running total lands closest to the target
                 break
             val_groups.add(group)
             taken += size
-
     return [replace(r, split="val") if carvable(r) and group_of(r.patient_id) in val_groups else r for r in records]
+
+
+def limit_per_class(records: list[Record], limit: int, seed: int) -> list[Record]:
+    """Whole patients, at most about `limit` images per class in each split, chosen in an order seeded by `seed`.
+
+    Patients are taken per split and class (a patient's class is that of most of its images) in a shuffled order,
+    each one whose images still fit within `limit`; where no patient fits, the first one is kept, so no class of a
+    split disappears. Records are only dropped, never moved: the subset keeps every patient's split.
+    """
+    if limit < 1:
+        raise UserError(f"dataset.limit_per_class must be a positive number of images, got {limit}",
+                        "dataset.limit_per_class", "give N >= 1, or null for every image")
+    rng = random.Random(seed)
+    kept: set[tuple[str, str]] = set()
+    for split in sorted({r.split for r in records}):
+        groups_per_class = _groups_per_class([r for r in records if r.split == split and r.source == "real"])
+        for label in CLASSES:
+            groups = groups_per_class[label]
+            rng.shuffle(groups)
+            kept.update((split, group) for group in _fitting(groups, limit) or [group for group, _ in groups[:1]])
+    return [r for r in records if r.source != "real" or (r.split, r.patient_id) in kept]
+
+
+def _fitting(groups: list[tuple[str, int]], limit: int) -> list[str]:
+    """The groups, in order, whose images still fit within `limit` when they come."""
+    chosen, taken = [], 0
+    for group, size in groups:
+        if taken + size <= limit:
+            chosen.append(group)
+            taken += size
+    return chosen
+
+
+def _groups_per_class(records: list[Record], group_of: Callable[[str], str] = lambda patient_id: patient_id
+                      ) -> dict[str, list[tuple[str, int]]]:
+    """{class: [(group, images)]}, groups sorted by name, each under the class most of its images have."""
+    images_per_group: dict[str, Counter] = defaultdict(Counter)
+    for record in records:
+        images_per_group[group_of(record.patient_id)][record.label] += 1
+    groups_per_class: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    for group, labels in sorted(images_per_group.items()):
+        majority = max(CLASSES, key=lambda label: (labels[label], -CLASSES.index(label)))
+        groups_per_class[majority].append((group, sum(labels.values())))
+    return groups_per_class
