@@ -219,7 +219,8 @@ def flat_metrics(results: dict) -> dict[str, float]:
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
-    names = ("acc", "recall_macro", "f1_macro", "balanced_acc", "auroc_macro", "ece")
+    from pneumo_exp.classify.metrics import HEADLINE as names
+
     lines = [f"{'split':<6}" + "".join(f"{name:>14}" for name in names)]
     for split in ("val", "test"):
         lines.append(f"{split:<6}" + "".join(f"{metrics.get(f'{split}/{name}', float('nan')):>14.4f}"

@@ -33,8 +33,7 @@ import numpy as np
 import yaml
 from omegaconf import OmegaConf
 
-DEFAULT_METRICS = ("test/acc", "test/recall_macro", "test/f1_macro", "test/balanced_acc", "test/auroc_macro",
-                   "test/recall_VIRUS")
+DEFAULT_METRICS = ("test/acc", "test/recall_macro", "test/f1_macro", "test/auroc_macro", "test/recall_VIRUS")
 EPOCH_METRICS = ("train/acc", "train/f1_macro", "train/recall_macro")
 CURVE_METRICS = ("val/f1_macro", "train/acc")
 BAR_METRICS = ("test/acc", "test/f1_macro")

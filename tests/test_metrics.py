@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pneumo_exp.classify.metrics import _confusion_metrics, bootstrap_intervals, classification_metrics
+from pneumo_exp.classify.metrics import bootstrap_intervals, classification_metrics, confusion_metrics
 
 
 def one_hot_probabilities(predictions: list[int]) -> torch.Tensor:
@@ -30,14 +30,26 @@ def test_perfect_predictions():
     assert metrics["acc"] == metrics["f1_macro"] == metrics["auroc_macro"] == 1.0
 
 
-def test_numpy_confusion_arithmetic_equals_torchmetrics():
+def test_confusion_arithmetic_equals_torchmetrics_per_class_values():
+    """The one definition agrees with torchmetrics wherever torchmetrics is defined: every class present."""
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score, multiclass_recall
+
     rng = np.random.default_rng(1)
-    targets = rng.integers(0, 3, 300)
-    predictions = np.where(rng.random(300) < 0.6, targets, rng.integers(0, 3, 300))
-    expected = classification_metrics(one_hot_probabilities(predictions.tolist()), torch.tensor(targets))
-    confusion = np.array(expected["confusion_matrix"])
-    for name, value in _confusion_metrics(confusion).items():
-        assert float(value) == pytest.approx(expected[name], abs=1e-6), name
+    targets = torch.tensor(rng.integers(0, 3, 300))
+    predictions = torch.where(torch.rand(300, generator=torch.Generator().manual_seed(1)) < 0.6, targets,
+                              torch.tensor(rng.integers(0, 3, 300)))
+    metrics = classification_metrics(one_hot_probabilities(predictions.tolist()), targets)
+    recall = multiclass_recall(predictions, targets, num_classes=3, average="none")
+    f1 = multiclass_f1_score(predictions, targets, num_classes=3, average="none")
+    assert metrics["acc"] == pytest.approx(multiclass_accuracy(predictions, targets, 3, average="micro").item())
+    assert metrics["recall_macro"] == pytest.approx(recall.mean().item())
+    assert metrics["f1_macro"] == pytest.approx(f1.mean().item())
+    for index, name in enumerate(("NORMAL", "BACTERIA", "VIRUS")):
+        assert metrics[f"recall_{name}"] == pytest.approx(recall[index].item())
+        assert metrics[f"f1_{name}"] == pytest.approx(f1[index].item())
+    confusion = np.array(metrics["confusion_matrix"])
+    for name, value in confusion_metrics(confusion).items():
+        assert float(value) == pytest.approx(metrics[name], abs=1e-12), name
 
 
 def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_images():
@@ -71,3 +83,35 @@ def test_patient_bootstrap_is_wider_when_a_patients_images_agree():
     by_patient = bootstrap_intervals(predictions, targets, samples=2000, groups=patients)["acc"]
     assert by_patient[0] <= (predictions == targets).mean() <= by_patient[1]
     assert (by_patient[1] - by_patient[0]) > 1.7 * (by_image[1] - by_image[0])  # about sqrt(5) wider
+
+
+def test_macro_metrics_average_all_three_classes_when_one_is_absent():
+    """No VIRUS target and no VIRUS prediction: torchmetrics' macro would drop VIRUS and average two classes."""
+    targets = [0, 0, 0, 1, 1, 1]
+    predictions = [0, 0, 1, 1, 1, 1]
+    metrics = classification_metrics(one_hot_probabilities(predictions), torch.tensor(targets))
+    recall_normal, f1_normal, f1_bacteria = 2 / 3, 2 * (2 / 3) / (1 + 2 / 3), 2 * 0.75 / 1.75
+    assert metrics["recall_VIRUS"] == 0.0 and metrics["f1_VIRUS"] == 0.0  # undefined counts as 0
+    assert metrics["recall_macro"] == pytest.approx((recall_normal + 1.0 + 0.0) / 3)
+    assert metrics["f1_macro"] == pytest.approx((f1_normal + f1_bacteria + 0.0) / 3)
+    assert metrics["absent_classes"] == ["VIRUS"]
+    one_patient = np.zeros(len(targets))  # every resample is the sample itself: the bootstrap's point estimate
+    intervals = bootstrap_intervals(np.array(predictions), np.array(targets), samples=20, groups=one_patient)
+    for name in ("acc", "recall_macro", "f1_macro"):
+        assert intervals[name] == pytest.approx([metrics[name]] * 2), name
+
+
+def test_one_name_for_the_mean_of_per_class_recalls():
+    targets = [0, 1, 2, 2]
+    metrics = classification_metrics(one_hot_probabilities([0, 1, 1, 2]), torch.tensor(targets))
+    assert "balanced_acc" not in metrics and metrics["absent_classes"] == []
+    assert "balanced_acc" not in bootstrap_intervals(np.array([0, 1, 1, 2]), np.array(targets), samples=10)
+
+
+def test_printed_metrics_are_the_headline_names():
+    from pneumo_exp.classify.metrics import HEADLINE
+    from pneumo_exp.pipeline import format_metrics
+
+    header, val, test = format_metrics({"val/acc": 0.5, "test/recall_macro": 0.25}).splitlines()
+    assert header.split() == ["split", *HEADLINE] and "balanced_acc" not in header
+    assert test.split()[:3] == ["test", "nan", "0.2500"]
