@@ -45,6 +45,8 @@ class KermanyDatasetConfig(DatasetConfig):
     kind: str = "kermany"
     root: str = MISSING  # a folder or a .zip in the Kaggle, Mendeley or class-folder layout
     extract_dir: Optional[str] = None  # where a .zip is extracted; default under paths.cache_dir
+    max_extract_bytes: int = 20_000_000_000  # a .zip that would inflate to more is refused before extraction
+    max_compression_ratio: float = 200.0  # so is one with a member inflating more than this many times
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The Kermany dataset in its Kaggle, Mendeley and class-folder layouts, plain or zipped, and bad input of every kind."""
 
 import logging
+import shutil
 import stat
 import time
 import zipfile
@@ -452,3 +453,35 @@ def test_real_kermany_224(capsys):
     with capsys.disabled():
         print(f"\nkermany_records checked {len(records)} real images in {seconds:.1f} s; patient keys shared "
               f"train x test: {', '.join(f'{a}x{b}={n}' for (a, b), n in shared.items() if n)}")
+
+
+# --- zip bombs --------------------------------------------------------------------------------------------------
+
+def bomb_zip(path: Path, mebibytes: int = 4) -> Path:
+    """A few kilobytes that inflate to `mebibytes` MiB of zeros: a ratio of about 1000."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("train/NORMAL/IM-0001-0001.jpg", b"\0" * (mebibytes << 20))
+    return path
+
+
+@pytest.mark.parametrize("limits, setting", [
+    ({"max_extract_bytes": 1 << 20}, "dataset.max_extract_bytes"),
+    ({"max_compression_ratio": 100}, "dataset.max_compression_ratio"),
+])
+def test_zip_bomb_is_refused_before_anything_is_written(tmp_path, limits, setting):
+    zip_path = bomb_zip(tmp_path / "bomb.zip")
+    assert zip_path.stat().st_size < 20_000
+    with pytest.raises(DatasetError, match=setting) as error:
+        kermany_records(zip_path, extract_dir=tmp_path / "cache", **limits)
+    assert str(zip_path) in str(error.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.zip"]
+
+
+def test_zip_larger_than_the_free_disk_is_refused(tmp_path, monkeypatch):
+    zip_path = bomb_zip(tmp_path / "bomb.zip", mebibytes=2)
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=1 << 20))
+    with pytest.raises(DatasetError, match="free") as error:
+        extract_zip(zip_path, tmp_path / "cache" / "deeper", max_compression_ratio=10_000)
+    assert str(zip_path) in str(error.value) and "dataset.extract_dir" in str(error.value)
+    assert not (tmp_path / "cache").exists()

@@ -38,6 +38,8 @@ KAGGLE, MENDELEY, CLASS_FOLDERS = "kaggle", "mendeley", "class-folders"
 PNEUMONIA = "PNEUMONIA"
 JUNK_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
 EXTRACTION_MARKER = ".pneumo_exp-extracted.json"
+MAX_EXTRACT_BYTES = 20_000_000_000  # the Mendeley zip inflates to about 1.2 GB
+MAX_COMPRESSION_RATIO = 200.0  # JPEGs barely compress; a zip bomb's members inflate about 1000x
 MAX_LISTED_PROBLEMS = 20
 
 _NORMAL_NAME = re.compile(r"^(?P<patient>(?:NORMAL\d*-)?IM-\d+)-\d+(?:-\d+)*$", re.IGNORECASE)
@@ -115,11 +117,12 @@ def _stem(file_name: str) -> str:
 
 
 def kermany_records(root: str | os.PathLike, skip_bad_images: bool = False, check_images: bool = True,
-                    extract_dir: str | os.PathLike | None = None) -> tuple[list[Record], list[str]]:
+                    extract_dir: str | os.PathLike | None = None, max_extract_bytes: int = MAX_EXTRACT_BYTES,
+                    max_compression_ratio: float = MAX_COMPRESSION_RATIO) -> tuple[list[Record], list[str]]:
     """Records (split train/test, sha256 of each file) of the Kermany dataset under ``root``, and skip messages.
 
     ``root`` is a folder in one of the module's layouts, a folder holding ``chest_xray/``, or a ``.zip`` of either
-    (extracted under ``extract_dir``, see :func:`extract_zip`). Every file is checked: name, label, patient key
+    (extracted under ``extract_dir`` within the two limits, see :func:`extract_zip`). Every file is checked: name, label, patient key
     and, when ``check_images``, the image itself (:func:`check_image`; without it only empty files are caught).
     Bad files raise one DatasetError listing them, or with ``skip_bad_images`` are left out with one message each.
     Structural problems (missing root, unknown layout, a class folder with no usable image) always raise.
@@ -127,7 +130,7 @@ def kermany_records(root: str | os.PathLike, skip_bad_images: bool = False, chec
     root = Path(os.path.abspath(root))
     if not root.exists():
         raise FileNotFoundError(f"Kermany dataset root {root} does not exist")
-    folder = extract_zip(root, extract_dir) if root.is_file() else root
+    folder = extract_zip(root, extract_dir, max_extract_bytes, max_compression_ratio) if root.is_file() else root
     layout = find_layout(folder)
     log.info("%s", layout.describe())
     problems = Problems(skip_bad_images)
@@ -289,12 +292,16 @@ def default_extract_dir() -> Path:
     return Path(cache) / "pneumo_exp" / "extracted"
 
 
-def extract_zip(zip_path: str | os.PathLike, extract_dir: str | os.PathLike | None = None) -> Path:
+def extract_zip(zip_path: str | os.PathLike, extract_dir: str | os.PathLike | None = None,
+                max_extract_bytes: int = MAX_EXTRACT_BYTES,
+                max_compression_ratio: float = MAX_COMPRESSION_RATIO) -> Path:
     """Extract ``zip_path`` into ``<extract_dir>/<first 16 hex of its sha256>/`` and return that folder.
 
     ``extract_dir`` defaults to ``$XDG_CACHE_HOME/pneumo_exp/extracted`` (``~/.cache/...``). Every member is checked
     before anything is written: absolute paths, ``..`` components, symlinks, special files, encrypted or duplicate
-    members are refused with an error naming the member. Files go into a fresh temporary folder next to the target,
+    members are refused with an error naming the member, and so is an archive that would inflate to more than
+    ``max_extract_bytes`` in all, more than the free disk space, or has a member inflating more than
+    ``max_compression_ratio`` times (a zip bomb); a member that inflates past its declared size is stopped. Files go into a fresh temporary folder next to the target,
     which is renamed into place when complete; a complete earlier extraction is reused; an existing incomplete or
     altered one is an error, never overwritten. Junk members (``__MACOSX/``, ``._*``, ``.DS_Store``) are not written.
     """
@@ -306,9 +313,11 @@ def extract_zip(zip_path: str | os.PathLike, extract_dir: str | os.PathLike | No
     target = parent / digest[:16]
     with zipfile.ZipFile(zip_path) as archive:
         members = _safe_members(zip_path, archive.infolist())
+        _require_within_bounds(zip_path, members, max_extract_bytes, max_compression_ratio)
         if target.exists():
             _require_complete(target, zip_path, digest, members)
             return target
+        _require_free_space(zip_path, parent, sum(info.file_size for info in members.values()))
         parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}-", suffix=".partial", dir=parent))
         try:
@@ -361,6 +370,31 @@ def _member_problem(info: zipfile.ZipInfo) -> str | None:
     if info.flag_bits & 0x1:
         return "encrypted member"
     return None
+
+
+def _require_within_bounds(zip_path: Path, members: dict[str, zipfile.ZipInfo], max_bytes: int,
+                           max_ratio: float) -> None:
+    """Refuse a zip bomb from its declared sizes (extraction stops any member that exceeds its declared size)."""
+    total = sum(info.file_size for info in members.values())
+    if total > max_bytes:
+        raise DatasetError(f"the archive would inflate to {total:,} bytes, more than dataset.max_extract_bytes="
+                           f"{max_bytes:,}", str(zip_path),
+                           "nothing was extracted; raise dataset.max_extract_bytes if you trust the archive")
+    for info in members.values():
+        ratio = info.file_size / max(info.compress_size, 1)
+        if ratio > max_ratio:
+            raise DatasetError(f"member {info.filename!r} would inflate {ratio:,.0f} times ({info.compress_size:,} "
+                               f"to {info.file_size:,} bytes), more than dataset.max_compression_ratio={max_ratio:g}",
+                               str(zip_path), "nothing was extracted; this looks like a zip bomb: raise "
+                               "dataset.max_compression_ratio only if you trust the archive")
+
+
+def _require_free_space(zip_path: Path, parent: Path, needed: int) -> None:
+    existing = next(folder for folder in (parent, *parent.parents) if folder.exists())
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise DatasetError(f"extracting needs {needed:,} bytes but {existing} has only {free:,} free", str(zip_path),
+                           "nothing was extracted; free some space or set dataset.extract_dir to a disk with room")
 
 
 def _extract_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, destination: Path, zip_path: Path) -> None:

@@ -33,7 +33,9 @@ def source_records(cfg: DictConfig, cache_dir: str) -> tuple[list[Record], list[
     if cfg.kind == "kermany":
         extract_dir = cfg.extract_dir or str(Path(cache_dir) / "extracted")
         return kermany.kermany_records(cfg.root, skip_bad_images=cfg.skip_bad_images,
-                                       check_images=cfg.check_images, extract_dir=extract_dir)
+                                       check_images=cfg.check_images, extract_dir=extract_dir,
+                                       max_extract_bytes=cfg.max_extract_bytes,
+                                       max_compression_ratio=cfg.max_compression_ratio)
     if cfg.kind == "folder":
         if (cfg.root is None) == (cfg.manifest is None):
             raise ValueError("dataset=folder needs exactly one of dataset.root (a {split}/{class}/image tree) "
