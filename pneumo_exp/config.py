@@ -28,6 +28,7 @@ class DatasetConfig:
     limit_per_class: Optional[int] = None  # a short run: whole patients, up to N images per class and split; null = all
     skip_bad_images: bool = False  # True: skip unreadable or unrecognised files and report them
     check_images: bool = True  # verify every image header while building the manifest
+    min_image_side: int = 32  # with check_images: refuse (or skip) images whose shorter side has fewer pixels
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Any labelled folder: split/class trees with aliases, CSV manifests, and bad input."""
 
 import csv
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -224,3 +225,16 @@ def test_manifest_structure_errors(tmp_path):
 def test_exactly_one_source(kwargs):
     with pytest.raises(ValueError, match="exactly one"):
         folder_records(**kwargs)
+
+
+@pytest.mark.parametrize("check_images", [True, False])
+def test_fifo_is_not_a_regular_file(tmp_path, check_images):
+    root = make_tree(tmp_path / "data")
+    fifo = root / "train" / "normal" / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(DatasetError, match="pipe.png: not a regular file"):
+        folder_records(root, class_aliases=ALIASES, check_images=check_images)
+    manifest = make_manifest(tmp_path / "m")
+    rewrite(manifest, 0, path=str(fifo))
+    with pytest.raises(DatasetError, match="pipe.png: not a regular file"):
+        folder_records(manifest=manifest, class_aliases=ALIASES, check_images=check_images)

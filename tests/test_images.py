@@ -226,3 +226,34 @@ def test_source_files_are_never_modified(tmp_path):
         check_image(path)
         decode_grayscale(path, 32)
     assert [snapshot(path) for path in paths] == before
+
+
+# --- orientation and minimum size -------------------------------------------------------------------------------
+
+def test_exif_orientation_is_applied_before_caching(tmp_path):
+    from PIL import ImageOps
+
+    from pneumo_exp.data.cache import open_or_build
+    from pneumo_exp.data.manifest import Record
+
+    pixels = np.zeros((40, 64), dtype=np.uint8)
+    pixels[:, :16] = 255  # a white band on the left: sideways once rotated
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    path = save(Image.fromarray(pixels), tmp_path / "rotated.jpg", exif=exif, quality=95)
+    with Image.open(path) as image:
+        shown = np.asarray(ImageOps.exif_transpose(image).convert("L").resize((32, 32), Image.Resampling.LANCZOS))
+        stored = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.LANCZOS))
+    assert not np.array_equal(shown, stored)
+    cache = open_or_build([Record(str(path), "NORMAL", "p", "train", sha256=sha256_file(path))], 32,
+                          tmp_path / "cache", progress=False)
+    assert np.array_equal(np.asarray(cache.pixels[0]), shown)
+
+
+def test_images_below_the_minimum_side_are_refused(tmp_path):
+    thin = save(Image.fromarray(np.zeros((200, 20), dtype=np.uint8)), tmp_path / "thin.png")
+    assert_bad(thin, "20 px.* minimum of 32")
+    check_image(thin, min_side=16)
+    tiny = save(Image.fromarray(np.zeros((1, 1), dtype=np.uint8)), tmp_path / "tiny.png")
+    assert_bad(tiny, "1x1")
+    check_image(save(Image.fromarray(np.zeros((32, 32), dtype=np.uint8)), tmp_path / "ok.png"))

@@ -485,3 +485,30 @@ def test_zip_larger_than_the_free_disk_is_refused(tmp_path, monkeypatch):
         extract_zip(zip_path, tmp_path / "cache" / "deeper", max_compression_ratio=10_000)
     assert str(zip_path) in str(error.value) and "dataset.extract_dir" in str(error.value)
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_class_folder_whose_files_are_all_unusable_gives_each_reason(tmp_path, skip):
+    root = make_class_folders(tmp_path / "data")
+    folder = root / "test" / "VIRUS"
+    for path in folder.iterdir():
+        path.unlink()
+    write_image(folder / "scan-1.jpg")
+    (folder / "person7_virus_1.jpg").write_bytes(b"")
+    with pytest.raises(DatasetError, match="no usable image") as error:
+        kermany_records(root, skip_bad_images=skip)
+    message = str(error.value)
+    assert str(folder) in message
+    assert "scan-1.jpg: name lacks the _virus_ token" in message and "person7_virus_1.jpg: empty file" in message
+    assert skip or "skipped" not in message
+
+
+def test_tiny_images_are_refused_or_skipped(tmp_path):
+    root = make_class_folders(tmp_path / "data")
+    tiny = root / "train" / "NORMAL" / "IM-0400-0001.jpg"
+    Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(tiny)
+    with pytest.raises(DatasetError, match="IM-0400-0001.jpg: image is 16x16"):
+        kermany_records(root)
+    records, messages = kermany_records(root, skip_bad_images=True)
+    assert split_counts(records) == EXPECTED_SMALL and len(messages) == 1 and "minimum of 32" in messages[0]
+    assert len(kermany_records(root, min_image_side=16)[0]) == 11

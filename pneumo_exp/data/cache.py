@@ -20,7 +20,7 @@ from pneumo_exp.data.images import decode_grayscale
 from pneumo_exp.data.manifest import Record
 from pneumo_exp.rundir import build_folder_once
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: EXIF orientation applied
 
 
 def load_pixels(record: Record, size: int) -> np.ndarray:

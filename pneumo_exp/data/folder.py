@@ -21,10 +21,10 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from pneumo_exp.data.images import BadImageError
-from pneumo_exp.data.kermany import (DatasetError, Problems, checked_sha256, image_entries, require_image_suffix,
-                                     require_usable, subfolders_by_name)
-from pneumo_exp.data.manifest import SPLITS, Record, validate
+from pneumo_exp.data.images import MIN_IMAGE_SIDE, BadImageError, readable_file
+from pneumo_exp.data.kermany import (Problems, checked_sha256, require_image_suffix, subfolders_by_name,
+                                     usable_records)
+from pneumo_exp.data.manifest import SPLITS, DatasetError, Record, validate
 from pneumo_exp.labels import CLASSES
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,8 @@ TREE_PATIENTS_NOTE = ("no patient ids: give a manifest with patient_id for a gro
 
 def folder_records(root: str | os.PathLike | None = None, manifest: str | os.PathLike | None = None,
                    skip_bad_images: bool = False, check_images: bool = True,
-                   class_aliases: dict[str, str] | None = None) -> tuple[list[Record], list[str]]:
+                   class_aliases: dict[str, str] | None = None,
+                   min_image_side: int = MIN_IMAGE_SIDE) -> tuple[list[Record], list[str]]:
     """Records of a labelled folder tree (``root``) or of a CSV manifest (``manifest``), and skip messages.
 
     Exactly one of ``root`` and ``manifest`` is given. ``class_aliases`` maps extra folder names or labels
@@ -47,9 +48,9 @@ def folder_records(root: str | os.PathLike | None = None, manifest: str | os.Pat
     lookup = class_lookup(class_aliases)
     problems = Problems(skip_bad_images)
     if root is not None:
-        records = _tree_records(Path(os.path.abspath(root)), lookup, check_images, problems)
+        records = _tree_records(Path(os.path.abspath(root)), lookup, check_images, min_image_side, problems)
     else:
-        records = _manifest_records(Path(os.path.abspath(manifest)), lookup, check_images, problems)
+        records = _manifest_records(Path(os.path.abspath(manifest)), lookup, check_images, min_image_side, problems)
     records.sort(key=lambda r: (SPLITS.index(r.split), CLASSES.index(r.label), r.path))
     return records, problems.skipped
 
@@ -70,7 +71,8 @@ def class_lookup(class_aliases: dict[str, str] | None) -> dict[str, str]:
 # {split}/{class}/image trees
 
 
-def _tree_records(root: Path, lookup: dict[str, str], check_images: bool, problems: Problems) -> list[Record]:
+def _tree_records(root: Path, lookup: dict[str, str], check_images: bool, min_image_side: int,
+                  problems: Problems) -> list[Record]:
     if not root.exists():
         raise FileNotFoundError(f"image folder {root} does not exist")
     if not root.is_dir():
@@ -86,9 +88,8 @@ def _tree_records(root: Path, lookup: dict[str, str], check_images: bool, proble
     records = []
     for split in (name for name in SPLITS if name in splits):
         for label, class_folder in _class_folders(splits[split], lookup).items():
-            found = [_tree_record(root, file, label, split, check_images, problems)
-                     for file in image_entries(class_folder)]
-            records += require_usable([record for record in found if record is not None], class_folder)
+            records += usable_records(class_folder, problems, lambda file: _tree_record(
+                root, file, label, split, check_images, min_image_side, problems))
     problems.raise_if_any(f"image folder {root}")
     return records
 
@@ -110,11 +111,11 @@ def _class_folders(split_folder: Path, lookup: dict[str, str]) -> dict[str, Path
     return by_class
 
 
-def _tree_record(root: Path, file: Path, label: str, split: str, check_images: bool,
+def _tree_record(root: Path, file: Path, label: str, split: str, check_images: bool, min_image_side: int,
                  problems: Problems) -> Record | None:
     try:
         require_image_suffix(file)
-        digest = checked_sha256(file, check_images)
+        digest = checked_sha256(file, check_images, min_image_side)
     except (DatasetError, BadImageError) as error:
         problems.add(str(error))
         return None
@@ -126,7 +127,8 @@ def _tree_record(root: Path, file: Path, label: str, split: str, check_images: b
 # CSV manifests
 
 
-def _manifest_records(csv_path: Path, lookup: dict[str, str], check_images: bool, problems: Problems) -> list[Record]:
+def _manifest_records(csv_path: Path, lookup: dict[str, str], check_images: bool, min_image_side: int,
+                      problems: Problems) -> list[Record]:
     rows = _read_rows(csv_path)
     listed = [_listed_record(csv_path, row_number, row, lookup) for row_number, row in rows]
     validate(listed, where=f"manifest {csv_path}")
@@ -134,7 +136,7 @@ def _manifest_records(csv_path: Path, lookup: dict[str, str], check_images: bool
     records = []
     for (row_number, _), record in zip(rows, listed):
         try:
-            digest = _checked_listed_file(record, check_images)
+            digest = _checked_listed_file(record, check_images, min_image_side)
         except (DatasetError, BadImageError) as error:
             problems.add(f"manifest {csv_path} row {row_number}: {error}")
         else:
@@ -179,12 +181,10 @@ def _require_unique_paths(csv_path: Path, rows: list[tuple[int, dict]], records:
         first_row[key] = row_number
 
 
-def _checked_listed_file(record: Record, check_images: bool) -> str:
-    file = Path(record.path)
-    if not file.is_file():
-        raise DatasetError(f"{file}: file does not exist")
+def _checked_listed_file(record: Record, check_images: bool, min_image_side: int) -> str:
+    file = readable_file(record.path)
     require_image_suffix(file)
-    digest = checked_sha256(file, check_images)
+    digest = checked_sha256(file, check_images, min_image_side)
     if record.sha256 and record.sha256 != digest:
         raise DatasetError(f"{file}: sha256 is {digest}, the manifest says {record.sha256}")
     return digest

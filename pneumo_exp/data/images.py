@@ -1,8 +1,10 @@
 """Reading image files safely: hashing, validation and decoding to 8-bit grayscale.
 
 Every failure raises :class:`BadImageError` with a message that names the file and the problem: a missing or empty
-file, something that is not an image, a truncated or corrupt image, a zero-size image, or one whose header claims
-more than ``max_pixels`` pixels (checked before any pixel is decoded). PIL's own decompression-bomb error and warning
+file, one that is not a regular file (a folder, a FIFO, a device), something that is not an image, a truncated or
+corrupt image, a zero-size image, one whose shorter side is below ``min_side`` (checked by :func:`check_image`), or
+one whose header claims more than ``max_pixels`` pixels (checked before any pixel is decoded). Images are decoded
+as a viewer shows them: EXIF orientation applied. PIL's own decompression-bomb error and warning
 are mapped to the same error, and truncated images are always refused, even when some other code has set
 ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES``. Files are only ever opened for reading.
 """
@@ -19,11 +21,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pneumo_exp.errors import UserError
 
 MAX_IMAGE_PIXELS: int = 40_000_000
+MIN_IMAGE_SIDE: int = 32  # the phantom demo draws 64-128 px, the shared Kermany copies are 224 px
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpeg", ".jpg", ".png")
 
 # What PIL raises on broken input, besides the errors above. Anything else (MemoryError, bugs) propagates.
@@ -45,15 +48,17 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def check_image(path: str | os.PathLike, max_pixels: int | None = MAX_IMAGE_PIXELS) -> None:
+def check_image(path: str | os.PathLike, max_pixels: int | None = MAX_IMAGE_PIXELS,
+                min_side: int = MIN_IMAGE_SIDE) -> None:
     """Raise BadImageError unless ``path`` is a complete, decodable image of acceptable size.
 
     Cheaper than a full decode: the header is checked first, ``verify()`` checks the container (PNG chunk CRCs),
     then the pixel data is read in full but decoded at reduced scale where the format allows it (JPEG draft mode
     decodes at 1/8 scale), which is what catches truncated and corrupt JPEGs.
     """
-    path = _readable_file(path)
+    path = readable_file(path)
     with _open_image(path, max_pixels) as image:
+        _require_min_side(path, image, min_side)
         image.verify()
     with _open_image(path, max_pixels) as image:
         if image.format == "JPEG":
@@ -62,7 +67,7 @@ def check_image(path: str | os.PathLike, max_pixels: int | None = MAX_IMAGE_PIXE
 
 
 def decode_grayscale(path: str | os.PathLike, size: int, max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Decode any supported image to a ``(size, size)`` uint8 grayscale array.
+    """Decode any supported image, turned upright by its EXIF orientation, to a ``(size, size)`` uint8 grayscale array.
 
     Colour is reduced with ITU-R 601-2 luma; palette images go through RGB(A); CMYK through RGB. Alpha is dropped,
     not composited: the grey values stored in the colour channels are kept as they are, since compositing would
@@ -75,16 +80,17 @@ def decode_grayscale(path: str | os.PathLike, size: int, max_pixels: int | None 
     """
     if not isinstance(size, int) or size <= 0:
         raise ValueError(f"size must be a positive integer, got {size!r}")
-    path = _readable_file(path)
+    path = readable_file(path)
     with _open_image(path, max_pixels) as image:
         image.load()
-        gray = _to_uint8_gray(image, path)
+        gray = _to_uint8_gray(ImageOps.exif_transpose(image), path)
     if gray.shape != (size, size):
         gray = np.asarray(Image.fromarray(gray, mode="L").resize((size, size), Image.Resampling.LANCZOS))
     return gray
 
 
-def _readable_file(path: str | os.PathLike) -> Path:
+def readable_file(path: str | os.PathLike) -> Path:
+    """``path`` if it is an existing, non-empty regular file; a BadImageError saying which of these it is not."""
     path = Path(path)
     if not path.exists():
         raise BadImageError(f"{path}: file does not exist")
@@ -112,6 +118,13 @@ def _open_image(path: Path, max_pixels: int | None) -> Iterator[Image.Image]:
             raise BadImageError(f"{path}: too many pixels (PIL decompression-bomb guard: {error})") from error
         except _DECODER_ERRORS as error:
             raise BadImageError(f"{path}: truncated or corrupt image ({type(error).__name__}: {error})") from error
+
+
+def _require_min_side(path: Path, image: Image.Image, min_side: int) -> None:
+    width, height = image.size
+    if min(width, height) < min_side:
+        raise BadImageError(f"{path}: image is {width}x{height}, its shorter side of {min(width, height)} px is below "
+                            f"the minimum of {min_side} px (dataset.min_image_side)")
 
 
 def _check_dimensions(path: Path, image: Image.Image, max_pixels: int | None) -> None:

@@ -24,11 +24,12 @@ import shutil
 import stat
 import tempfile
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
-from pneumo_exp.data.images import IMAGE_SUFFIXES, BadImageError, check_image, sha256_file
+from pneumo_exp.data.images import (IMAGE_SUFFIXES, MIN_IMAGE_SIDE, BadImageError, check_image, readable_file,
+                                    sha256_file)
 from pneumo_exp.data.manifest import DatasetError, Record
 from pneumo_exp.labels import CLASSES
 
@@ -118,12 +119,14 @@ def _stem(file_name: str) -> str:
 
 def kermany_records(root: str | os.PathLike, skip_bad_images: bool = False, check_images: bool = True,
                     extract_dir: str | os.PathLike | None = None, max_extract_bytes: int = MAX_EXTRACT_BYTES,
-                    max_compression_ratio: float = MAX_COMPRESSION_RATIO) -> tuple[list[Record], list[str]]:
+                    max_compression_ratio: float = MAX_COMPRESSION_RATIO,
+                    min_image_side: int = MIN_IMAGE_SIDE) -> tuple[list[Record], list[str]]:
     """Records (split train/test, sha256 of each file) of the Kermany dataset under ``root``, and skip messages.
 
     ``root`` is a folder in one of the module's layouts, a folder holding ``chest_xray/``, or a ``.zip`` of either
-    (extracted under ``extract_dir`` within the two limits, see :func:`extract_zip`). Every file is checked: name, label, patient key
-    and, when ``check_images``, the image itself (:func:`check_image`; without it only empty files are caught).
+    (extracted under ``extract_dir`` within the two limits, see :func:`extract_zip`). Every file is checked:
+    name, label, patient key and, when ``check_images``, the image itself (:func:`check_image`, with its shorter
+    side at least ``min_image_side``; without it only empty files and files that are not regular files are caught).
     Bad files raise one DatasetError listing them, or with ``skip_bad_images`` are left out with one message each.
     Structural problems (missing root, unknown layout, a class folder with no usable image) always raise.
     """
@@ -136,19 +139,20 @@ def kermany_records(root: str | os.PathLike, skip_bad_images: bool = False, chec
     problems = Problems(skip_bad_images)
     records = []
     for split, folder_class, class_folder in layout.class_folders:
-        found = [_record(file, folder_class, split, check_images, problems) for file in image_entries(class_folder)]
-        records += require_usable([record for record in found if record is not None], class_folder)
+        records += usable_records(class_folder, problems, lambda file: _record(
+            file, folder_class, split, check_images, min_image_side, problems))
     problems.raise_if_any(f"Kermany dataset at {layout.root}")
     records.sort(key=lambda r: (("train", "test").index(r.split), CLASSES.index(r.label), r.path))
     return records, problems.skipped
 
 
-def _record(file: Path, folder_class: str, split: str, check_images: bool, problems: Problems) -> Record | None:
+def _record(file: Path, folder_class: str, split: str, check_images: bool, min_image_side: int,
+            problems: Problems) -> Record | None:
     try:
         require_image_suffix(file)
         label = label_from_name(str(file), folder_class)
         patient = patient_key(str(file), label)
-        digest = checked_sha256(file, check_images)
+        digest = checked_sha256(file, check_images, min_image_side)
     except (DatasetError, BadImageError) as error:
         problems.add(str(error))
         return None
@@ -217,22 +221,27 @@ class Problems:
 
     def __init__(self, skip: bool):
         self.skip = skip
-        self.skipped: list[str] = []
-        self.errors: list[str] = []
+        self.messages: list[str] = []
 
     def add(self, message: str) -> None:
-        if self.skip:
-            self.skipped.append(f"skipped {message}")
-        else:
-            self.errors.append(message)
+        self.messages.append(message)
+
+    @property
+    def skipped(self) -> list[str]:
+        return [f"skipped {message}" for message in self.messages] if self.skip else []
 
     def raise_if_any(self, where: str) -> None:
-        if self.errors:
-            listed = "\n  ".join(self.errors[:MAX_LISTED_PROBLEMS])
-            more = len(self.errors) - MAX_LISTED_PROBLEMS
-            tail = f"\n  ... and {more} more" if more > 0 else ""
-            raise DatasetError(f"{where}: {len(self.errors)} bad file(s) (skip_bad_images=True leaves them out):"
-                               f"\n  {listed}{tail}")
+        if self.messages and not self.skip:
+            raise DatasetError(f"{len(self.messages)} bad file(s)", where, "repair or remove them, or set "
+                               "dataset.skip_bad_images=true to leave them out (listed in skipped.txt):"
+                               + listed(self.messages))
+
+
+def listed(messages: list[str]) -> str:
+    """One indented line per message, at most MAX_LISTED_PROBLEMS of them."""
+    more = len(messages) - MAX_LISTED_PROBLEMS
+    return "".join(f"\n  {message}" for message in messages[:MAX_LISTED_PROBLEMS]) + (
+        f"\n  ... and {more} more" if more > 0 else "")
 
 
 def is_junk(path: PurePath) -> bool:
@@ -260,9 +269,14 @@ def image_entries(class_folder: Path) -> list[Path]:
     return entries
 
 
-def require_usable(records: list[Record], class_folder: Path) -> list[Record]:
+def usable_records(class_folder: Path, problems: Problems, read: Callable[[Path], Record | None]) -> list[Record]:
+    """The records ``read`` makes of a class folder's files; a folder with none fails, giving each file's reason."""
+    first_problem = len(problems.messages)
+    records = [record for record in map(read, image_entries(class_folder)) if record is not None]
     if not records:
-        raise DatasetError(f"class folder {class_folder} has no usable image (all were skipped)")
+        reasons = problems.messages[first_problem:]
+        raise DatasetError(f"no usable image among the {len(reasons)} file(s) of the class folder", str(class_folder),
+                           "replace them with readable images named as expected:" + listed(reasons))
     return records
 
 
@@ -274,12 +288,12 @@ def require_image_suffix(file: Path) -> None:
                            f"expected one of {', '.join(IMAGE_SUFFIXES)}")
 
 
-def checked_sha256(file: Path, check_images: bool) -> str:
-    """SHA-256 of the file after checking it is an image (or, without checks, at least not empty)."""
+def checked_sha256(file: Path, check_images: bool, min_image_side: int = MIN_IMAGE_SIDE) -> str:
+    """SHA-256 of the file after checking it is an image (or, without checks, at least a non-empty regular file)."""
     if check_images:
-        check_image(file)
-    elif file.stat().st_size == 0:
-        raise BadImageError(f"{file}: empty file (0 bytes)")
+        check_image(file, min_side=min_image_side)
+    else:
+        readable_file(file)
     return sha256_file(file)
 
 
@@ -301,9 +315,10 @@ def extract_zip(zip_path: str | os.PathLike, extract_dir: str | os.PathLike | No
     before anything is written: absolute paths, ``..`` components, symlinks, special files, encrypted or duplicate
     members are refused with an error naming the member, and so is an archive that would inflate to more than
     ``max_extract_bytes`` in all, more than the free disk space, or has a member inflating more than
-    ``max_compression_ratio`` times (a zip bomb); a member that inflates past its declared size is stopped. Files go into a fresh temporary folder next to the target,
-    which is renamed into place when complete; a complete earlier extraction is reused; an existing incomplete or
-    altered one is an error, never overwritten. Junk members (``__MACOSX/``, ``._*``, ``.DS_Store``) are not written.
+    ``max_compression_ratio`` times (a zip bomb); a member that inflates past its declared size is stopped. Files
+    go into a fresh temporary folder next to the target, which is renamed into place when complete; a complete
+    earlier extraction is reused; an existing incomplete or altered one is an error, never overwritten. Junk members
+    (``__MACOSX/``, ``._*``, ``.DS_Store``) are not written.
     """
     zip_path = Path(zip_path)
     if zip_path.suffix.lower() != ".zip" or not zipfile.is_zipfile(zip_path):

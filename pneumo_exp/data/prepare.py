@@ -35,13 +35,15 @@ def source_records(cfg: DictConfig, cache_dir: str) -> tuple[list[Record], list[
         return kermany.kermany_records(cfg.root, skip_bad_images=cfg.skip_bad_images,
                                        check_images=cfg.check_images, extract_dir=extract_dir,
                                        max_extract_bytes=cfg.max_extract_bytes,
-                                       max_compression_ratio=cfg.max_compression_ratio)
+                                       max_compression_ratio=cfg.max_compression_ratio,
+                                       min_image_side=cfg.min_image_side)
     if cfg.kind == "folder":
         if (cfg.root is None) == (cfg.manifest is None):
             raise ValueError("dataset=folder needs exactly one of dataset.root (a {split}/{class}/image tree) "
                              "or dataset.manifest (a CSV with path,label,patient_id,split)")
         return folder_records(root=cfg.root, manifest=cfg.manifest, skip_bad_images=cfg.skip_bad_images,
-                              check_images=cfg.check_images, class_aliases=dict(cfg.class_aliases))
+                              check_images=cfg.check_images, class_aliases=dict(cfg.class_aliases),
+                              min_image_side=cfg.min_image_side)
     raise ValueError(f"dataset.kind={cfg.kind!r} is not one of phantom, kermany, folder")
 
 
