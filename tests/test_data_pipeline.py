@@ -288,3 +288,32 @@ def test_limit_per_class_must_be_positive(make_cfg):
     cfg = make_cfg("dataset.limit_per_class=0")
     with pytest.raises(UserError, match="dataset.limit_per_class"):
         prepare_data(cfg.dataset, cfg.paths.cache_dir)
+
+
+@pytest.mark.parametrize("overrides, where", [
+    (["dataset=kermany", "dataset.root=/absent/chest_xray"], "/absent/chest_xray"),
+    (["dataset=folder", "dataset.root=/absent/tree"], "/absent/tree"),
+    (["dataset=folder", "dataset.manifest=/absent/m.csv"], "/absent/m.csv"),
+    (["dataset=folder"], "dataset.root"),
+    (["dataset=folder", "dataset.root=/absent/tree", "+dataset.class_aliases={covid: COVID}"],
+     "dataset.class_aliases"),
+    (["dataset.patients_per_class=0"], "dataset.patients_per_class"),
+    (["dataset.images_per_patient=0"], "dataset.images_per_patient"),
+])
+def test_data_errors_the_user_can_fix_say_where_and_what_to_do(make_cfg, overrides, where):
+    cfg = make_cfg(*overrides)
+    with pytest.raises(UserError) as error:
+        prepare_data(cfg.dataset, cfg.paths.cache_dir)
+    assert where in error.value.where and error.value.fix
+
+
+def test_manifest_file_errors_say_where_and_what_to_do(tmp_path):
+    with pytest.raises(UserError) as error:
+        manifest.read_csv(tmp_path / "absent.csv")
+    assert error.value.where == f"manifest {tmp_path / 'absent.csv'}" and error.value.fix
+    rows = records()
+    rows[3] = replace(rows[3], label="COVID")
+    path = manifest.write_csv(rows, tmp_path / "manifest.csv")
+    with pytest.raises(UserError) as error:
+        manifest.read_csv(path)
+    assert error.value.where == f"manifest {path}" and "row 5" in error.value.what and error.value.fix

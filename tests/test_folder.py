@@ -89,7 +89,7 @@ def test_bad_aliases(tmp_path, aliases, problem):
 
 
 def test_missing_root_and_missing_splits(tmp_path):
-    with pytest.raises(FileNotFoundError, match="absent"):
+    with pytest.raises(DatasetError, match="absent"):
         folder_records(tmp_path / "absent")
     write_image(tmp_path / "flat" / "NORMAL" / "a.png")
     with pytest.raises(DatasetError, match="no split folders .* found NORMAL|no split folders .* found normal"):
@@ -211,7 +211,7 @@ def test_manifest_matching_sha256_is_accepted(tmp_path):
 
 
 def test_manifest_structure_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="absent.csv"):
+    with pytest.raises(DatasetError, match="absent.csv"):
         folder_records(manifest=tmp_path / "absent.csv")
     no_label = write_manifest(tmp_path / "no_label.csv", [], columns=("path", "patient_id", "split"))
     with pytest.raises(DatasetError, match="missing column.*label"):

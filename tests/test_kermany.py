@@ -320,7 +320,7 @@ def test_default_extract_dir_is_a_user_cache(tmp_path, monkeypatch):
 # --- bad input --------------------------------------------------------------------------------------------------
 
 def test_missing_root(tmp_path):
-    with pytest.raises(FileNotFoundError, match="absent"):
+    with pytest.raises(DatasetError, match="absent"):
         kermany_records(tmp_path / "absent")
 
 

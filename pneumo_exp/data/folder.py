@@ -60,9 +60,11 @@ def class_lookup(class_aliases: dict[str, str] | None) -> dict[str, str]:
     lookup = {name.lower(): name for name in CLASSES}
     for alias, target in (class_aliases or {}).items():
         if target not in CLASSES:
-            raise ValueError(f"class_aliases: {alias!r} maps to {target!r}, not one of {', '.join(CLASSES)}")
+            raise DatasetError(f"{alias!r} maps to {target!r}, not one of {', '.join(CLASSES)}",
+                               "dataset.class_aliases", "map each folder name or label to one of the classes")
         if lookup.get(alias.lower(), target) != target:
-            raise ValueError(f"class_aliases: {alias!r} -> {target!r} contradicts class {lookup[alias.lower()]!r}")
+            raise DatasetError(f"{alias!r} -> {target!r} contradicts class {lookup[alias.lower()]!r}",
+                               "dataset.class_aliases", "remove the alias: a class's own name always means that class")
         lookup[alias.lower()] = target
     return lookup
 
@@ -74,9 +76,11 @@ def class_lookup(class_aliases: dict[str, str] | None) -> dict[str, str]:
 def _tree_records(root: Path, lookup: dict[str, str], check_images: bool, min_image_side: int,
                   problems: Problems) -> list[Record]:
     if not root.exists():
-        raise FileNotFoundError(f"image folder {root} does not exist")
+        raise DatasetError("image folder does not exist", str(root),
+                           "set dataset.root to a {split}/{class}/image folder")
     if not root.is_dir():
-        raise DatasetError(f"{root} is not a folder")
+        raise DatasetError("not a folder", str(root), "set dataset.root to a {split}/{class}/image folder, or give a "
+                                                      "CSV as dataset.manifest")
     folders = subfolders_by_name(root, str.lower)
     splits = {name: path for name, path in folders.items() if name in SPLITS}
     if not splits:
@@ -149,7 +153,8 @@ def _manifest_records(csv_path: Path, lookup: dict[str, str], check_images: bool
 
 def _read_rows(csv_path: Path) -> list[tuple[int, dict[str, str]]]:
     if not csv_path.is_file():
-        raise FileNotFoundError(f"manifest {csv_path} does not exist")
+        raise DatasetError("manifest does not exist", str(csv_path),
+                           "set dataset.manifest to a CSV with columns path,label,patient_id,split")
     with csv_path.open(newline="") as handle:
         reader = csv.DictReader(handle)
         missing = set(REQUIRED_COLUMNS) - set(reader.fieldnames or ())

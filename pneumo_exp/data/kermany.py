@@ -132,7 +132,8 @@ def kermany_records(root: str | os.PathLike, skip_bad_images: bool = False, chec
     """
     root = Path(os.path.abspath(root))
     if not root.exists():
-        raise FileNotFoundError(f"Kermany dataset root {root} does not exist")
+        raise DatasetError("Kermany dataset root does not exist", str(root),
+                           "set dataset.root to the chest_xray folder, its parent, or the dataset's .zip")
     folder = extract_zip(root, extract_dir, max_extract_bytes, max_compression_ratio) if root.is_file() else root
     layout = find_layout(folder)
     log.info("%s", layout.describe())

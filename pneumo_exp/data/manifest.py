@@ -46,16 +46,23 @@ class LeakageError(UserError, ValueError):
 def validate(records: list[Record], where: str = "manifest") -> None:
     """Fail with a message naming the row when a value is outside its vocabulary."""
     for row_number, record in enumerate(records, start=2):
-        if record.label not in CLASSES:
-            raise ValueError(f"{where}: row {row_number} ({record.path}): label {record.label!r} not in {CLASSES}")
-        if record.split not in SPLITS:
-            raise ValueError(f"{where}: row {row_number} ({record.path}): split {record.split!r} not in {SPLITS}")
-        if record.source not in SOURCES:
-            raise ValueError(f"{where}: row {row_number} ({record.path}): source {record.source!r} not in {SOURCES}")
-        if not record.patient_id:
-            raise ValueError(f"{where}: row {row_number} ({record.path}): empty patient_id")
-        if record.source == "synthetic" and record.split != "train":
-            raise ValueError(f"{where}: row {row_number} ({record.path}): synthetic images belong to train only")
+        problem = _row_problem(record)
+        if problem:
+            raise DatasetError(f"row {row_number} ({record.path}): {problem}", where, "correct the row")
+
+
+def _row_problem(record: Record) -> str | None:
+    if record.label not in CLASSES:
+        return f"label {record.label!r} not in {CLASSES}"
+    if record.split not in SPLITS:
+        return f"split {record.split!r} not in {SPLITS}"
+    if record.source not in SOURCES:
+        return f"source {record.source!r} not in {SOURCES}"
+    if not record.patient_id:
+        return "empty patient_id"
+    if record.source == "synthetic" and record.split != "train":
+        return "synthetic images belong to train only"
+    return None
 
 
 def leaking_patients(records: list[Record]) -> dict[str, list[str]]:
@@ -122,13 +129,14 @@ def write_csv(records: list[Record], path: str | os.PathLike) -> Path:
 def read_csv(path: str | os.PathLike) -> list[Record]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist")
+        raise DatasetError("the file does not exist", f"manifest {path}",
+                           "check the path: a run writes manifest.csv in its folder and in synthetic/")
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
         missing = {"path", "label", "patient_id", "split"} - set(reader.fieldnames or ())
         if missing:
-            raise ValueError(f"manifest {path}: missing column(s) {', '.join(sorted(missing))}; "
-                             f"expected {', '.join(COLUMNS)}")
+            raise DatasetError(f"missing column(s) {', '.join(sorted(missing))}", f"manifest {path}",
+                               f"give the columns {', '.join(COLUMNS)}")
         records = [Record(path=row["path"], label=row["label"], patient_id=row["patient_id"], split=row["split"],
                           source=row.get("source") or "real", sha256=row.get("sha256") or "") for row in reader]
     validate(records, where=f"manifest {path}")

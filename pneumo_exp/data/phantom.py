@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pneumo_exp.data.manifest import Record
+from pneumo_exp.data.manifest import DatasetError, Record
 from pneumo_exp.labels import CLASSES
 
 PHANTOM_PREFIX = "phantom:"
@@ -683,13 +683,15 @@ def phantom_records(patients_per_class: int = 24, test_patients_per_class: int =
                     difficulty: float = 0.5, seed: int = 0) -> list[Record]:
     """The phantom dataset's manifest: per class, ``patients_per_class`` train patients then
     ``test_patients_per_class`` test patients, each with ``images_per_patient`` images."""
-    if patients_per_class < 1:
-        raise ValueError(f"patients_per_class must be >= 1 (got {patients_per_class})")
-    if test_patients_per_class < 0:
-        raise ValueError(f"test_patients_per_class must be >= 0 (got {test_patients_per_class})")
-    if images_per_patient < 1:
-        raise ValueError(f"images_per_patient must be >= 1 (got {images_per_patient})")
-    _check_difficulty(difficulty, "phantom_records")
+    for name, value, least in (("patients_per_class", patients_per_class, 1),
+                               ("test_patients_per_class", test_patients_per_class, 0),
+                               ("images_per_patient", images_per_patient, 1)):
+        if value < least:
+            raise DatasetError(f"{name} must be >= {least} (got {value})", f"dataset.{name}",
+                               f"give a whole number >= {least}")
+    if not 0.0 <= difficulty <= 1.0:
+        raise DatasetError(f"difficulty must be in [0, 1] (got {difficulty})", "dataset.difficulty",
+                           "use 0 for obvious lesions up to 1 for subtle ones")
     records = []
     for label in CLASSES:
         for number in range(1, patients_per_class + test_patients_per_class + 1):

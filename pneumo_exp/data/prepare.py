@@ -39,12 +39,13 @@ def source_records(cfg: DictConfig, cache_dir: str) -> tuple[list[Record], list[
                                        min_image_side=cfg.min_image_side)
     if cfg.kind == "folder":
         if (cfg.root is None) == (cfg.manifest is None):
-            raise ValueError("dataset=folder needs exactly one of dataset.root (a {split}/{class}/image tree) "
-                             "or dataset.manifest (a CSV with path,label,patient_id,split)")
+            raise DatasetError("dataset=folder needs exactly one of dataset.root and dataset.manifest",
+                               "dataset.root, dataset.manifest", "give dataset.root (a {split}/{class}/image tree) "
+                               "or dataset.manifest (a CSV with path,label,patient_id,split)")
         return folder_records(root=cfg.root, manifest=cfg.manifest, skip_bad_images=cfg.skip_bad_images,
                               check_images=cfg.check_images, class_aliases=dict(cfg.class_aliases),
                               min_image_side=cfg.min_image_side)
-    raise ValueError(f"dataset.kind={cfg.kind!r} is not one of phantom, kermany, folder")
+    raise DatasetError(f"unknown dataset kind {cfg.kind!r}", "dataset.kind", "use dataset=phantom, kermany or folder")
 
 
 def prepare_data(cfg: DictConfig, cache_dir: str, output_dir: str | Path | None = None) -> PreparedData:
