@@ -82,12 +82,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
         print(f"predictions written to {predict(cfg, output_dir)}", flush=True)
         return {}
     if cfg.task == "report":
+        from omegaconf import OmegaConf
+
         from pneumo_exp.report import main_report
 
         if not cfg.report.input:
             raise ValueError("report needs report.input=<a sweep folder, or any folder holding run folders>")
         target = Path(cfg.report.output or Path(cfg.report.input) / "report")
-        print(main_report(cfg.report.input, target), flush=True)
+        pairs = OmegaConf.to_container(cfg.report.pairs) if cfg.report.pairs is not None else None
+        print(main_report(cfg.report.input, target, pairs, cfg.report.bootstrap_samples), flush=True)
         print(f"report written to {target}", flush=True)
         return {}
 

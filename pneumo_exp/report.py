@@ -6,6 +6,10 @@ reads every such folder under a root, whatever its depth, and writes into an out
 - `table.md`, `table.csv`, `table.tex`: one row per configuration, test metrics of the best epoch as
   mean ± sample std [95 % CI of the mean over seeds, Student t with n-1 dof], with the original study's published
   numbers for comparison;
+- a paired comparison of chosen configurations (`report.pairs`; default: the paper table's augmentation gain and each
+  classifier mode against zero-shot): the difference in test accuracy and macro F1 with a Student-t CI over
+  seed-matched differences, a paired patient-level bootstrap CI over the test split, and McNemar's exact p per
+  seed; also in `pairs.csv`;
 - `epochs.md`: per-epoch train accuracy, macro F1 and macro recall (mean over seeds) beside the original study's;
 - `failures.md`: failed jobs (folder, overrides, first line of the error) and unfinished ones;
 - `curves.png`, `confusion_test.png`, `bars.png` (see `pneumo_exp/report_plots.py`).
@@ -32,6 +36,11 @@ from typing import Any
 import numpy as np
 import yaml
 from omegaconf import OmegaConf
+from scipy import stats
+
+from pneumo_exp.classify.metrics import confusion_metrics, paired_bootstrap_intervals
+from pneumo_exp.errors import UserError
+from pneumo_exp.labels import CLASSES
 
 DEFAULT_METRICS = ("test/acc", "test/recall_macro", "test/f1_macro", "test/auroc_macro", "test/recall_VIRUS")
 EPOCH_METRICS = ("train/acc", "train/f1_macro", "train/recall_macro")
@@ -45,6 +54,17 @@ NOT_RUN_FOLDERS = {".hydra", "wandb", "checkpoints", "__pycache__"}
 
 COMPLETED, FAILED, UNFINISHED = "completed", "failed", "unfinished"
 
+OFFICIAL_TEST_COUNTS = {"NORMAL": 234, "BACTERIA": 242, "VIRUS": 148}
+
+
+def always_normal_metrics() -> dict[str, float]:
+    """Test metrics of always answering NORMAL on the official test split, by the project's own definitions."""
+    confusion = np.zeros((len(CLASSES), len(CLASSES)))
+    confusion[:, CLASSES.index("NORMAL")] = [OFFICIAL_TEST_COUNTS[name] for name in CLASSES]
+    return {f"test/{name}": float(value) for name, value in confusion_metrics(confusion).items()}
+
+
+ALWAYS_NORMAL = {"name": "always NORMAL, 3 classes (official test split)", "test": always_normal_metrics()}
 ORIGINAL_STUDY: dict[str, Any] = {
     "name": "original study (published)",
     "epochs": {
@@ -53,20 +73,21 @@ ORIGINAL_STUDY: dict[str, Any] = {
         3: {"train/acc": 0.5047, "train/f1_macro": 0.4891, "train/recall_macro": 0.5056},
     },
     "test": {"test/acc": 0.375, "test/f1_macro": 0.2727, "test/recall_macro": 0.5},
-    "flagged": ("test/recall_macro",),
-    "note": ("Test recall 0.5 is as published. On the official test split (234 NORMAL, 242 BACTERIA, 148 VIRUS "
-             "images) always predicting NORMAL gives accuracy 234/624 = 0.375, macro recall 1/3 = 0.333 and macro "
-             "F1 0.182 over the three classes; the published recall 0.5 and F1 0.2727 are what that constant "
-             "prediction gets when averaged over two classes (NORMAL, PNEUMONIA)."),
+    "flagged": ("test/recall_macro", "test/f1_macro"),
+    "note": ("Test recall 0.5 and F1 0.2727 are as published, and both are two-class means. On the official test "
+             "split ({NORMAL} NORMAL, {BACTERIA} BACTERIA, {VIRUS} VIRUS images) always predicting NORMAL gives "
+             "accuracy {acc:.3f}, macro recall {recall:.3f} and macro F1 {f1:.3f} over the three classes (the "
+             "always-NORMAL row); the published recall 0.5 and F1 0.2727 are what that constant prediction gets "
+             "when averaged over two classes (NORMAL, PNEUMONIA).").format(
+        **OFFICIAL_TEST_COUNTS, acc=ALWAYS_NORMAL["test"]["test/acc"],
+        recall=ALWAYS_NORMAL["test"]["test/recall_macro"], f1=ALWAYS_NORMAL["test"]["test/f1_macro"]),
 }
 
-# Two-sided 95 %: t quantile 0.975 by degrees of freedom (tests check it against numerical integration).
-T_975 = {1: 12.706205, 2: 4.302653, 3: 3.182446, 4: 2.776445, 5: 2.570582, 6: 2.446912, 7: 2.364624,
-         8: 2.306004, 9: 2.262157, 10: 2.228139, 11: 2.200985, 12: 2.178813, 13: 2.160369, 14: 2.144787,
-         15: 2.131450, 16: 2.119905, 17: 2.109816, 18: 2.100922, 19: 2.093024, 20: 2.085963, 21: 2.079614,
-         22: 2.073873, 23: 2.068658, 24: 2.063899, 25: 2.059539, 26: 2.055529, 27: 2.051831, 28: 2.048407,
-         29: 2.045230, 30: 2.042272, 40: 2.021075, 60: 2.000298, 120: 1.979930}
-Z_975 = 1.959964
+# Pairs of configurations compared when `report.pairs` is not given: (A, B) reports A - B.
+AUGMENTATION_PAIR = ("original_study", "original_no_augmentation")
+DEFAULT_PAIRS = (AUGMENTATION_PAIR, ("linear_probe", "zero_shot"), ("lora", "zero_shot"), ("full", "zero_shot"))
+PAIR_METRICS = ("test/acc", "test/f1_macro")
+NO_DIFFERENCE = "no difference shown"
 
 
 # ---------------------------------------------------------------------------------------------------- collecting
@@ -257,17 +278,10 @@ def sort_key(run: RunRecord) -> tuple:
 # ---------------------------------------------------------------------------------------------------- statistics
 
 def t_quantile_975(dof: int) -> float:
-    """Student t quantile 0.975 (two-sided 95 %); between table entries linear in 1/dof."""
+    """Student t quantile 0.975 (two-sided 95 %)."""
     if dof < 1:
         raise ValueError(f"degrees of freedom must be >= 1, got {dof}")
-    if dof in T_975:
-        return T_975[dof]
-    points = sorted([(1 / key, value) for key, value in T_975.items()] + [(0.0, Z_975)])
-    x = 1 / dof
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= x <= x1:
-            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    raise AssertionError("unreachable: 1/dof lies in (0, 1]")
+    return float(stats.t.ppf(0.975, dof))
 
 
 def finite(values: Iterable[Any]) -> list[float]:
@@ -287,15 +301,6 @@ def summarize(values: Iterable[Any]) -> dict[str, Any]:
         half_width = t_quantile_975(n - 1) * stats["std"] / math.sqrt(n)
         stats["ci_low"], stats["ci_high"] = stats["mean"] - half_width, stats["mean"] + half_width
     return stats
-
-
-def bootstrap_mean(runs: Sequence[RunRecord], metric: str) -> tuple[float | None, float | None]:
-    """Mean over runs of each run's own bootstrap CI (over test images), where results.json has one."""
-    bounds = [run.results.get("ci95", {}).get(metric) for run in runs]
-    bounds = [b for b in bounds if isinstance(b, (list, tuple)) and len(b) == 2 and len(finite(b)) == 2]
-    if not bounds:
-        return None, None
-    return float(np.mean([b[0] for b in bounds])), float(np.mean([b[1] for b in bounds]))
 
 
 def epoch_means(runs: Sequence[RunRecord], metrics: Sequence[str]) -> list[dict]:
@@ -367,7 +372,7 @@ def summarize_group(experiment: str, key: str, label: str, members: list[RunReco
                     metrics: Sequence[str]) -> dict:
     """experiment, configuration (the group key), label (for plots), status (completed when a seed completed,
     else failed or unfinished), n (completed seeds), seeds, failed, unfinished, repeated_seeds, run_dirs,
-    metrics {name: n, mean, std, ci_low, ci_high, bootstrap_low, bootstrap_high} over completed seeds,
+    metrics {name: n, mean, std, ci_low, ci_high} over completed seeds,
     epochs [per-epoch means], confusion_matrix_test (summed over completed seeds)."""
     all_completed = [run for run in members if run.status == COMPLETED]
     completed = newest_per_seed(all_completed)
@@ -385,10 +390,148 @@ def summarize_group(experiment: str, key: str, label: str, members: list[RunReco
         "confusion_matrix_test": summed_confusion(completed),
     }
     for metric in metrics:
-        stats = summarize(run.metrics.get(metric) for run in completed)
-        stats["bootstrap_low"], stats["bootstrap_high"] = bootstrap_mean(completed, metric)
-        summary["metrics"][metric] = stats
+        summary["metrics"][metric] = summarize(run.metrics.get(metric) for run in completed)
     return summary
+
+
+# ---------------------------------------------------------------------------------------------- paired comparisons
+
+def check_pairs(pairs: Any) -> list[tuple[str, str]]:
+    """`report.pairs` as a list of (A, B) configuration selectors."""
+    if not isinstance(pairs, (list, tuple)) or not all(
+            isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) and x for x in pair)
+            for pair in pairs):
+        raise UserError(f"report.pairs={pairs!r} is not a list of [A, B] pairs", where="report.pairs",
+                        fix="give e.g. report.pairs=[[original_study,original_no_augmentation],[lora,zero_shot]]")
+    return [(str(a), str(b)) for a, b in pairs]
+
+
+def matches(selector: str, experiment: str, key: str) -> bool:
+    """`name`: a recipe (`experiment=paper/NAME`, or the full recipe path) or an experiment_name;
+    `key=value[,key=value]`: a configuration holding all of those overrides."""
+    parts = set(override_parts(key))
+    if "=" in selector:
+        wanted = {"=".join(parse_override(part)) for part in override_parts(selector)}
+        return wanted <= parts
+    recipes = [part.split("=", 1)[1] for part in parts if part.startswith("experiment=")]
+    return experiment == selector or any(r == selector or r.endswith("/" + selector) for r in recipes)
+
+
+def select_configuration(selector: str, groups: dict[tuple[str, str], list[RunRecord]]) -> list[tuple[str, str]]:
+    return [name for name in groups if matches(selector, *name)]
+
+
+def read_test_predictions(folder: Path) -> dict | None:
+    """{"images": {path: (label index, predicted index)}, "patients": {path: patient_id}} from a run's
+    predictions.csv and manifest.csv (patients empty without a manifest); None without readable predictions."""
+    index = {name: number for number, name in enumerate(CLASSES)}
+    try:
+        with (folder / "predictions.csv").open(newline="") as handle:
+            images = {row["path"]: (index[row["label"]], index[row["prediction"]]) for row in csv.DictReader(handle)}
+    except (OSError, KeyError, csv.Error):
+        return None
+    patients: dict[str, str] = {}
+    with contextlib.suppress(OSError, KeyError, csv.Error):
+        with (folder / "manifest.csv").open(newline="") as handle:
+            patients = {row["path"]: row["patient_id"] for row in csv.DictReader(handle) if row["split"] == "test"}
+    return {"images": images, "patients": patients}
+
+
+def aligned_predictions(run_a: RunRecord, run_b: RunRecord) -> tuple[np.ndarray, ...] | None:
+    """(targets, predictions_a, predictions_b, patients or None) over the test images both runs predicted;
+    None when predictions are missing or the two runs were tested on different images."""
+    a, b = read_test_predictions(run_a.path), read_test_predictions(run_b.path)
+    if a is None or b is None or a["images"].keys() != b["images"].keys() or not a["images"]:
+        return None
+    paths = sorted(a["images"])
+    if any(a["images"][path][0] != b["images"][path][0] for path in paths):
+        return None
+    targets = np.array([a["images"][path][0] for path in paths])
+    predictions_a = np.array([a["images"][path][1] for path in paths])
+    predictions_b = np.array([b["images"][path][1] for path in paths])
+    known = all(path in a["patients"] for path in paths)
+    patients = np.array([a["patients"][path] for path in paths]) if known else None
+    return targets, predictions_a, predictions_b, patients
+
+
+def mcnemar(targets: np.ndarray, predictions_a: np.ndarray, predictions_b: np.ndarray) -> dict:
+    """McNemar's exact test: of the images exactly one arm got right, is A's share different from 1/2?"""
+    right_a, right_b = predictions_a == targets, predictions_b == targets
+    a_only, b_only = int(np.sum(right_a & ~right_b)), int(np.sum(~right_a & right_b))
+    p = stats.binomtest(a_only, a_only + b_only, 0.5).pvalue if a_only + b_only else 1.0
+    return {"a_only": a_only, "b_only": b_only, "p": float(p)}
+
+
+def verdict(a: str, b: str, over_seeds: tuple[float, float] | None,
+            over_patients: tuple[float, float] | None) -> str:
+    """A difference is claimed only with a CI over seeds (2 or more) that excludes 0, and the patient bootstrap's
+    CI, where there is one, excluding 0 on the same side."""
+    if over_seeds is None:
+        return f"{NO_DIFFERENCE} (one seed: no CI over seeds)"
+    intervals = [over_seeds] + ([over_patients] if over_patients is not None else [])
+    if all(low > 0 for low, _ in intervals):
+        return f"{a} higher"
+    if all(high < 0 for _, high in intervals):
+        return f"{b} higher"
+    return NO_DIFFERENCE
+
+
+def compare_pair(a: str, b: str, groups: dict[tuple[str, str], list[RunRecord]], samples: int) -> dict:
+    """a, b, status (compared | missing | ambiguous), reason, seeds, metrics {name: difference, t_low, t_high,
+    bootstrap_low, bootstrap_high, verdict}, bootstrap_seeds, mcnemar {seed: a_only, b_only, p}."""
+    comparison: dict[str, Any] = {"a": a, "b": b, "status": "missing", "reason": "", "seeds": [], "metrics": {},
+                                  "bootstrap_seeds": [], "mcnemar": {}}
+    arms = {}
+    for name in (a, b):
+        selected = select_configuration(name, groups)
+        if len(selected) > 1:
+            comparison.update(status="ambiguous", reason=f"{name} matches {len(selected)} configurations")
+            return comparison
+        completed = newest_per_seed([run for run in groups[selected[0]] if run.status == COMPLETED]) \
+            if selected else []
+        by_seed = {run.seed: run for run in completed if run.seed is not None}
+        if not by_seed:
+            comparison["reason"] = f"no completed runs of {name}"
+            return comparison
+        arms[name] = by_seed
+    seeds = sorted(set(arms[a]) & set(arms[b]))
+    if not seeds:
+        comparison["reason"] = f"no seed completed in both {a} and {b}"
+        return comparison
+    comparison.update(status="compared", seeds=seeds)
+    paired = {seed: aligned_predictions(arms[a][seed], arms[b][seed]) for seed in seeds}
+    comparison["mcnemar"] = {seed: mcnemar(*arrays[:3]) for seed, arrays in paired.items() if arrays is not None}
+    with_patients = [seed for seed, arrays in paired.items() if arrays is not None and arrays[3] is not None]
+    comparison["bootstrap_seeds"] = with_patients
+    bootstrap = paired_bootstrap_intervals([paired[seed] for seed in with_patients], samples=samples) \
+        if with_patients else {}
+    for metric in PAIR_METRICS:
+        differences = summarize(arms[a][seed].metrics.get(metric) - arms[b][seed].metrics.get(metric)
+                                for seed in seeds if is_number(arms[a][seed].metrics.get(metric))
+                                and is_number(arms[b][seed].metrics.get(metric)))
+        resampled = bootstrap.get(metric_title(metric), {}).get("ci")
+        t_interval = (differences["ci_low"], differences["ci_high"]) if differences["ci_low"] is not None else None
+        comparison["metrics"][metric] = {
+            "n": differences["n"], "difference": differences["mean"],
+            "t_low": differences["ci_low"], "t_high": differences["ci_high"],
+            "bootstrap_low": resampled[0] if resampled else None, "bootstrap_high": resampled[1] if resampled else None,
+            "verdict": verdict(a, b, t_interval, tuple(resampled) if resampled else None)}
+    return comparison
+
+
+def is_number(value: Any) -> bool:
+    return bool(finite([value]))
+
+
+def compare_pairs(runs: Iterable[RunRecord], pairs: Sequence[tuple[str, str]] | None, samples: int) -> list[dict]:
+    """Explicit pairs are all reported (missing ones as missing); of the default pairs, those with a run of
+    either side, so that a report of an unrelated sweep has no comparison section."""
+    groups = group_runs(runs)
+    if pairs is not None:
+        return [compare_pair(a, b, groups, samples) for a, b in check_pairs(pairs)]
+    present = [(a, b) for a, b in DEFAULT_PAIRS
+               if select_configuration(a, groups) or select_configuration(b, groups)]
+    return [compare_pair(a, b, groups, samples) for a, b in present]
 
 
 # ---------------------------------------------------------------------------------------------------- formatting
@@ -427,46 +570,83 @@ def markdown_rows(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), "| " + " | ".join("---" for _ in header) + " |", *map(line, rows)]
 
 
-def reference_cell(metric: str, marker: str) -> str:
-    value = ORIGINAL_STUDY["test"].get(metric)
+def reference_cell(metric: str, marker: str, reference: dict = ORIGINAL_STUDY) -> str:
+    value = reference["test"].get(metric)
     if value is None:
         return "—"
-    return fmt(value) + (marker if metric in ORIGINAL_STUDY["flagged"] else "")
+    return fmt(value) + (marker if metric in reference.get("flagged", ()) else "")
 
 
-def results_markdown(groups: list[dict], metrics: Sequence[str], reference: bool) -> list[str]:
+def results_markdown(groups: list[dict], metrics: Sequence[str], reference: bool,
+                     comparisons: Sequence[dict] = ()) -> list[str]:
     header = ["experiment", "configuration", "n", *map(metric_title, metrics), "notes"]
     rows = [[g["experiment"], g["short_configuration"], str(g["n"]),
              *(format_stats(g["metrics"][m], g) for m in metrics), group_notes(g)] for g in groups]
     if reference:
         rows.append([ORIGINAL_STUDY["name"], "", "—", *(reference_cell(m, " ¹") for m in metrics), ""])
+        rows.append([ALWAYS_NORMAL["name"], "", "—", *(reference_cell(m, "", ALWAYS_NORMAL) for m in metrics), ""])
     lines = ["## Test metrics", "",
              "Best epoch by `val/f1_macro`, tested once. Cells: mean ± sample std [95 % CI of the mean over seeds, "
              "Student t with n−1 dof]; n = completed seeds (one seed: the value alone).", "",
              *markdown_rows(header, rows)]
     if reference:
         lines += ["", f"¹ {ORIGINAL_STUDY['note']}"]
+    gain = [c for c in comparisons if (c["a"], c["b"]) == AUGMENTATION_PAIR]
+    if gain:
+        lines += ["", augmentation_gain_line(gain[0])]
     return lines
 
 
-def bootstrap_markdown(groups: list[dict], metrics: Sequence[str]) -> list[str]:
-    groups = [g for g in groups if g["n"]]
-    metrics = [m for m in metrics if any(g["metrics"][m]["bootstrap_low"] is not None for g in groups)]
-    if not metrics:
+def signed(value: float | None) -> str:
+    return "—" if value is None else f"{value:+.4f}"
+
+
+def interval_text(low: float | None, high: float | None) -> str:
+    return "—" if low is None else f"[{signed(low)}, {signed(high)}]"
+
+
+def augmentation_gain_line(comparison: dict) -> str:
+    title = f"**Augmentation gain** ({comparison['a']} − {comparison['b']}"
+    if comparison["status"] != "compared":
+        return f"{title}): {comparison['status']}, {comparison['reason']}."
+    parts = []
+    for metric, values in comparison["metrics"].items():
+        parts.append(f"{metric_title(metric)} {signed(values['difference'])} (t 95 % CI "
+                     f"{interval_text(values['t_low'], values['t_high'])}, patient bootstrap "
+                     f"{interval_text(values['bootstrap_low'], values['bootstrap_high'])}): {values['verdict']}")
+    seeds = ", ".join(map(str, comparison["seeds"]))
+    return f"{title}, seeds {seeds}): " + "; ".join(parts) + ". See the paired comparisons below."
+
+
+def mcnemar_text(comparison: dict) -> str:
+    return ", ".join(f"seed {seed}: {test['p']:.3g} ({test['a_only']} vs {test['b_only']})"
+                     for seed, test in comparison["mcnemar"].items()) or "—"
+
+
+def pairs_markdown(comparisons: Sequence[dict]) -> list[str]:
+    if not comparisons:
         return []
+    header = ["A", "B", "seeds", "metric", "A − B", "t 95 % CI", "patient bootstrap 95 % CI", "verdict",
+              "McNemar exact p (A only vs B only right)"]
     rows = []
-    for g in groups:
-        cells = []
-        for metric in metrics:
-            stats = g["metrics"][metric]
-            cells.append("—" if stats["bootstrap_low"] is None
-                         else f"[{fmt(stats['bootstrap_low'])}, {fmt(stats['bootstrap_high'])}]")
-        rows.append([g["experiment"], g["short_configuration"], str(g["n"]), *cells])
-    header = ["experiment", "configuration", "n", *map(metric_title, metrics)]
-    return ["## Bootstrap intervals over test patients", "",
-            "Each run's percentile-bootstrap 95 % CI over test patients (all images of a drawn patient together;",
-            "`results.json` ci95), averaged over seeds.",
-            "", *markdown_rows(header, rows)]
+    for c in comparisons:
+        if c["status"] != "compared":
+            rows.append([c["a"], c["b"], "—", "", "", "", "", f"{c['status']}: {c['reason']}", ""])
+            continue
+        for number, (metric, values) in enumerate(c["metrics"].items()):
+            rows.append([c["a"], c["b"], " ".join(map(str, c["seeds"])), metric_title(metric),
+                         signed(values["difference"]), interval_text(values["t_low"], values["t_high"]),
+                         interval_text(values["bootstrap_low"], values["bootstrap_high"]), values["verdict"],
+                         mcnemar_text(c) if number == 0 else ""])
+    return ["## Paired comparisons", "",
+            "A − B in test metrics over the seeds both completed. t: mean of the per-seed differences with its "
+            "Student-t 95 % CI (n−1 dof; needs 2 seeds), the spread from training randomness. Patient bootstrap: "
+            "95 % percentile CI of the mean difference when test patients are resampled (all images of a patient "
+            "together, one resample for both arms and every seed), the spread from which patients were tested. "
+            "A difference is claimed only where the t CI (so at least 2 seeds) and the bootstrap CI both exclude 0; "
+            "otherwise: no difference shown. "
+            "McNemar: exact two-sided p per seed on the images exactly one arm classified correctly.", "",
+            *markdown_rows(header, rows)]
 
 
 def epochs_markdown(groups: list[dict], reference: bool = True) -> list[str]:
@@ -523,19 +703,19 @@ def failures_markdown(runs: Sequence[RunRecord], root: Path) -> list[str]:
 
 
 def report_markdown(root: Path, runs: Sequence[RunRecord], groups: list[dict], metrics: Sequence[str],
-                    reference: bool) -> str:
+                    reference: bool, comparisons: Sequence[dict] = ()) -> str:
     counts = {status: sum(run.status == status for run in runs) for status in (COMPLETED, FAILED, UNFINISHED)}
     lines = ["# Report", "", f"Runs under `{root}`: " + ", ".join(f"{n} {s}" for s, n in counts.items()) +
              f"; {len(groups)} configurations.", "",
-             *results_markdown(groups, metrics, reference), ""]
-    bootstrap = bootstrap_markdown(groups, metrics)
-    if bootstrap:
-        lines += [*bootstrap, ""]
+             *results_markdown(groups, metrics, reference, comparisons), ""]
+    paired = pairs_markdown(comparisons)
+    if paired:
+        lines += [*paired, ""]
     lines += [*epochs_markdown(groups, reference), "", *failures_markdown(runs, root)]
     return "\n".join(lines) + "\n"
 
 
-CSV_STATS = ("mean", "std", "ci_low", "ci_high", "bootstrap_low", "bootstrap_high")
+CSV_STATS = ("mean", "std", "ci_low", "ci_high")
 
 
 def csv_text(groups: list[dict], metrics: Sequence[str]) -> str:
@@ -549,6 +729,23 @@ def csv_text(groups: list[dict], metrics: Sequence[str]) -> str:
                          " ".join(str(s) for s in g["seeds"]), g["failed"], g["unfinished"],
                          *("" if g["metrics"][m][stat] is None else repr(g["metrics"][m][stat])
                            for m in metrics for stat in CSV_STATS)])
+    return buffer.getvalue()
+
+
+def pairs_csv(comparisons: Sequence[dict]) -> str:
+    """One row per compared pair and metric (missing pairs: one row with the reason); full precision."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    columns = ("difference", "t_low", "t_high", "bootstrap_low", "bootstrap_high")
+    writer.writerow(["a", "b", "status", "reason", "seeds", "metric", *columns, "verdict", "bootstrap_seeds",
+                     "mcnemar_p"])
+    for c in comparisons:
+        seeds = " ".join(map(str, c["seeds"]))
+        mcnemar_p = " ".join(f"{seed}:{test['p']!r}" for seed, test in c["mcnemar"].items())
+        for metric, values in c["metrics"].items() or [("", {})]:
+            writer.writerow([c["a"], c["b"], c["status"], c["reason"], seeds, metric,
+                             *("" if values.get(k) is None else repr(values[k]) for k in columns),
+                             values.get("verdict", ""), " ".join(map(str, c["bootstrap_seeds"])), mcnemar_p])
     return buffer.getvalue()
 
 
@@ -578,6 +775,8 @@ def latex_table(groups: list[dict], metrics: Sequence[str], reference: bool = Tr
     if reference:
         cells = [reference_cell(m, "$^\\dagger$").replace("—", "--") for m in metrics]
         lines += ["\\midrule", " & ".join([latex_escape(ORIGINAL_STUDY["name"].capitalize()), "--", *cells]) + " \\\\"]
+        cells = [reference_cell(m, "", ALWAYS_NORMAL).replace("—", "--") for m in metrics]
+        lines.append(" & ".join([latex_escape(ALWAYS_NORMAL["name"]), "--", *cells]) + " \\\\")
     lines.append("\\bottomrule")
     if reference:
         lines.append(f"\\multicolumn{{{columns}}}{{p{{0.9\\linewidth}}}}{{\\footnotesize $^\\dagger$ "
@@ -605,8 +804,10 @@ def write_atomic(path: Path, data: str | bytes) -> Path:
 
 
 def write_report(root: str | os.PathLike, output_dir: str | os.PathLike, reference: bool = True,
-                 metrics: Sequence[str] = DEFAULT_METRICS) -> dict[str, Path]:
-    """Write the tables, plots and failure summary of every run under root; returns {file name: path}."""
+                 metrics: Sequence[str] = DEFAULT_METRICS, pairs: Sequence[Sequence[str]] | None = None,
+                 bootstrap_samples: int = 2000) -> dict[str, Path]:
+    """Write the tables, plots and failure summary of every run under root; returns {file name: path}.
+    `pairs`: [A, B] configuration selectors to compare (None: the paper table's default pairs)."""
     from pneumo_exp import report_plots  # matplotlib only when plots are drawn
 
     root, output_dir = Path(root).resolve(), Path(output_dir)
@@ -614,11 +815,13 @@ def write_report(root: str | os.PathLike, output_dir: str | os.PathLike, referen
     if not runs:
         raise ValueError(f"report: no run folders (with .hydra/config.yaml or config.yaml) under {root}")
     groups = aggregate(runs, metrics)
+    comparisons = compare_pairs(runs, pairs, bootstrap_samples)
     completed = [g for g in groups if g["n"]]
     files: dict[str, str | bytes] = {
-        "table.md": report_markdown(root, runs, groups, metrics, reference),
+        "table.md": report_markdown(root, runs, groups, metrics, reference, comparisons),
         "table.csv": csv_text(groups, metrics),
         "table.tex": latex_table(groups, metrics, reference),
+        "pairs.csv": pairs_csv(comparisons),
         "epochs.md": epochs_document(groups, reference),
         "failures.md": "\n".join(failures_markdown(runs, root)) + "\n",
         "curves.png": report_plots.curves_png({g["label"]: g["epochs"] for g in completed}, CURVE_METRICS),
@@ -626,11 +829,26 @@ def write_report(root: str | os.PathLike, output_dir: str | os.PathLike, referen
             {g["label"]: g["confusion_matrix_test"] for g in completed if g["confusion_matrix_test"]}),
         "bars.png": report_plots.bars_png(
             {g["label"]: {m: g["metrics"][m] for m in BAR_METRICS if m in g["metrics"]} for g in completed},
-            ORIGINAL_STUDY["test"] if reference else {}),
+            **(bar_references() if reference else {})),
     }
     return {name: write_atomic(output_dir / name, content) for name, content in files.items()}
 
 
-def main_report(input_dir: str | os.PathLike, output_dir: str | os.PathLike) -> str:
-    """`pneumo-exp report report.input=DIR report.output=DIR`: writes the report, returns table.md's text."""
-    return write_report(input_dir, output_dir)["table.md"].read_text()
+def bar_references() -> dict:
+    """Dashed lines: the published numbers; dotted: always NORMAL over three classes; a caption saying which is which."""
+    published = {m: ORIGINAL_STUDY["test"][m] for m in BAR_METRICS if m in ORIGINAL_STUDY["test"]}
+    baseline = {m: ALWAYS_NORMAL["test"][m] for m in BAR_METRICS}
+    caption = ("Dashed: the original study's published numbers (" +
+               ", ".join(f"{metric_title(m)} {v:.4g}" for m, v in published.items()) +
+               "); its F1 0.2727 and recall 0.5 are two-class means. Dotted: always NORMAL over the three classes "
+               "on the official test split (" + ", ".join(f"{metric_title(m)} {v:.3f}" for m, v in baseline.items()) +
+               ").")
+    return {"reference": published, "baseline": baseline, "caption": caption}
+
+
+def main_report(input_dir: str | os.PathLike, output_dir: str | os.PathLike,
+                pairs: Sequence[Sequence[str]] | None = None, bootstrap_samples: int = 2000) -> str:
+    """`pneumo-exp report report.input=DIR [report.output=DIR] [report.pairs=[[A,B],...]]`: writes the report,
+    returns table.md's text."""
+    paths = write_report(input_dir, output_dir, pairs=pairs, bootstrap_samples=bootstrap_samples)
+    return paths["table.md"].read_text()

@@ -84,11 +84,18 @@ def confusion_grid_png(matrices: dict[str, list[list[int]]]) -> bytes:
     return to_png(figure)
 
 
-def bars_png(stats_by_label: dict[str, dict[str, dict]], reference: dict[str, float]) -> bytes:
-    """Horizontal bars: mean over seeds with the 95 % CI of the mean; dashed lines: the published numbers."""
+def bars_png(stats_by_label: dict[str, dict[str, dict]], reference: dict[str, float] | None = None,
+             baseline: dict[str, float] | None = None, caption: str = "") -> bytes:
     labels = [label for label, stats in stats_by_label.items() if any(s["mean"] is not None for s in stats.values())]
     if not labels:
         return nothing_to_show("no completed runs")
+    return to_png(bars_figure(stats_by_label, labels, reference or {}, baseline or {}, caption))
+
+
+def bars_figure(stats_by_label: dict[str, dict[str, dict]], labels: list[str], reference: dict[str, float],
+                baseline: dict[str, float], caption: str) -> Figure:
+    """Horizontal bars: mean over seeds with the 95 % CI of the mean; dashed lines: the published numbers;
+    dotted lines: a baseline (always NORMAL); the caption under the axis says what the lines are."""
     metrics = list(dict.fromkeys(m for label in labels for m in stats_by_label[label]))
     height = 0.8 / len(metrics)
     figure = Figure(figsize=(7, 1.0 + 0.45 * len(labels) * len(metrics)))
@@ -108,10 +115,15 @@ def bars_png(stats_by_label: dict[str, dict[str, dict]], reference: dict[str, fl
         if metric in reference:
             axis.axvline(reference[metric], color=colour, linestyle="--", linewidth=1,
                          label=f"original study {metric} {reference[metric]:.4g}")
+        if metric in baseline:
+            axis.axvline(baseline[metric], color=colour, linestyle=":", linewidth=1,
+                         label=f"always NORMAL {metric} {baseline[metric]:.3f}")
     axis.set_yticks(positions + height * (len(metrics) - 1) / 2, [wrap(label) for label in labels], fontsize=7)
     axis.invert_yaxis()
     axis.set_xlim(0, 1)
     axis.set_xlabel("mean over seeds, 95 % CI of the mean")
     axis.grid(axis="x", alpha=0.3)
     axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
-    return to_png(figure)
+    if caption:
+        axis.set_title("\n".join(textwrap.wrap(caption, 100)), fontsize=7, loc="left")
+    return figure

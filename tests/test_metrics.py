@@ -115,3 +115,31 @@ def test_printed_metrics_are_the_headline_names():
     header, val, test = format_metrics({"val/acc": 0.5, "test/recall_macro": 0.25}).splitlines()
     assert header.split() == ["split", *HEADLINE] and "balanced_acc" not in header
     assert test.split()[:3] == ["test", "nan", "0.2500"]
+
+
+def test_paired_bootstrap_draws_one_patient_resample_for_both_arms_and_all_seeds():
+    """Identical arms: every resample's difference is exactly 0. Independent resamples per arm would spread."""
+    from pneumo_exp.classify.metrics import paired_bootstrap_intervals
+
+    rng = np.random.default_rng(4)
+    patients = np.repeat(np.arange(40), 3)
+    seeds = []
+    for _ in range(3):
+        targets = rng.integers(0, 3, 120)
+        predictions = np.where(rng.random(120) < 0.7, targets, (targets + 1) % 3)
+        seeds.append((targets, predictions, predictions.copy(), patients))
+    for name, result in paired_bootstrap_intervals(seeds, samples=300).items():
+        assert result == {"difference": 0.0, "ci": [0.0, 0.0]}, name
+
+
+def test_paired_bootstrap_resamples_patients_not_images():
+    """B misses all 5 images of one of 20 patients, A gets everything right: a resample's accuracy difference is
+    (times that patient is drawn) / 20, Binomial(20, 1/20) / 20, whose 2.5 % and 97.5 % points are 0 and 0.15."""
+    from pneumo_exp.classify.metrics import paired_bootstrap_intervals
+
+    patients = np.repeat(np.arange(20), 5)
+    targets = np.repeat(np.arange(20) % 3, 5)
+    wrong = np.where(patients == 7, (targets + 1) % 3, targets)
+    result = paired_bootstrap_intervals([(targets, targets, wrong, patients)], samples=4000)["acc"]
+    assert result["difference"] == pytest.approx(5 / 100)
+    assert result["ci"] == pytest.approx([0.0, 0.15])

@@ -36,7 +36,7 @@ EPOCHS = 3
 SWEEP = Path("multirun") / EXPERIMENT / "2026-01-05_10-00-00-000001"
 RETRY_SWEEP = Path("multirun") / EXPERIMENT / "2026-01-06_09-30-00-000002" / "retry"  # nested one level deeper
 PLOTS = ("curves.png", "confusion_test.png", "bars.png")
-OUTPUT_FILES = {"table.md", "table.csv", "table.tex", "epochs.md", "failures.md", *PLOTS}
+OUTPUT_FILES = {"table.md", "table.csv", "table.tex", "pairs.csv", "epochs.md", "failures.md", *PLOTS}
 
 
 # ------------------------------------------------------------------------------------------- fake run folders
@@ -185,7 +185,7 @@ def direct_values(folders: list[Path], metric: str) -> list[float]:
 
 def direct_stats(values: list[float]) -> dict:
     mean, std = float(np.mean(values)), float(np.std(values, ddof=1))
-    half_width = 4.302653 * std / math.sqrt(len(values))  # t(0.975, 2 dof)
+    half_width = 0.95 / math.sqrt(2 * 0.975 * 0.025) * std / math.sqrt(len(values))  # t(0.975, 2 dof), closed form
     return {"mean": mean, "std": std, "ci_low": mean - half_width, "ci_high": mean + half_width}
 
 
@@ -231,9 +231,7 @@ def test_aggregate_equals_statistics_computed_from_results_json(sweep):
             for name, value in expected.items():
                 assert stats[name] == pytest.approx(value, rel=1e-12, abs=1e-15), (metric, name)
             assert stats["ci_low"] < stats["mean"] < stats["ci_high"]
-        bounds = [json.loads((f / "results.json").read_text())["ci95"]["test/acc"] for f in folders]
-        assert group["metrics"]["test/acc"]["bootstrap_low"] == pytest.approx(np.mean([b[0] for b in bounds]))
-        assert group["metrics"]["test/auroc_macro"]["bootstrap_low"] is None  # no bootstrap for AUROC
+        assert "bootstrap_low" not in group["metrics"]["test/acc"]  # averaged per-run bounds are not a CI
     assert groups[(EXPERIMENT, grid_key(8, "1e-4"))]["unfinished"] == 1
     baseline = groups[("baseline", "baseline")]
     assert baseline["n"] == 1 and baseline["metrics"]["test/acc"]["ci_low"] is None
@@ -293,8 +291,9 @@ def test_markdown_table_numbers_equal_the_results_json_files(sweep, written):
     baseline = direct_values([sweep["baseline"]], "test/acc")[0]
     assert markdown_row(table, ("baseline", "baseline"))[3] == f"{baseline:.4f}"
     published = markdown_row(table, (ORIGINAL_STUDY["name"],))
-    assert published[3:6] == ["0.3750", "0.5000 ¹", "0.2727"]
+    assert published[3:6] == ["0.3750", "0.5000 ¹", "0.2727 ¹"]  # both published macro numbers are two-class
     assert "0.333" in table and "## Per-epoch training metrics" in table
+    assert "## Bootstrap intervals" not in table
 
 
 def test_csv_parses_back_to_the_exact_statistics(sweep, written):
@@ -403,3 +402,177 @@ def test_damaged_files_and_repeated_seeds_are_reported_not_fatal(tmp_path):
         "optim.lr=0.0001": (1, [0]), "again": (0, [])}  # a repeated seed counts once; no overrides: experiment
     table = main_report(root, tmp_path / "out")
     assert "seed 0 run more than once" in table and "results.json unreadable" in table
+
+
+# ----------------------------------------------------------------------------- reference rows and bars caption
+
+def test_always_normal_row_is_the_three_class_constant_prediction(written):
+    """234 / 242 / 148 official test images, all called NORMAL: the numbers by hand, three-class means."""
+    f1_normal = 2 * (234 / 624) / (1 + 234 / 624)
+    expected = {"test/acc": 234 / 624, "test/recall_macro": 1 / 3, "test/f1_macro": f1_normal / 3,
+                "test/recall_VIRUS": 0.0}
+    assert report.ALWAYS_NORMAL["test"]["test/f1_macro"] == pytest.approx(0.1818, abs=1e-4)
+    table = (written["output"] / "table.md").read_text()
+    cells = dict(zip(report.DEFAULT_METRICS, markdown_row(table, (report.ALWAYS_NORMAL["name"],))[3:]))
+    assert cells == {m: f"{expected[m]:.4f}" if m in expected else "—" for m in report.DEFAULT_METRICS}
+    assert "F1 0.2727 are as published, and both are two-class means" in table
+    tex = (written["output"] / "table.tex").read_text()
+    assert f"{expected['test/f1_macro']:.4f}" in tex and "always NORMAL, 3 classes" in tex
+
+
+def test_bars_caption_says_the_published_numbers_are_two_class_means():
+    from pneumo_exp import report_plots
+
+    stats = {"a": {"test/acc": {"mean": 0.8, "ci_low": 0.7, "ci_high": 0.9},
+                   "test/f1_macro": {"mean": 0.7, "ci_low": None}}}
+    references = report.bar_references()
+    figure = report_plots.bars_figure(stats, ["a"], **references)
+    title = figure.axes[0].get_title(loc="left").replace("\n", " ")
+    assert "F1 0.2727 and recall 0.5 are two-class means" in title and "f1_macro 0.182" in title
+    legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert "always NORMAL test/f1_macro 0.182" in legend and "original study test/f1_macro 0.2727" in legend
+
+
+# ---------------------------------------------------------------------------------------- paired comparisons
+
+PAPER_ROWS = {"original_study": 0.85, "original_no_augmentation": 0.55, "zero_shot": 0.35}
+TEST_PATIENTS, IMAGES_PER_PATIENT = 30, 3
+
+
+def write_paper_job(folder: Path, row: str, seed: int, rng: np.random.Generator) -> None:
+    """A completed paper-table job whose results.json, predictions.csv and manifest.csv agree."""
+    overrides = [f"experiment=paper_cpu/{row}", f"seed={seed}", "dataset=phantom", "experiment_name=paper_demo"]
+    config = resolved_config("paper_demo", seed, 16, "1e-4", folder)
+    write_job(folder, overrides, config, "unfinished", rng)  # the folder's config files; results written below
+    patients = np.repeat([f"p{number}" for number in range(TEST_PATIENTS)], IMAGES_PER_PATIENT)
+    labels = np.repeat(np.arange(TEST_PATIENTS) % 3, IMAGES_PER_PATIENT)
+    right = rng.random(len(labels)) < PAPER_ROWS[row]
+    predictions = np.where(right, labels, (labels + rng.integers(1, 3, len(labels))) % 3)
+    names = ("NORMAL", "BACTERIA", "VIRUS")
+    paths = [f"test/{names[label]}/{patient}_{number}.png" for number, (label, patient) in
+             enumerate(zip(labels, patients))]
+    with (folder / "predictions.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "prob_NORMAL", "prob_BACTERIA", "prob_VIRUS", "prediction"])
+        for path, label, prediction in zip(paths, labels, predictions):
+            writer.writerow([path, names[label], 0.2, 0.2, 0.6, names[prediction]])
+    with (folder / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "patient_id", "split", "source", "sha256"])
+        writer.writerow(["train/NORMAL/t.png", "NORMAL", "train0", "train", "real", "x"])
+        for path, label, patient in zip(paths, labels, patients):
+            writer.writerow([path, names[label], patient, "test", "real", "x"])
+    confusion = np.zeros((3, 3), dtype=int)
+    np.add.at(confusion, (labels, predictions), 1)
+    results = {"metrics": {f"test/{k}": v for k, v in confusion_metrics(confusion).items()},
+               "confusion_matrix": {"test": confusion.tolist()}, "seed": seed}
+    (folder / "results.json").write_text(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def paper(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("paper") / "runs"
+    rng = np.random.default_rng(11)
+    for number, (row, seed) in enumerate((row, seed) for row in PAPER_ROWS for seed in SEEDS):
+        write_paper_job(root / f"{number}_experiment=paper_cpu/{row},seed={seed}".replace("/", "-"), row, seed, rng)
+    return {"root": root, "output": write_report(root, root.parent / "report")["table.md"].parent}
+
+
+def job_folder(paper: dict, row: str, seed: int) -> Path:
+    return next(p.parent for p in paper["root"].rglob("results.json")
+                if f"{row},seed={seed}" in p.parent.name)
+
+
+def predictions_of(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    with (folder / "predictions.csv").open(newline="") as handle:
+        rows = sorted(csv.DictReader(handle), key=lambda row: row["path"])
+    return np.array([row["label"] for row in rows]), np.array([row["prediction"] for row in rows])
+
+
+def paired_csv(paper: dict) -> dict:
+    with (paper["output"] / "pairs.csv").open(newline="") as handle:
+        return {(row["a"], row["b"], row["metric"]): row for row in csv.DictReader(handle)}
+
+
+def test_seed_matched_t_interval_equals_scipys_paired_t_test(paper):
+    from scipy import stats
+
+    rows = paired_csv(paper)
+    for metric in ("test/acc", "test/f1_macro"):
+        a, b = ([json.loads((job_folder(paper, row, seed) / "results.json").read_text())["metrics"][metric]
+                 for seed in SEEDS] for row in report.AUGMENTATION_PAIR)
+        interval = stats.ttest_rel(a, b).confidence_interval(0.95)
+        row = rows[(*report.AUGMENTATION_PAIR, metric)]
+        assert row["status"] == "compared" and row["seeds"] == "0 1 2"
+        assert float(row["difference"]) == pytest.approx(np.mean(np.subtract(a, b)), rel=1e-12)
+        assert float(row["t_low"]) == pytest.approx(interval.low, rel=1e-9)
+        assert float(row["t_high"]) == pytest.approx(interval.high, rel=1e-9)
+
+
+def test_paired_bootstrap_is_centred_on_the_mean_seed_difference(paper):
+    comparison = report.compare_pair(*report.AUGMENTATION_PAIR, report.group_runs(collect_runs(paper["root"])), 500)
+    assert comparison["bootstrap_seeds"] == list(SEEDS)
+    for metric, values in comparison["metrics"].items():
+        assert values["bootstrap_low"] < values["difference"] < values["bootstrap_high"]
+    point = report.paired_bootstrap_intervals(
+        [report.aligned_predictions(*(RunRecord(job_folder(paper, row, seed), "completed", [], {})
+                                      for row in report.AUGMENTATION_PAIR)) for seed in SEEDS], samples=10)
+    assert point["acc"]["difference"] == pytest.approx(comparison["metrics"]["test/acc"]["difference"], rel=1e-12)
+
+
+def test_mcnemar_p_equals_a_hand_count_of_discordant_images(paper):
+    rows = paired_csv(paper)
+    reported = dict(item.split(":") for item in rows[(*report.AUGMENTATION_PAIR, "test/acc")]["mcnemar_p"].split())
+    for seed in SEEDS:
+        (labels, a), (_, b) = (predictions_of(job_folder(paper, row, seed)) for row in report.AUGMENTATION_PAIR)
+        a_only, b_only = int(np.sum((a == labels) & (b != labels))), int(np.sum((a != labels) & (b == labels)))
+        smaller, n = min(a_only, b_only), a_only + b_only
+        hand = min(1.0, 2 * sum(math.comb(n, k) for k in range(smaller + 1)) / 2 ** n)
+        assert float(reported[str(seed)]) == pytest.approx(hand, rel=1e-9), seed
+    assert report.mcnemar(np.zeros(9, int), np.array([0] * 7 + [1] * 2), np.array([1] * 7 + [0] * 2))["p"] == \
+        pytest.approx(2 * (1 + 9 + 36) / 512)
+
+
+def test_augmentation_gain_is_claimed_only_with_every_ci_excluding_zero(paper):
+    table = (paper["output"] / "table.md").read_text()
+    gain = next(line for line in table.splitlines() if line.startswith("**Augmentation gain**"))
+    assert "original_study − original_no_augmentation, seeds 0, 1, 2" in gain
+    assert gain.count("original_study higher") == 2  # 0.85 against 0.55 correct: both CIs far above 0
+    assert report.verdict("A", "B", (0.01, 0.05), (-0.01, 0.03)) == report.NO_DIFFERENCE
+    assert report.verdict("A", "B", (-0.05, -0.01), None) == "B higher"  # runs without predictions.csv
+    assert report.verdict("A", "B", None, (0.02, 0.04)).startswith(report.NO_DIFFERENCE)  # one seed: no claim
+    assert "## Paired comparisons" in table and "## Bootstrap intervals" not in table
+
+
+def test_default_pairs_with_a_missing_side_are_listed_as_missing(paper):
+    table = (paper["output"] / "table.md").read_text()
+    for mode in ("linear_probe", "lora", "full"):
+        assert markdown_row(table, (mode, "zero_shot"))[7] == f"missing: no completed runs of {mode}"
+
+
+def test_explicit_pairs_missing_or_ambiguous_are_reported_not_fatal(paper, tmp_path):
+    pairs = [["zero_shot", "original_study"], ["nothing_like_this", "zero_shot"], ["paper_demo", "zero_shot"],
+             ["experiment=paper_cpu/original_study", "dataset=phantom,experiment=paper_cpu/zero_shot"]]
+    table = main_report(paper["root"], tmp_path / "out", pairs=pairs, bootstrap_samples=200)
+    assert "Augmentation gain" not in table
+    assert markdown_row(table, ("zero_shot", "original_study"))[2] == "0 1 2"
+    assert markdown_row(table, ("nothing_like_this", "zero_shot"))[7] == \
+        "missing: no completed runs of nothing_like_this"
+    assert markdown_row(table, ("paper_demo", "zero_shot"))[7] == "ambiguous: paper_demo matches 3 configurations"
+    assert markdown_row(table, ("experiment=paper_cpu/original_study",))[2] == "0 1 2"
+    with pytest.raises(report.UserError, match="report.pairs"):
+        main_report(paper["root"], tmp_path / "bad", pairs=["original_study"])
+
+
+def test_a_report_of_an_unrelated_sweep_has_no_comparison_section(written):
+    assert "## Paired comparisons" not in (written["output"] / "table.md").read_text()
+
+
+def test_report_task_takes_pairs_from_the_command_line(paper, make_cfg, tmp_path, capsys):
+    from pneumo_exp.pipeline import run
+
+    run(make_cfg("task=report", f"report.input={paper['root']}", f"report.output={tmp_path / 'cli'}",
+                 "report.pairs=[[original_study,zero_shot]]", "report.bootstrap_samples=100"))
+    table = (tmp_path / "cli" / "table.md").read_text()
+    assert markdown_row(table, ("original_study", "zero_shot"))[2] == "0 1 2"
+    assert "no completed runs of lora" not in table and table in capsys.readouterr().out

@@ -71,12 +71,57 @@ def bootstrap_intervals(predictions: np.ndarray, targets: np.ndarray, samples: i
     """
     rng = np.random.default_rng(seed)
     groups = np.arange(len(targets)) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
-    cells = targets * NUM_CLASSES + predictions
-    per_group = np.zeros((groups.max() + 1, NUM_CLASSES * NUM_CLASSES))  # each patient's confusion counts
-    np.add.at(per_group, (groups, cells), 1)
-    count = len(per_group)
-    draws = rng.multinomial(count, np.full(count, 1 / count), size=samples)  # how often each patient is drawn
-    confusion = (draws @ per_group).reshape(samples, NUM_CLASSES, NUM_CLASSES)
+    count = groups.max() + 1
+    draws = patient_draws(count, samples, rng)
+    confusion = resampled_confusion(draws, group_confusions(predictions, targets, groups, count))
+    return {name: percentile_interval(values, level) for name, values in confusion_metrics(confusion).items()}
+
+
+def paired_bootstrap_intervals(seeds: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+                               samples: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, dict]:
+    """Difference a - b of each confusion-matrix metric, averaged over seeds, with a paired percentile bootstrap CI:
+    {name: {"difference": value, "ci": [low, high]}}.
+
+    `seeds` holds per seed (targets, predictions_a, predictions_b, patients) over one set of test images. Each draw
+    of test patients (with all their images) is applied to both arms and to every seed, so the interval measures
+    which patients happened to be tested, the uncertainty both arms share, not independent noise per arm.
+    """
+    patient_ids = [np.asarray(patients).astype(str) for *_, patients in seeds]
+    _, index = np.unique(np.concatenate(patient_ids), return_inverse=True)
+    count = index.max() + 1
+    per_seed_groups = np.split(index, np.cumsum([len(ids) for ids in patient_ids])[:-1])
+    draws = patient_draws(count, samples, np.random.default_rng(seed))
+
+    def mean_difference(weights: np.ndarray) -> dict[str, np.ndarray]:
+        total: dict[str, np.ndarray] = {}
+        for (targets, predictions_a, predictions_b, _), groups in zip(seeds, per_seed_groups):
+            arm_a, arm_b = (confusion_metrics(resampled_confusion(weights, group_confusions(
+                predictions, targets, groups, count))) for predictions in (predictions_a, predictions_b))
+            for name in arm_a:
+                total[name] = total.get(name, 0.0) + (arm_a[name] - arm_b[name]) / len(seeds)
+        return total
+
+    point, resampled = mean_difference(np.ones((1, count))), mean_difference(draws)
+    return {name: {"difference": float(point[name][0]), "ci": percentile_interval(resampled[name], level)}
+            for name in point}
+
+
+def group_confusions(predictions: np.ndarray, targets: np.ndarray, groups: np.ndarray, count: int) -> np.ndarray:
+    """Each group's (patient's) confusion counts, flattened: (count, C * C)."""
+    per_group = np.zeros((count, NUM_CLASSES * NUM_CLASSES))
+    np.add.at(per_group, (groups, np.asarray(targets) * NUM_CLASSES + np.asarray(predictions)), 1)
+    return per_group
+
+
+def patient_draws(count: int, samples: int, rng: np.random.Generator) -> np.ndarray:
+    """(samples, count): how often each patient is drawn in each bootstrap resample of `count` patients."""
+    return rng.multinomial(count, np.full(count, 1 / count), size=samples)
+
+
+def resampled_confusion(draws: np.ndarray, per_group: np.ndarray) -> np.ndarray:
+    return (draws @ per_group).reshape(len(draws), NUM_CLASSES, NUM_CLASSES)
+
+
+def percentile_interval(values: np.ndarray, level: float) -> list[float]:
     tail = (1 - level) / 2 * 100
-    return {name: [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
-            for name, values in confusion_metrics(confusion).items()}
+    return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
