@@ -1,0 +1,343 @@
+"""Real-size smoke bench: the paper rows at true architecture size (random weights), at toy step counts.
+
+    python bench/bench_real_size.py [--configs ../shared/models] [--data ../shared/data/kermany-224]
+                                    [--rows original_study,zero_shot] [--images-per-class 8] [--out FILE]
+
+Builds random-init CLIP ViT-L/14 and Stable Diffusion 2 (768 px) folders once from the official configuration files
+in `--configs` (any folder with the layout of `../shared/models`: clip-vit-large-patch14/, stable-diffusion-2/,
+clip-bpe/), then runs each row of experiments/paper/ in this process on a small subset of the real data (the first
+`--images-per-class` files of each split and class), with each stage timed and its peak memory sampled (CPU resident
+set; CUDA max allocated on a GPU).
+
+On a GPU the same command also measures what the paper table's cost depends on: CLIP-L LoRA steps at batch 32 in
+bf16 (images/s and model-FLOP utilisation against the bf16 matmul peak measured in the same run), SD2-768 LoRA
+steps/s with and without latent caching, and generation images/s at 25 steps. Writes one JSON (default
+bench/results/real_size.json); the numbers are of this machine, this load, this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+import torch  # noqa: E402
+
+from conftest import compose  # noqa: E402
+
+from pneumo_exp.rundir import build_folder_once, write_json_atomic  # noqa: E402
+
+PAPER_ROWS = ("original_study", "original_no_augmentation", "zero_shot", "linear_probe", "lora", "full")
+SD_COMPONENTS = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
+
+
+# ------------------------------------------------------------------------------------ real-size random-init models
+
+
+def copy_json_files(source: Path, target: Path) -> None:
+    for path in source.glob("*.json"):
+        shutil.copy(path, target / path.name)
+
+
+def build_clip(configs: Path, folder: Path) -> None:
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig.from_pretrained(configs / "clip-vit-large-patch14")).save_pretrained(folder)
+    copy_json_files(configs / "clip-vit-large-patch14", folder)
+    copy_json_files(configs / "clip-bpe", folder)
+    shutil.copy(configs / "clip-bpe" / "merges.txt", folder / "merges.txt")
+
+
+def build_sd2(configs: Path, folder: Path) -> None:
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    source = configs / "stable-diffusion-2"
+    torch.manual_seed(0)
+    for name, class_name in SD_COMPONENTS.items():
+        model_class = getattr(diffusers, class_name)
+        model_class.from_config(model_class.load_config(source / name)).save_pretrained(folder / name)
+    CLIPTextModel(CLIPTextConfig.from_pretrained(source / "text_encoder")).save_pretrained(folder / "text_encoder")
+    for name in ("tokenizer", "scheduler", "feature_extractor"):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        copy_json_files(source / name, folder / name)
+    copy_json_files(configs / "clip-bpe", folder / "tokenizer")
+    shutil.copy(configs / "clip-bpe" / "merges.txt", folder / "tokenizer" / "merges.txt")
+    shutil.copy(source / "model_index.json", folder / "model_index.json")
+
+
+def real_size_models(configs: Path, cache: Path) -> dict[str, Path]:
+    print(f"random-init real-size models from {configs} (built once into {cache})", flush=True)
+    return {"clip": build_folder_once(cache / "clip-vit-large-patch14", "config.json",
+                                      lambda staging: build_clip(configs, staging)),
+            "sd2": build_folder_once(cache / "stable-diffusion-2", "model_index.json",
+                                     lambda staging: build_sd2(configs, staging))}
+
+
+# ----------------------------------------------------------------------------------------------- measurement
+
+
+def rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakSampler:
+    """The highest resident set size within each open window, sampled every 10 ms by a daemon thread."""
+
+    def __init__(self) -> None:
+        self.windows: dict[str, int] = {}
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while True:
+            now = rss_bytes()
+            for name, peak in list(self.windows.items()):
+                self.windows[name] = max(peak, now)
+            time.sleep(0.01)
+
+    def open(self, name: str) -> None:
+        self.windows[name] = rss_bytes()
+
+    def close(self, name: str) -> int:
+        return max(self.windows.pop(name), rss_bytes())
+
+
+GIB = 2 ** 30
+SAMPLER: PeakSampler | None = None
+STAGES: list[dict] = []  # the stages of the row being run
+OPEN_STAGES: list[str] = []
+
+
+@contextmanager
+def measured(name: str):
+    """Seconds and peak memory of one stage (or of the whole row, or one benchmark); returns its entry."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    SAMPLER.open(name)
+    entry = {"stage": name, "rss_before_gib": rss_bytes() / GIB}
+    start = time.perf_counter()
+    try:
+        yield entry
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            entry["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
+        entry["seconds"] = time.perf_counter() - start
+        entry["rss_peak_gib"] = SAMPLER.close(name) / GIB
+        gc.collect()
+        entry["rss_after_gib"] = rss_bytes() / GIB
+        print(f"  {name:<10} {entry['seconds']:8.1f} s   peak RSS {entry['rss_peak_gib']:6.2f} GiB   "
+              f"after {entry['rss_after_gib']:6.2f} GiB", flush=True)
+
+
+def instrument_stages() -> None:
+    """Time every stage function the pipeline calls, wherever it is looked up from; a stage called inside
+    another (the quality stage trains classifiers) counts as part of the outer one."""
+    import pneumo_exp.classify.train as classify_train
+    import pneumo_exp.diffusion.quality_stage as quality_stage
+    import pneumo_exp.pipeline as pipeline
+
+    def wrap(module, attribute: str, name: str) -> None:
+        original = getattr(module, attribute)
+
+        def timed(*args, **kwargs):
+            if OPEN_STAGES:
+                return original(*args, **kwargs)
+            OPEN_STAGES.append(name)
+            try:
+                with measured(name) as entry:
+                    return original(*args, **kwargs)
+            finally:
+                OPEN_STAGES.pop()
+                STAGES.append(entry)
+
+        setattr(module, attribute, timed)
+
+    wrap(pipeline, "prepare_data", "data")
+    wrap(pipeline, "train_diffusion", "diffusion")
+    wrap(pipeline, "add_synthetic", "synthesize")
+    wrap(classify_train, "train_and_evaluate", "classify")
+    wrap(quality_stage, "run_quality", "quality")
+
+
+def logged_rates(run_dir: Path) -> dict[str, float]:
+    """The last value of every `*step_seconds` / `*images_per_second` the run's history files hold."""
+    rates: dict[str, float] = {}
+    for history in (run_dir / "metrics.jsonl", run_dir / "diffusion" / "metrics.jsonl"):
+        if history.is_file():
+            for line in history.read_text().splitlines():
+                row = json.loads(line)
+                rates.update({k: v for k, v in row.items() if k.endswith(("step_seconds", "images_per_second"))})
+    return rates
+
+
+# --------------------------------------------------------------------------------------------------- the rows
+
+
+def real_data_subset(data: Path, images_per_class: int, target: Path) -> Path:
+    """The first files (by name, so mostly whole patients) of each split and class, in the class-folder layout."""
+    for class_dir in sorted(p for p in data.glob("*/*") if p.is_dir()):
+        (target / class_dir.parent.name / class_dir.name).mkdir(parents=True)
+        for image in sorted(class_dir.iterdir())[:images_per_class]:
+            shutil.copy(image, target / class_dir.parent.name / class_dir.name / image.name)
+    return target
+
+
+def toy_overrides(models: dict[str, Path], data: Path, cpu: bool) -> list[str]:
+    precision = "bf16"
+    return [f"dataset.root={data}", "dataset.resolution=224",
+            f"clip_lora.pretrained={models['clip']}", f"diffusion_lora.pretrained={models['sd2']}",
+            "trainer.epochs=1", "trainer.max_steps_per_epoch=2", "trainer.bootstrap_samples=50",
+            f"trainer.precision={precision}", f"trainer.cpu={str(cpu).lower()}",
+            "diffusion_lora.training.max_train_steps=2", "diffusion_lora.training.batch_size=1",
+            "diffusion_lora.training.grad_accum_steps=1", "diffusion_lora.training.validation_every=0",
+            "diffusion_lora.generation.num_inference_steps=2", "diffusion_lora.generation.batch_size=2",
+            "augmentation.per_class_count={NORMAL:2,VIRUS:2}", "logger=none"]
+
+
+def run_row(row: str, overrides: list[str], scratch: Path) -> dict:
+    from pneumo_exp.pipeline import run
+
+    STAGES.clear()
+    run_dir = scratch / row
+    cfg = compose([f"experiment=paper/{row}", f"paths.output_dir={run_dir}", f"paths.cache_dir={scratch / 'cache'}",
+                   *overrides])
+    print(f"{row}: stages {list(cfg.stages)}", flush=True)
+    with measured("whole row") as whole:
+        metrics = run(cfg)
+    return {"row": row, "stages": list(STAGES), "seconds": whole["seconds"], "rss_peak_gib": whole["rss_peak_gib"],
+            "rss_peak_largest_stage_gib": max(s["rss_peak_gib"] for s in STAGES),
+            "logged_rates": logged_rates(run_dir), "test_acc": metrics.get("test/acc")}
+
+
+# -------------------------------------------------------------------------------------------- GPU throughput
+
+
+def bf16_matmul_peak_tflops(device: str, side: int = 8192, repeats: int = 20) -> float:
+    a = torch.randn(side, side, device=device, dtype=torch.bfloat16)
+    b = torch.randn(side, side, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * side ** 3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def clip_lora_throughput(models: dict[str, Path], scratch: Path, batch: int, steps: int, device: str) -> dict:
+    """CLIP-L LoRA (the original study's adapters) training steps under bf16 autocast: images/s and MFU."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pneumo_exp.classify.model import build_classifier, trainable_parameters
+
+    cfg = compose(["experiment=paper/original_study", f"clip_lora.pretrained={models['clip']}",
+                   f"paths.cache_dir={scratch / 'cache'}"])
+    classifier, _ = build_classifier(cfg.clip_lora, cfg.paths.cache_dir)
+    classifier.to(device).train()
+    optimizer = torch.optim.AdamW(trainable_parameters(classifier), lr=1e-5)
+    images = torch.rand(batch, 1, 224, 224, device=device)
+    labels = torch.randint(0, 3, (batch,), device=device)
+
+    def step() -> None:
+        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(classifier(images), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    return {"batch": batch, "step_seconds": seconds, "images_per_second": batch / seconds,
+            "tflop_per_step": flops / 1e12, "achieved_tflops": flops / seconds / 1e12}
+
+
+def diffusion_throughput(models: dict[str, Path], data: Path, scratch: Path, steps: int) -> dict:
+    """SD2-768 LoRA steps/s with latent caching on and off (the diffusion stage alone), and generation at 25 steps."""
+    from pneumo_exp.diffusion.pipeline import load_pipeline, sample
+
+    result = {}
+    for cache_latents in (False, True):
+        name = f"cache_latents={str(cache_latents).lower()}"
+        overrides = [*toy_overrides(models, data, cpu=False), "stages=[data,diffusion]",
+                     f"diffusion_lora.training.max_train_steps={steps}", "diffusion_lora.training.batch_size=4",
+                     f"diffusion_lora.training.cache_latents={str(cache_latents).lower()}"]
+        row = run_row("original_study", overrides, scratch / name)
+        result[name] = {"diffusion_stage_seconds": row["stages"][-1]["seconds"], **row["logged_rates"]}
+    pipeline = load_pipeline(str(models["sd2"]), device="cuda", dtype=torch.bfloat16)
+    sample(pipeline, "a chest X-ray", [0, 1], 2, 7.5, 768)  # warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    sample(pipeline, "a chest X-ray", list(range(8)), 25, 7.5, 768)
+    torch.cuda.synchronize()
+    result["generation_images_per_second_25_steps"] = 8 / (time.perf_counter() - start)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", type=Path, default=REPO.parent / "shared" / "models")
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "kermany-224")
+    parser.add_argument("--rows", default="original_study", help=f"comma-separated, from {','.join(PAPER_ROWS)}")
+    parser.add_argument("--images-per-class", type=int, default=8)
+    parser.add_argument("--model-cache", type=Path, default=Path.home() / ".cache" / "pneumo_exp" / "real-size")
+    parser.add_argument("--override", action="append", default=[], help="an extra Hydra override (repeatable)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "real_size.json")
+    args = parser.parse_args()
+    for needed in (args.configs / "clip-vit-large-patch14", args.configs / "stable-diffusion-2", args.data):
+        if not needed.is_dir():
+            raise SystemExit(f"bench_real_size: {needed} is not a folder (see --configs and --data)")
+    global SAMPLER
+    SAMPLER = PeakSampler()
+    instrument_stages()
+    models = real_size_models(args.configs, args.model_cache)
+    scratch = Path(tempfile.mkdtemp(prefix="bench-real-size-"))
+    data = real_data_subset(args.data, args.images_per_class, scratch / "data")
+    on_gpu = torch.cuda.is_available()
+    report = {"device": torch.cuda.get_device_name() if on_gpu else f"cpu ({os.cpu_count()} cores)",
+              "torch": torch.__version__, "images_per_class": args.images_per_class, "rows": []}
+    try:
+        for row in args.rows.split(","):
+            overrides = [*toy_overrides(models, data, cpu=not on_gpu), *args.override]
+            report["rows"].append(run_row(row, overrides, scratch))
+            write_json_atomic(args.out, report)
+        if on_gpu:
+            peak = bf16_matmul_peak_tflops("cuda")
+            clip = clip_lora_throughput(models, scratch, batch=32, steps=10, device="cuda")
+            report["gpu"] = {"bf16_matmul_peak_tflops": peak, "clip_l_lora_batch32": {
+                **clip, "model_flop_utilisation": clip["achieved_tflops"] / peak},
+                "sd2_768_lora": diffusion_throughput(models, data, scratch, 20)}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    write_json_atomic(args.out, report)
+    print(f"written {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
