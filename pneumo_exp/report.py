@@ -74,11 +74,11 @@ ORIGINAL_STUDY: dict[str, Any] = {
     },
     "test": {"test/acc": 0.375, "test/f1_macro": 0.2727, "test/recall_macro": 0.5},
     "flagged": ("test/recall_macro", "test/f1_macro"),
-    "note": ("Test recall 0.5 and F1 0.2727 are as published, and both are two-class means. On the official test "
-             "split ({NORMAL} NORMAL, {BACTERIA} BACTERIA, {VIRUS} VIRUS images) always predicting NORMAL gives "
+    "note": ("The published test recall 0.5 and F1 0.2727 are two-class means. On the official test split "
+             "({NORMAL} NORMAL, {BACTERIA} BACTERIA, {VIRUS} VIRUS images) always predicting NORMAL gives "
              "accuracy {acc:.3f}, macro recall {recall:.3f} and macro F1 {f1:.3f} over the three classes (the "
-             "always-NORMAL row); the published recall 0.5 and F1 0.2727 are what that constant prediction gets "
-             "when averaged over two classes (NORMAL, PNEUMONIA).").format(
+             "always-NORMAL row), and exactly recall 0.5 and F1 0.2727 when averaged over two classes (NORMAL, "
+             "PNEUMONIA).").format(
         **OFFICIAL_TEST_COUNTS, acc=ALWAYS_NORMAL["test"]["test/acc"],
         recall=ALWAYS_NORMAL["test"]["test/recall_macro"], f1=ALWAYS_NORMAL["test"]["test/f1_macro"]),
 }

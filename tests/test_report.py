@@ -415,7 +415,7 @@ def test_always_normal_row_is_the_three_class_constant_prediction(written):
     table = (written["output"] / "table.md").read_text()
     cells = dict(zip(report.DEFAULT_METRICS, markdown_row(table, (report.ALWAYS_NORMAL["name"],))[3:]))
     assert cells == {m: f"{expected[m]:.4f}" if m in expected else "—" for m in report.DEFAULT_METRICS}
-    assert "F1 0.2727 are as published, and both are two-class means" in table
+    assert "recall 0.5 and F1 0.2727 are two-class means" in table
     tex = (written["output"] / "table.tex").read_text()
     assert f"{expected['test/f1_macro']:.4f}" in tex and "always NORMAL, 3 classes" in tex
 
