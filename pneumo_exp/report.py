@@ -477,7 +477,7 @@ def verdict(a: str, b: str, over_seeds: tuple[float, float] | None,
 
 
 def compare_pair(a: str, b: str, groups: dict[tuple[str, str], list[RunRecord]], samples: int) -> dict:
-    """a, b, status (compared | missing | ambiguous), reason, seeds, metrics {name: difference, t_low, t_high,
+    """a, b, status (compared | missing | ambiguous), reason, seeds, metrics {name: n, difference, t_low, t_high,
     bootstrap_low, bootstrap_high, verdict}, bootstrap_seeds, mcnemar {seed: a_only, b_only, p}."""
     comparison: dict[str, Any] = {"a": a, "b": b, "status": "missing", "reason": "", "seeds": [], "metrics": {},
                                   "bootstrap_seeds": [], "mcnemar": {}}
@@ -485,38 +485,41 @@ def compare_pair(a: str, b: str, groups: dict[tuple[str, str], list[RunRecord]],
     for name in (a, b):
         selected = select_configuration(name, groups)
         if len(selected) > 1:
-            comparison.update(status="ambiguous", reason=f"{name} matches {len(selected)} configurations")
-            return comparison
-        completed = newest_per_seed([run for run in groups[selected[0]] if run.status == COMPLETED]) \
-            if selected else []
-        by_seed = {run.seed: run for run in completed if run.seed is not None}
-        if not by_seed:
-            comparison["reason"] = f"no completed runs of {name}"
-            return comparison
-        arms[name] = by_seed
+            return comparison | {"status": "ambiguous", "reason": f"{name} matches {len(selected)} configurations"}
+        arms[name] = completed_by_seed(groups[selected[0]]) if selected else {}
+        if not arms[name]:
+            return comparison | {"reason": f"no completed runs of {name}"}
     seeds = sorted(set(arms[a]) & set(arms[b]))
     if not seeds:
-        comparison["reason"] = f"no seed completed in both {a} and {b}"
-        return comparison
-    comparison.update(status="compared", seeds=seeds)
+        return comparison | {"reason": f"no seed completed in both {a} and {b}"}
     paired = {seed: aligned_predictions(arms[a][seed], arms[b][seed]) for seed in seeds}
-    comparison["mcnemar"] = {seed: mcnemar(*arrays[:3]) for seed, arrays in paired.items() if arrays is not None}
     with_patients = [seed for seed, arrays in paired.items() if arrays is not None and arrays[3] is not None]
-    comparison["bootstrap_seeds"] = with_patients
     bootstrap = paired_bootstrap_intervals([paired[seed] for seed in with_patients], samples=samples) \
         if with_patients else {}
-    for metric in PAIR_METRICS:
-        differences = summarize(arms[a][seed].metrics.get(metric) - arms[b][seed].metrics.get(metric)
-                                for seed in seeds if is_number(arms[a][seed].metrics.get(metric))
-                                and is_number(arms[b][seed].metrics.get(metric)))
-        resampled = bootstrap.get(metric_title(metric), {}).get("ci")
-        t_interval = (differences["ci_low"], differences["ci_high"]) if differences["ci_low"] is not None else None
-        comparison["metrics"][metric] = {
-            "n": differences["n"], "difference": differences["mean"],
+    metrics = {metric: metric_difference(a, b, [(arms[a][seed], arms[b][seed]) for seed in seeds], metric,
+                                         bootstrap.get(metric_title(metric), {}).get("ci"))
+               for metric in PAIR_METRICS}
+    return comparison | {"status": "compared", "seeds": seeds, "metrics": metrics, "bootstrap_seeds": with_patients,
+                         "mcnemar": {seed: mcnemar(*arrays[:3]) for seed, arrays in paired.items()
+                                     if arrays is not None}}
+
+
+def completed_by_seed(members: list[RunRecord]) -> dict[int, RunRecord]:
+    completed = newest_per_seed([run for run in members if run.status == COMPLETED])
+    return {run.seed: run for run in completed if run.seed is not None}
+
+
+def metric_difference(a: str, b: str, runs: list[tuple[RunRecord, RunRecord]], metric: str,
+                      bootstrap: list[float] | None) -> dict:
+    """The seed-matched differences' mean and t CI beside the patient bootstrap's CI, and the verdict."""
+    values = [(run_a.metrics.get(metric), run_b.metrics.get(metric)) for run_a, run_b in runs]
+    differences = summarize(value_a - value_b for value_a, value_b in values
+                            if is_number(value_a) and is_number(value_b))
+    over_seeds = (differences["ci_low"], differences["ci_high"]) if differences["ci_low"] is not None else None
+    return {"n": differences["n"], "difference": differences["mean"],
             "t_low": differences["ci_low"], "t_high": differences["ci_high"],
-            "bootstrap_low": resampled[0] if resampled else None, "bootstrap_high": resampled[1] if resampled else None,
-            "verdict": verdict(a, b, t_interval, tuple(resampled) if resampled else None)}
-    return comparison
+            "bootstrap_low": bootstrap[0] if bootstrap else None, "bootstrap_high": bootstrap[1] if bootstrap else None,
+            "verdict": verdict(a, b, over_seeds, tuple(bootstrap) if bootstrap else None)}
 
 
 def is_number(value: Any) -> bool:
