@@ -9,10 +9,11 @@ clip-bpe/), then runs each row of experiments/paper/ in this process on a small 
 `--images-per-class` files of each split and class), with each stage timed and its peak memory sampled (CPU resident
 set; CUDA max allocated on a GPU).
 
-On a GPU the same command also measures what the paper table's cost depends on: CLIP-L LoRA steps at batch 32 in
-bf16 (images/s and model-FLOP utilisation against the bf16 matmul peak measured in the same run), SD2-768 LoRA
-steps/s with and without latent caching, and generation images/s at 25 steps. Writes one JSON (default
-bench/results/real_size.json); the numbers are of this machine, this load, this run.
+On a GPU the same command also measures what the paper table's cost depends on (`--throughput` runs this part on
+a CPU too, at tiny sizes, to exercise it): CLIP-L LoRA steps at batch 32 in bf16 (images/s and model-FLOP
+utilisation against the bf16 matmul peak measured in the same run), SD2-768 LoRA steps/s with and without latent
+caching, and generation images/s at 25 steps. Writes one JSON (default bench/results/real_size.json); the numbers
+are of this machine, this load, this run.
 """
 
 from __future__ import annotations
@@ -226,30 +227,38 @@ def run_row(row: str, overrides: list[str], scratch: Path) -> dict:
             "logged_rates": logged_rates(run_dir), "test_acc": metrics.get("test/acc")}
 
 
-# -------------------------------------------------------------------------------------------- GPU throughput
+# ------------------------------------------------------------------------------------------------ throughput
+
+GPU_SIZES = {"matmul_side": 8192, "clip_batch": 32, "clip_steps": 10, "diffusion_steps": 20, "images": 8,
+             "sampling_steps": 25}
+CPU_SIZES = {"matmul_side": 1024, "clip_batch": 2, "clip_steps": 1, "diffusion_steps": 2, "images": 2,
+             "sampling_steps": 2}  # only to exercise the code path: CPU numbers come from the rows
 
 
-def bf16_matmul_peak_tflops(device: str, side: int = 8192, repeats: int = 20) -> float:
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bf16_matmul_peak_tflops(device: str, side: int, repeats: int = 20) -> float:
     a = torch.randn(side, side, device=device, dtype=torch.bfloat16)
     b = torch.randn(side, side, device=device, dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
-    torch.cuda.synchronize()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    torch.cuda.synchronize()
+    synchronize(device)
     return 2 * side ** 3 * repeats / (time.perf_counter() - start) / 1e12
 
 
-def clip_lora_throughput(models: dict[str, Path], scratch: Path, batch: int, steps: int, device: str) -> dict:
-    """CLIP-L LoRA (the original study's adapters) training steps under bf16 autocast: images/s and MFU."""
+def clip_lora_throughput(cfg, batch: int, steps: int, device: str) -> dict:
+    """CLIP LoRA training steps (the original study's adapters) under bf16 autocast: images/s and TFLOP/s."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from pneumo_exp.classify.model import build_classifier, trainable_parameters
 
-    cfg = compose(["experiment=paper/original_study", f"clip_lora.pretrained={models['clip']}",
-                   f"paths.cache_dir={scratch / 'cache'}"])
     classifier, _ = build_classifier(cfg.clip_lora, cfg.paths.cache_dir)
     classifier.to(device).train()
     optimizer = torch.optim.AdamW(trainable_parameters(classifier), lr=1e-5)
@@ -266,38 +275,49 @@ def clip_lora_throughput(models: dict[str, Path], scratch: Path, batch: int, ste
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
-    for _ in range(2):
-        step()
-    torch.cuda.synchronize()
+    step()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    torch.cuda.synchronize()
+    synchronize(device)
     seconds = (time.perf_counter() - start) / steps
     return {"batch": batch, "step_seconds": seconds, "images_per_second": batch / seconds,
             "tflop_per_step": flops / 1e12, "achieved_tflops": flops / seconds / 1e12}
 
 
-def diffusion_throughput(models: dict[str, Path], data: Path, scratch: Path, steps: int) -> dict:
-    """SD2-768 LoRA steps/s with latent caching on and off (the diffusion stage alone), and generation at 25 steps."""
+def diffusion_throughput(overrides: list[str], scratch: Path, sizes: dict, device: str) -> dict:
+    """SD LoRA training with latent caching off and on (the diffusion stage alone, its logged step rates), and
+    generation images/s with classifier-free guidance."""
     from pneumo_exp.diffusion.pipeline import load_pipeline, sample
 
     result = {}
-    for cache_latents in (False, True):
-        name = f"cache_latents={str(cache_latents).lower()}"
-        overrides = [*toy_overrides(models, data, cpu=False), "stages=[data,diffusion]",
-                     f"diffusion_lora.training.max_train_steps={steps}", "diffusion_lora.training.batch_size=4",
-                     f"diffusion_lora.training.cache_latents={str(cache_latents).lower()}"]
-        row = run_row("original_study", overrides, scratch / name)
+    for cache_latents in ("false", "true"):
+        name = f"cache_latents={cache_latents}"
+        row = run_row("original_study", [*overrides, "stages=[data,diffusion]",
+                                         f"diffusion_lora.training.max_train_steps={sizes['diffusion_steps']}",
+                                         f"diffusion_lora.training.cache_latents={cache_latents}"], scratch / name)
         result[name] = {"diffusion_stage_seconds": row["stages"][-1]["seconds"], **row["logged_rates"]}
-    pipeline = load_pipeline(str(models["sd2"]), device="cuda", dtype=torch.bfloat16)
-    sample(pipeline, "a chest X-ray", [0, 1], 2, 7.5, 768)  # warm-up
-    torch.cuda.synchronize()
+    cfg = compose(["experiment=paper/original_study", *overrides])
+    pipeline = load_pipeline(str(cfg.diffusion_lora.pretrained), device=device, dtype=torch.bfloat16)
+    resolution, steps = int(cfg.diffusion_lora.resolution), sizes["sampling_steps"]
+    sample(pipeline, "a chest X-ray", [0], 2, 7.5, resolution)  # warm-up
+    synchronize(device)
     start = time.perf_counter()
-    sample(pipeline, "a chest X-ray", list(range(8)), 25, 7.5, 768)
-    torch.cuda.synchronize()
-    result["generation_images_per_second_25_steps"] = 8 / (time.perf_counter() - start)
+    sample(pipeline, "a chest X-ray", list(range(sizes["images"])), steps, 7.5, resolution)
+    synchronize(device)
+    result[f"generation_images_per_second_{steps}_steps"] = sizes["images"] / (time.perf_counter() - start)
     return result
+
+
+def throughput(overrides: list[str], scratch: Path, device: str) -> dict:
+    sizes = GPU_SIZES if device.startswith("cuda") else CPU_SIZES
+    peak = bf16_matmul_peak_tflops(device, sizes["matmul_side"])
+    cfg = compose(["experiment=paper/original_study", f"paths.cache_dir={scratch / 'cache'}", *overrides])
+    clip = clip_lora_throughput(cfg, sizes["clip_batch"], sizes["clip_steps"], device)
+    return {"sizes": sizes, "bf16_matmul_peak_tflops": peak,
+            "clip_lora": {**clip, "model_flop_utilisation": clip["achieved_tflops"] / peak},
+            "sd_lora": diffusion_throughput(overrides, scratch, sizes, device)}
 
 
 def main() -> None:
@@ -308,6 +328,7 @@ def main() -> None:
     parser.add_argument("--images-per-class", type=int, default=8)
     parser.add_argument("--model-cache", type=Path, default=Path.home() / ".cache" / "pneumo_exp" / "real-size")
     parser.add_argument("--override", action="append", default=[], help="an extra Hydra override (repeatable)")
+    parser.add_argument("--throughput", action="store_true", help="the throughput section on a CPU too (tiny sizes)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "real_size.json")
     args = parser.parse_args()
     for needed in (args.configs / "clip-vit-large-patch14", args.configs / "stable-diffusion-2", args.data):
@@ -322,17 +343,13 @@ def main() -> None:
     on_gpu = torch.cuda.is_available()
     report = {"device": torch.cuda.get_device_name() if on_gpu else f"cpu ({os.cpu_count()} cores)",
               "torch": torch.__version__, "images_per_class": args.images_per_class, "rows": []}
+    overrides = [*toy_overrides(models, data, cpu=not on_gpu), *args.override]
     try:
         for row in args.rows.split(","):
-            overrides = [*toy_overrides(models, data, cpu=not on_gpu), *args.override]
             report["rows"].append(run_row(row, overrides, scratch))
             write_json_atomic(args.out, report)
-        if on_gpu:
-            peak = bf16_matmul_peak_tflops("cuda")
-            clip = clip_lora_throughput(models, scratch, batch=32, steps=10, device="cuda")
-            report["gpu"] = {"bf16_matmul_peak_tflops": peak, "clip_l_lora_batch32": {
-                **clip, "model_flop_utilisation": clip["achieved_tflops"] / peak},
-                "sd2_768_lora": diffusion_throughput(models, data, scratch, 20)}
+        if on_gpu or args.throughput:
+            report["throughput"] = throughput(overrides, scratch, "cuda" if on_gpu else "cpu")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     write_json_atomic(args.out, report)
