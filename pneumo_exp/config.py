@@ -108,6 +108,7 @@ class DiffusionConfig:
     revision: Optional[str] = None  # hub commit hash (or branch/tag) to load; null: the hub's main
     architecture: Optional[dict[str, Any]] = None  # sizes of the random-init tiny pipeline
     resolution: int = 512  # must match the base model: 512 for SD 1.5 / 2.1-base, 768 for SD 2
+    allow_non_native_resolution: bool = False  # true: train at a resolution other than the base model's
     lora: LoraSpec = field(default_factory=lambda: LoraSpec(r=4, alpha=16.0, dropout=0.1,
                                                              target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     prompts: dict[str, str] = field(default_factory=lambda: {

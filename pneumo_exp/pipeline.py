@@ -157,13 +157,13 @@ def train_diffusion(cfg: DictConfig, data: PreparedData, output_dir: Path, logge
     import torch
 
     from pneumo_exp.data.cache import open_or_build
-    from pneumo_exp.diffusion.train import train_diffusion_lora
+    from pneumo_exp.diffusion.train import source_image_sides, train_diffusion_lora
     from pneumo_exp.labels import class_index
 
     train = [r for r in data.split("train") if r.source == "real"]
     cache = open_or_build(train, cfg.diffusion_lora.resolution, cfg.paths.cache_dir, progress=is_main_process())
     images = {"pixels": torch.from_numpy(cache.pixels[cache.rows_of(train)].copy()),
-              "labels": torch.tensor([class_index(r.label) for r in train])}
+              "labels": torch.tensor([class_index(r.label) for r in train]), "source_sides": source_image_sides(train)}
     lora_folder = train_diffusion_lora(cfg, images, output_dir, logger=logger)
     if is_main_process():
         write_json_atomic(lora_folder / TRAINING_SPLIT_FILE, {"fingerprint": manifest.fingerprint(train),

@@ -72,6 +72,7 @@ def generate_synthetic(pipeline_source: str, lora_folder: str | os.PathLike, cou
     """Draw `counts[c]` images of each class c with the class prompt; returns their Records (split=train,
     source=synthetic, sha256 of the PNG file). A missing or corrupt LoRA file raises LoraFileError naming it."""
     import torch
+    from accelerate.utils.memory import clear_device_cache
     from PIL import Image
     from tqdm.auto import tqdm
 
@@ -132,6 +133,8 @@ def generate_synthetic(pipeline_source: str, lora_folder: str | os.PathLike, cou
             "precision": precision})
 
     write_folder_atomic(target, fill)
+    pipeline = None  # noqa: F841 - the closure above holds it: the stage frees its UNet here
+    clear_device_cache(garbage_collection=True)
     return records
 
 

@@ -136,7 +136,22 @@ def _quiet_libraries() -> None:
     diffusers_logging.disable_progress_bar()
 
 
-def load_components(source: str, revision: str | None = None) -> SDComponents:
+def native_resolution(source: str, revision: str | None = None) -> int:
+    """The image side the base model was trained at: UNet sample_size x the VAE's scale factor, from the two
+    config files alone (no weights are loaded)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    _quiet_libraries()
+    try:
+        unet = UNet2DConditionModel.load_config(source, subfolder="unet", revision=revision)
+        vae = AutoencoderKL.load_config(source, subfolder="vae", revision=revision)
+    except (OSError, ValueError) as error:
+        raise _cannot_load(source, revision, error) from None
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def load_components(source: str, revision: str | None = None, dtype: torch.dtype = torch.float32) -> SDComponents:
+    """The frozen modules are loaded directly in `dtype` (the LoRA added later trains in fp32)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -144,9 +159,10 @@ def load_components(source: str, revision: str | None = None) -> SDComponents:
     try:
         return SDComponents(
             tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision),
-            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", revision=revision),
-            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision),
-            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision),
+            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", revision=revision,
+                                                       dtype=dtype),
+            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision, torch_dtype=dtype),
+            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision, torch_dtype=dtype),
             noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision),
             source=source)
     except (OSError, ValueError) as error:

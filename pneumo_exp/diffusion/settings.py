@@ -26,20 +26,27 @@ class DiffusionTrainingConfig:
     min_snr_gamma: Optional[float] = None  # e.g. 5.0: min-SNR-gamma loss weighting; null = plain MSE
     noise_offset: float = 0.0
     crop_min_side: float = 0.9  # random square crops of side in [crop_min_side, 1] x image side; 1 = no crop
+    cache_latents: bool = False  # VAE posteriors computed once per image before training (needs crop_min_side=1)
+    gradient_checkpointing: bool = False  # UNet activations recomputed in the backward pass: less memory, slower
     precision: Optional[str] = None  # no | bf16 | fp16 (LoRA parameters stay fp32); null: trainer.precision
     seed: Optional[int] = None  # null: the run's top-level seed
     log_every: int = 10  # optimizer steps between loss rows in diffusion/metrics.jsonl (and W&B)
     validation_every: int = 500  # optimizer steps between validation grids (and one at the end); 0 = none
-    validation_images_per_class: int = 4
+    validation_images_per_class: Optional[int] = None  # null: 4 on a GPU, 1 on the CPU
     validation_inference_steps: int = 20
     validation_guidance_scale: float = 7.5
+
+    def validation_images(self, device_type: str) -> int:
+        if self.validation_images_per_class is not None:
+            return self.validation_images_per_class
+        return 1 if device_type == "cpu" else 4
 
     def __post_init__(self) -> None:
         if self.precision is not None:
             _check_precision(self.precision, "diffusion_lora.training.precision")
         for name in ("batch_size", "grad_accum_steps", "log_every", "validation_images_per_class",
                      "validation_inference_steps"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"diffusion_lora.training.{name} must be >= 1 (got {getattr(self, name)})")
         if not 0 < self.crop_min_side <= 1:
             raise ValueError(f"diffusion_lora.training.crop_min_side must be in (0, 1] (got {self.crop_min_side})")

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +40,7 @@ from pneumo_exp.diffusion.pipeline import (
     grid_image,
     image_seed,
     load_components,
+    native_resolution,
     pipeline_from_components,
     pipeline_source,
     sample,
@@ -46,6 +48,7 @@ from pneumo_exp.diffusion.pipeline import (
     to_vae_input,
 )
 from pneumo_exp.diffusion.settings import DiffusionTrainingConfig, training_settings
+from pneumo_exp.errors import UserError
 from pneumo_exp.labels import CLASSES, class_index
 from pneumo_exp.rundir import write_json_atomic, write_text_atomic
 
@@ -55,6 +58,7 @@ STAGE_DIR = "diffusion"
 CHECKPOINT_LORA = "lora.safetensors"
 CHECKPOINT_STATE = "training_state.pt"
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MAX_UPSAMPLING = 1.5  # training images enlarged more than this from their source files: a warning
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -68,11 +72,13 @@ class NonFiniteLossError(FloatingPointError):
 class TrainingImages:
     pixels: torch.Tensor  # uint8 (N, R, R), training split only
     labels: torch.Tensor  # int64 (N,), indices into CLASSES
+    source_sides: list[int | None] | None = None  # shorter side of each original file; None: rendered at any size
 
 
 def as_training_images(train_images: Any) -> TrainingImages:
-    """Accepts {"pixels" (or "images"): uint8 (N, R, R), "labels": class indices or names} or an object with
-    `.pixels` and `.labels` (the classifier's SplitTensors)."""
+    """Accepts {"pixels" (or "images"): uint8 (N, R, R), "labels": class indices or names, optionally
+    "source_sides" (see `source_image_sides`)} or an object with `.pixels` and `.labels` (the classifier's
+    SplitTensors)."""
     get = train_images.get if isinstance(train_images, dict) else lambda key: getattr(train_images, key, None)
     pixels = get("pixels") if get("pixels") is not None else get("images")
     labels = get("labels")
@@ -87,16 +93,57 @@ def as_training_images(train_images: Any) -> TrainingImages:
         raise ValueError(f"train_images: {len(pixels)} images but {len(labels)} labels (need the same, > 0)")
     if labels.min() < 0 or labels.max() >= len(CLASSES):
         raise ValueError(f"train_images labels must index {list(CLASSES)}")
-    return TrainingImages(pixels, labels.long())
+    return TrainingImages(pixels, labels.long(), get("source_sides"))
+
+
+def source_image_sides(records) -> list[int | None]:
+    """The shorter side of each record's original file, read from its header (the cache holds resized copies);
+    None for phantom images, which are rendered at whatever size is asked."""
+    from PIL import Image
+
+    from pneumo_exp.data.phantom import is_phantom_key
+
+    sides = []
+    for record in records:
+        if is_phantom_key(record.path):
+            sides.append(None)
+            continue
+        with Image.open(record.path) as image:
+            sides.append(min(image.size))
+    return sides
+
+
+def upsampling(source_sides: list[int | None] | None, resolution: int) -> dict | None:
+    """How much training enlarges the source images: resolution / median shorter side."""
+    sides = [side for side in source_sides or [] if side]
+    if not sides:
+        return None
+    median = float(np.median(sides))
+    return {"source_side_median": round(median) if median.is_integer() else median,
+            "source_side_min": int(min(sides)), "factor": round(resolution / median, 3)}
+
+
+def check_resolution(diffusion_cfg, source: str) -> int:
+    """The base model's native resolution; a different `diffusion_lora.resolution` is refused unless
+    `diffusion_lora.allow_non_native_resolution` (the original study ran the 768 px SD2 at 512 px)."""
+    native, resolution = native_resolution(source, diffusion_cfg.get("revision")), int(diffusion_cfg.resolution)
+    if resolution != native and not diffusion_cfg.get("allow_non_native_resolution", False):
+        raise UserError(f"diffusion_lora.resolution={resolution} is not the native resolution of {source} "
+                        f"({native} px: UNet sample_size x VAE scale factor)", where="diffusion_lora.resolution",
+                        fix=f"set diffusion_lora.resolution={native}, or diffusion_lora.allow_non_native_resolution"
+                            f"=true to train at {resolution} px anyway")
+    return native
 
 
 def random_crops(pixels: torch.Tensor, resolution: int, min_side: float, generator: torch.Generator) -> torch.Tensor:
     """uint8 (B, R, R) -> float (B, 1, res, res) in [0, 1]: a random square crop of side in [min_side, 1] x R,
     resized. No flips and no rotations: a chest X-ray has a side (the heart is on the patient's left)."""
     size = pixels.shape[-1]
+    if min_side >= 1:
+        return resize(to_unit_float(pixels), resolution)
     crops = []
     for image in pixels:
-        fraction = min_side + (1.0 - min_side) * torch.rand((), generator=generator).item() if min_side < 1 else 1.0
+        fraction = min_side + (1.0 - min_side) * torch.rand((), generator=generator).item()
         side = max(1, min(size, round(size * fraction)))
         top, left = (int(torch.randint(0, size - side + 1, (), generator=generator)) for _ in range(2))
         crops.append(resize(to_unit_float(image[None, top:top + side, left:left + side]), resolution))
@@ -133,18 +180,45 @@ def encode_prompts(components: SDComponents, prompts: dict[str, str], device) ->
     return components.text_encoder(tokens.input_ids.to(device), return_dict=False)[0]
 
 
+@torch.no_grad()
+def latent_distributions(components: SDComponents, images: torch.Tensor, device) -> torch.Tensor:
+    """The VAE posterior's parameters (mean and log-variance, (B, 2C, h, w)) of float (B, 1, H, W) images."""
+    vae = components.vae
+    return vae.encode(to_vae_input(images).to(device, vae.dtype)).latent_dist.parameters
+
+
+@torch.no_grad()
+def cache_latent_distributions(components: SDComponents, pixels: torch.Tensor, resolution: int, batch_size: int,
+                               device) -> torch.Tensor:
+    """Every training image's posterior parameters, computed once (on the CPU between steps)."""
+    return torch.cat([latent_distributions(components, random_crops(batch, resolution, 1.0, None), device).cpu()
+                      for batch in pixels.split(batch_size)])
+
+
+def sample_latents(components: SDComponents, parameters: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    return DiagonalGaussianDistribution(parameters).sample(generator=generator) * components.vae.config.scaling_factor
+
+
 def diffusion_loss(components: SDComponents, unet, images: torch.Tensor, encoder_states: torch.Tensor,
                    generator: torch.Generator, min_snr_gamma: float | None = None,
                    noise_offset: float = 0.0) -> torch.Tensor:
     """The latent denoising loss of one batch. images: float (B, 1, H, W) in [0, 1]; encoder_states: (B, L, D).
     All randomness (latent sample, noise, timesteps) comes from `generator` (a CPU generator)."""
+    parameters = latent_distributions(components, images, encoder_states.device)
+    return latent_loss(components, unet, sample_latents(components, parameters, generator), encoder_states,
+                       generator, min_snr_gamma, noise_offset)
+
+
+def latent_loss(components: SDComponents, unet, latents: torch.Tensor, encoder_states: torch.Tensor,
+                generator: torch.Generator, min_snr_gamma: float | None = None,
+                noise_offset: float = 0.0) -> torch.Tensor:
+    """`diffusion_loss` from latents already sampled and scaled."""
     from diffusers.training_utils import compute_snr
 
-    scheduler, vae = components.noise_scheduler, components.vae
-    device, dtype = encoder_states.device, vae.dtype
-    with torch.no_grad():
-        posterior = vae.encode(to_vae_input(images).to(device, dtype)).latent_dist
-        latents = posterior.sample(generator=generator) * vae.config.scaling_factor
+    scheduler = components.noise_scheduler
+    device, dtype = encoder_states.device, components.vae.dtype
     batch = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(device)
     if noise_offset:
@@ -260,14 +334,14 @@ class MetricsFile:
 
 
 def save_validation_grid(components: SDComponents, unet, settings: DiffusionTrainingConfig, prompts: dict,
-                         seed: int, resolution: int, path: Path, accelerator) -> Path:
+                         seed: int, resolution: int, path: Path, accelerator, images_per_class: int) -> Path:
     """One row per class of images drawn from fixed seeds: the same noise at every step, so grids compare."""
     was_training = unet.training
     unet.eval()
     pipeline = pipeline_from_components(components, unet=unet)
     with accelerator.autocast():
         rows = {label: sample(pipeline, prompts[label],
-                              [image_seed(seed, label, i) for i in range(settings.validation_images_per_class)],
+                              [image_seed(seed, label, i) for i in range(images_per_class)],
                               settings.validation_inference_steps, settings.validation_guidance_scale, resolution)
                 for label in CLASSES}
     unet.train(was_training)
@@ -296,8 +370,19 @@ def train_diffusion_lora(cfg: DictConfig, train_images: Any, output_dir: str | o
     `train_images`: the training split only (see `as_training_images`). `logger`: a RunLogger, a callable taking a
     dict, or None. `components`: already loaded base components to train in place (default: loaded from the
     configured source); afterwards they hold the trained LoRA, in eval mode. Resumes from
-    `output_dir/diffusion/checkpoints/last` when `cfg.resume` is true.
+    `output_dir/diffusion/checkpoints/last` when `cfg.resume` is true. Whatever the stage loaded (UNet, optimizer,
+    accelerator state) is freed when it returns.
     """
+    from accelerate.utils.memory import clear_device_cache
+
+    try:
+        return _train(cfg, train_images, output_dir, logger, components)
+    finally:
+        clear_device_cache(garbage_collection=True)  # the prepared UNet and the Accelerator hold each other
+
+
+def _train(cfg: DictConfig, train_images: Any, output_dir: str | os.PathLike, logger,
+           components: SDComponents | None) -> Path:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from diffusers.optimization import get_scheduler
@@ -310,6 +395,17 @@ def train_diffusion_lora(cfg: DictConfig, train_images: Any, output_dir: str | o
     prompts = OmegaConf.to_container(diffusion_cfg.prompts) if OmegaConf.is_config(diffusion_cfg.prompts) \
         else dict(diffusion_cfg.prompts)
     data = as_training_images(train_images)
+    if settings.cache_latents and settings.crop_min_side < 1:
+        raise UserError("cached latents take no random crops", where="diffusion_lora.training.crop_min_side",
+                        fix="set diffusion_lora.training.crop_min_side=1 with cache_latents=true, or turn "
+                            "cache_latents off to keep the crops")
+    source = components.source if components is not None else pipeline_source(diffusion_cfg, cfg.paths.cache_dir)
+    native = check_resolution(diffusion_cfg, source)
+    enlarged = upsampling(data.source_sides, resolution)
+    if enlarged and enlarged["factor"] > MAX_UPSAMPLING:
+        log.warning("diffusion LoRA: the source images (median shorter side %s px) are upsampled %.3gx to "
+                    "diffusion_lora.resolution=%d: the LoRA learns interpolation blur; use larger source images",
+                    enlarged["source_side_median"], enlarged["factor"], resolution)
     if data.pixels.shape[-1] < resolution:
         log.warning("diffusion LoRA: training images are %d px, below diffusion_lora.resolution=%d: they are "
                     "upsampled (cache them at the diffusion resolution instead)", data.pixels.shape[-1], resolution)
@@ -320,15 +416,18 @@ def train_diffusion_lora(cfg: DictConfig, train_images: Any, output_dir: str | o
     precision = settings.precision or Precision(trainer_cfg.get("precision", "no")).value
     AcceleratorState._reset_state(reset_partial_state=False)  # as the classifier does: a precision of our own
     accelerator = Accelerator(mixed_precision=precision, cpu=bool(trainer_cfg.get("cpu", False)))
-    source = components.source if components is not None else pipeline_source(diffusion_cfg, cfg.paths.cache_dir)
-    components = components or load_components(source, diffusion_cfg.get("revision"))
+    weight_dtype = WEIGHT_DTYPES[precision]
+    components = components or load_components(source, diffusion_cfg.get("revision"), dtype=weight_dtype)
     torch.manual_seed(seed)  # the LoRA's gaussian initialisation
     add_lora(components, diffusion_cfg.lora)
-    weight_dtype = WEIGHT_DTYPES[precision]
     for module in (components.vae, components.text_encoder, components.unet):  # frozen weights in weight_dtype
         module.to(accelerator.device, **({} if weight_dtype == torch.float32 else {"dtype": weight_dtype}))
     cast_training_params(components.unet, dtype=torch.float32)  # the LoRA trains in fp32
+    if settings.gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
     class_states = encode_prompts(components, prompts, accelerator.device)
+    latent_cache = cache_latent_distributions(components, data.pixels, resolution, settings.batch_size,
+                                              accelerator.device) if settings.cache_latents else None
 
     per_process = len(data.labels) // accelerator.num_processes
     batches_per_epoch = max(1, math.ceil(per_process / settings.batch_size))
@@ -360,9 +459,11 @@ def train_diffusion_lora(cfg: DictConfig, train_images: Any, output_dir: str | o
                  global_step)
     else:
         metrics.restart([])
-    log.info("diffusion LoRA: %d images, %d epochs x %d optimizer steps (batch %d x accumulation %d x %d "
-             "processes), r=%s alpha=%s", len(data.labels), epochs, steps_per_epoch, settings.batch_size,
-             settings.grad_accum_steps, accelerator.num_processes, diffusion_cfg.lora.r, diffusion_cfg.lora.alpha)
+    log.info("diffusion LoRA: %d images, %s (batch %d x accumulation %d x %d processes), r=%s alpha=%s%s",
+             len(data.labels), step_plan(total_steps, epochs, steps_per_epoch, settings.max_train_steps),
+             settings.batch_size, settings.grad_accum_steps, accelerator.num_processes, diffusion_cfg.lora.r,
+             diffusion_cfg.lora.alpha, ", latents cached" if latent_cache is not None else "")
+    validation_images = settings.validation_images(accelerator.device.type)
 
     def mean_over_processes(values: list[float]) -> float:
         return accelerator.reduce(torch.tensor(float(np.mean(values)), device=accelerator.device), "mean").item()
@@ -370,39 +471,46 @@ def train_diffusion_lora(cfg: DictConfig, train_images: Any, output_dir: str | o
     def validate() -> None:
         if is_main and settings.validation_every > 0:
             path = save_validation_grid(components, raw_unet, settings, prompts, seed, resolution,
-                                        stage_dir / "samples" / f"step_{global_step:05d}.png", accelerator)
+                                        stage_dir / "samples" / f"step_{global_step:05d}.png", accelerator,
+                                        validation_images)
             if hasattr(logger, "log_images"):
                 logger.log_images({"diffusion/samples": path})
+
+    def batch_latents(indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if latent_cache is not None:
+            return sample_latents(components, latent_cache[indices].to(accelerator.device), generator)
+        images = random_crops(data.pixels[indices], resolution, settings.crop_min_side, generator)
+        return sample_latents(components, latent_distributions(components, images, accelerator.device), generator)
 
     unet.train()
     for epoch in range(start_epoch, epochs + 1):
         if global_step >= total_steps:
             break
         torch.manual_seed(_derived_seed(seed, epoch, accelerator.process_index))  # LoRA dropout
-        order = torch.randperm(len(data.labels), generator=_generator(seed, epoch))
+        order = torch.randperm(len(data.labels), generator=_generator(seed, epoch))  # shared by every process
         shard = order[accelerator.process_index::accelerator.num_processes][:per_process]
         batches = list(shard.split(settings.batch_size))
         steps = [batches[i:i + settings.grad_accum_steps] for i in range(0, len(batches), settings.grad_accum_steps)]
         steps = steps[: total_steps - global_step]
-        generator = _generator(seed, epoch, accelerator.process_index, 1)
-        epoch_losses, window = [], []
+        generator = _generator(seed, epoch, accelerator.process_index, 1)  # crops, noise, timesteps: per process
+        epoch_losses, window, window_images, window_start = [], [], 0, time.perf_counter()
         bar = tqdm(steps, desc=f"diffusion LoRA epoch {epoch}/{epochs}", unit="step", leave=False,
                    disable=not is_main, mininterval=1.0)
         for step_index, micro_batches in enumerate(bar):
             step_loss = 0.0
             for position, indices in enumerate(micro_batches):
-                images = random_crops(data.pixels[indices], resolution, settings.crop_min_side, generator)
                 states = class_states[data.labels[indices].to(class_states.device)]
                 last = position == len(micro_batches) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(unet):
-                    loss = diffusion_loss(components, unet, images, states, generator, settings.min_snr_gamma,
-                                          settings.noise_offset)
-                    if not torch.isfinite(loss):
+                    loss = latent_loss(components, unet, batch_latents(indices, generator), states, generator,
+                                       settings.min_snr_gamma, settings.noise_offset)
+                    if not bool(torch.isfinite(accelerator.gather(loss.detach().view(1))).all()):  # stop every rank
                         raise NonFiniteLossError(
-                            f"diffusion loss became {loss.item()} at step {global_step + 1}: lower "
-                            f"diffusion_lora.training.lr or use precision bf16 instead of fp16")
+                            f"diffusion loss became non-finite at step {global_step + 1} (this process: "
+                            f"{loss.item()}): lower diffusion_lora.training.lr or use precision bf16 instead of fp16")
                     accelerator.backward(loss / len(micro_batches))
                 step_loss += loss.item() / len(micro_batches)
+                window_images += len(indices) * accelerator.num_processes
             if settings.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(lora_parameters(raw_unet), settings.max_grad_norm)
             optimizer.step()
@@ -413,12 +521,17 @@ def train_diffusion_lora(cfg: DictConfig, train_images: Any, output_dir: str | o
             window.append(step_loss)
             bar.set_postfix(loss=f"{step_loss:.4f}")
             if len(window) >= settings.log_every or step_index == len(steps) - 1:
+                seconds = time.perf_counter() - window_start
                 metrics.log({"diffusion/step": global_step, "diffusion/epoch": epoch,
                              "diffusion/loss": mean_over_processes(window),
-                             "diffusion/lr": scheduler.get_last_lr()[0]})
-                window = []
+                             "diffusion/lr": scheduler.get_last_lr()[0],
+                             "diffusion/step_seconds": seconds / len(window),
+                             "diffusion/images_per_second": window_images / seconds})
+                window, window_images = [], 0
             if settings.validation_every > 0 and global_step % settings.validation_every == 0:
                 validate()
+            if not window:
+                window_start = time.perf_counter()  # the next window's time leaves out logging and grids
         metrics.log({"diffusion/step": global_step, "diffusion/epoch": epoch,
                      "diffusion/epoch_loss": mean_over_processes(epoch_losses)})
         accelerator.wait_for_everyone()
@@ -434,8 +547,18 @@ def train_diffusion_lora(cfg: DictConfig, train_images: Any, output_dir: str | o
             validate()
         spec = diffusion_cfg.lora
         save_lora(lora_folder, raw_unet, {
-            "base": source, "resolution": resolution, "prompts": prompts, "r": int(spec.r),
-            "alpha": float(spec.alpha), "dropout": float(spec.dropout), "target_modules": list(spec.target_modules),
-            "steps": global_step, "images": len(data.labels), "seed": seed, "training": asdict(settings)})
+            "base": source, "resolution": resolution, "native_resolution": native, "upsampling": enlarged,
+            "prompts": prompts, "r": int(spec.r), "alpha": float(spec.alpha), "dropout": float(spec.dropout),
+            "target_modules": list(spec.target_modules), "steps": global_step, "images": len(data.labels),
+            "seed": seed, "training": asdict(settings)})
     accelerator.wait_for_everyone()
+    accelerator.free_memory()
     return lora_folder
+
+
+def step_plan(total_steps: int, epochs: int, steps_per_epoch: int, max_train_steps: int | None) -> str:
+    """The run's length as the log states it: the capped count when max_train_steps ends training early."""
+    if max_train_steps and max_train_steps < epochs * steps_per_epoch:
+        return (f"{total_steps} optimizer steps (max_train_steps={max_train_steps}; an epoch has "
+                f"{steps_per_epoch})")
+    return f"{epochs} epochs x {steps_per_epoch} optimizer steps"

@@ -1,0 +1,235 @@
+"""The diffusion stage at its edges: the native resolution and the source images' upsampling, latent caching and
+gradient checkpointing that train as the plain loop does, throughput in the history, memory freed after each
+stage, one non-finite-loss stop for every rank, and the quality stage in batches on the classifier's device."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, compose
+from pneumo_exp.data.cache import load_pixels
+from pneumo_exp.data.manifest import Record
+from pneumo_exp.data.phantom import phantom_records
+from pneumo_exp.diffusion.pipeline import pipeline_source
+from pneumo_exp.diffusion.settings import DiffusionTrainingConfig
+from pneumo_exp.diffusion.train import source_image_sides, train_diffusion_lora
+from pneumo_exp.errors import UserError
+from pneumo_exp.labels import class_index
+
+TIMING_KEYS = ("diffusion/step_seconds", "diffusion/images_per_second")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def phantom_batch(size: int = 64) -> dict:
+    records = phantom_records(patients_per_class=2, test_patients_per_class=0, images_per_patient=2)
+    return {"pixels": torch.from_numpy(np.stack([load_pixels(r, size) for r in records])),
+            "labels": torch.tensor([class_index(r.label) for r in records])}
+
+
+def config(output: Path, cache: Path, *overrides: str, **training):
+    cfg = compose([f"paths.output_dir={output}", f"paths.cache_dir={cache}", "logger=none", *overrides])
+    settings = {"max_train_steps": 3, "batch_size": 4, "lr": 2e-3, "warmup_ratio": 0.0, "log_every": 1,
+                "validation_every": 0, **training}
+    for key, value in settings.items():
+        cfg.diffusion_lora.training[key] = value
+    return cfg
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+# ------------------------------------------------------------------------------------- resolution
+
+
+def test_a_resolution_other_than_the_models_is_refused_unless_allowed(model_cache, tmp_path, caplog):
+    native_source = pipeline_source(compose([f"paths.cache_dir={model_cache}"]).diffusion_lora, model_cache)
+    cfg = config(tmp_path, model_cache, f"diffusion_lora.pretrained={native_source}",
+                 "diffusion_lora.resolution=32", max_train_steps=1)
+    data = {**phantom_batch(32), "source_sides": [20] * 12}
+    with pytest.raises(UserError, match=r"diffusion_lora.resolution=32 is not the native resolution.*\(64 px") as refused:
+        train_diffusion_lora(cfg, data, tmp_path)
+    assert refused.value.where == "diffusion_lora.resolution"
+    assert "allow_non_native_resolution" in refused.value.fix
+    assert not (tmp_path / "diffusion").exists()
+
+    cfg.diffusion_lora.allow_non_native_resolution = True
+    with caplog.at_level(logging.WARNING, logger="pneumo_exp.diffusion.train"):
+        lora = train_diffusion_lora(cfg, data, tmp_path)
+    info = json.loads((lora / "lora_info.json").read_text())
+    assert (info["resolution"], info["native_resolution"]) == (32, 64)
+    assert info["upsampling"] == {"source_side_median": 20, "source_side_min": 20, "factor": 1.6}
+    assert "upsampled 1.6x" in caplog.text
+
+
+def test_source_sides_are_read_from_the_original_files_not_the_cache(tmp_path):
+    from PIL import Image
+
+    files = []
+    for index, size in enumerate([(40, 30), (224, 224)]):
+        files.append(tmp_path / f"{index}.png")
+        Image.new("L", size).save(files[-1])
+    records = [Record(path=str(f), label="NORMAL", patient_id=f"p{i}", split="train") for i, f in enumerate(files)]
+    assert source_image_sides(records) == [30, 224]
+    assert source_image_sides(phantom_records(patients_per_class=1, test_patients_per_class=0,
+                                              images_per_patient=1)) == [None] * 3
+
+
+def test_the_validation_grid_draws_one_image_per_class_on_the_cpu_by_default(make_cfg):
+    default = DiffusionTrainingConfig()
+    assert (default.validation_images("cpu"), default.validation_images("cuda")) == (1, 4)
+    assert DiffusionTrainingConfig(validation_images_per_class=3).validation_images("cpu") == 3
+    assert make_cfg().diffusion_lora.training.validation_images_per_class is None
+
+
+# ---------------------------------------------------------------------------------- speed features
+
+
+@pytest.mark.slow
+def test_cached_latents_and_checkpointing_train_as_the_plain_loop(model_cache, tmp_path, caplog):
+    from safetensors.torch import load_file
+
+    data = phantom_batch()
+    runs = {}
+    for name, training in {"plain": {}, "cached": {"cache_latents": True},
+                           "checkpointed": {"gradient_checkpointing": True}}.items():
+        rows = []
+        cfg = config(tmp_path / name, model_cache, max_train_steps=5, crop_min_side=1.0, **training)
+        with caplog.at_level(logging.INFO, logger="pneumo_exp.diffusion.train"):
+            lora = train_diffusion_lora(cfg, data, tmp_path / name, logger=rows.append)
+        runs[name] = rows, load_file(lora / "pytorch_lora_weights.safetensors")
+    assert "5 optimizer steps (max_train_steps=5" in caplog.text
+    plain_rows, plain_lora = runs["plain"]
+    steps = [row for row in plain_rows if "diffusion/loss" in row]
+    assert len(steps) == 5 and all(row[key] > 0 for row in steps for key in TIMING_KEYS)
+    for name in ("cached", "checkpointed"):
+        rows, weights = runs[name]
+        assert len(rows) == len(plain_rows)
+        for row, plain in zip(without_timing(rows), without_timing(plain_rows)):
+            assert row == pytest.approx(plain, rel=1e-5, abs=1e-6), name
+        for key in plain_lora:
+            torch.testing.assert_close(weights[key], plain_lora[key], rtol=1e-4, atol=1e-6)
+    on_disk = [json.loads(line) for line in (tmp_path / "cached" / "diffusion" / "metrics.jsonl").read_text()
+               .splitlines()]
+    assert on_disk == runs["cached"][0]
+
+
+def test_cached_latents_refuse_pixel_space_crops(model_cache, tmp_path):
+    cfg = config(tmp_path, model_cache, cache_latents=True, crop_min_side=0.9)
+    with pytest.raises(UserError, match="crop_min_side"):
+        train_diffusion_lora(cfg, phantom_batch(), tmp_path)
+
+
+@pytest.mark.slow
+def test_resume_with_cached_latents_continues_exactly(model_cache, tmp_path):
+    from safetensors.torch import load_file
+
+    data = phantom_batch()
+    settings = {"max_train_steps": None, "epochs": 2, "cache_latents": True, "crop_min_side": 1.0}
+    straight = train_diffusion_lora(config(tmp_path / "a", model_cache, **settings), data, tmp_path / "a")
+
+    class Crash(Exception):
+        pass
+
+    def crash_in_epoch_two(row):
+        if row["diffusion/epoch"] == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train_diffusion_lora(config(tmp_path / "b", model_cache, **settings), data, tmp_path / "b",
+                             logger=crash_in_epoch_two)
+    cfg = config(tmp_path / "b", model_cache, **settings)
+    cfg.resume = True
+    resumed = train_diffusion_lora(cfg, data, tmp_path / "b")
+    first, second = (load_file(folder / "pytorch_lora_weights.safetensors") for folder in (straight, resumed))
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+@pytest.mark.slow
+def test_no_unet_outlives_its_training_or_synthesis_stage(model_cache, tmp_path, monkeypatch):
+    from pneumo_exp.diffusion import generate, pipeline, train
+
+    alive = []
+
+    def spy(load, unet_of):
+        def wrapped(*args, **kwargs):
+            loaded = load(*args, **kwargs)
+            alive.append(weakref.ref(unet_of(loaded)))
+            return loaded
+        return wrapped
+
+    monkeypatch.setattr(train, "load_components", spy(train.load_components, lambda parts: parts.unet))
+    monkeypatch.setattr(pipeline, "load_pipeline", spy(pipeline.load_pipeline, lambda pipe: pipe.unet))
+    cfg = config(tmp_path, model_cache, max_train_steps=2, validation_every=1, precision="bf16")
+    lora = train_diffusion_lora(cfg, phantom_batch(), tmp_path)  # mixed precision: accelerate wraps forward
+    assert len(alive) == 1 and alive[0]() is None, "the trained UNet is still alive after its stage"
+    prompts = dict(cfg.diffusion_lora.prompts)
+    generate.generate_synthetic(pipeline_source(cfg.diffusion_lora, model_cache), lora, {"NORMAL": 1}, prompts,
+                                tmp_path / "gen", seed=0, steps=1, guidance=1.0, batch_size=1, resolution=64,
+                                precision="bf16", progress=False)
+    assert len(alive) == 2 and alive[1]() is None, "the sampling UNet is still alive after its stage"
+
+
+# ------------------------------------------------------------------------------------- distributed
+
+
+NON_FINITE_ON_RANK_ONE = """
+import os, sys, torch
+from conftest import compose
+from pneumo_exp.diffusion import train
+from pneumo_exp.data.cache import load_pixels
+from pneumo_exp.data.phantom import phantom_records
+from pneumo_exp.labels import class_index
+
+rank = int(os.environ["RANK"])  # not PartialState(): without cpu=True it would fix a one-process state
+plain = train.latent_loss
+train.latent_loss = lambda *args, **kwargs: plain(*args, **kwargs) * (float("nan") if rank == 1 else 1.0)
+output, cache = sys.argv[1], sys.argv[2]
+cfg = compose([f"paths.output_dir={output}", f"paths.cache_dir={cache}", "logger=none", "trainer.cpu=true",
+               "diffusion_lora.training.max_train_steps=2", "diffusion_lora.training.validation_every=0"])
+records = phantom_records(patients_per_class=2, test_patients_per_class=0, images_per_patient=2)
+data = {"pixels": torch.from_numpy(__import__("numpy").stack([load_pixels(r, 64) for r in records])),
+        "labels": torch.tensor([class_index(r.label) for r in records])}
+try:
+    train.train_diffusion_lora(cfg, data, output)
+except train.NonFiniteLossError as error:
+    print(f"rank {rank} stopped: {error}", flush=True)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(model_cache, tmp_path):
+    script = tmp_path / "non_finite.py"
+    script.write_text(NON_FINITE_ON_RANK_ONE)
+    pipeline_source(compose([f"paths.cache_dir={model_cache}"]).diffusion_lora, model_cache)  # built once, here
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}",
+           "OMP_NUM_THREADS": "1"}
+    launch = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
+                             "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                             str(script), str(tmp_path / "run"), str(model_cache)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    output = launch.stdout + launch.stderr
+    assert launch.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank} stopped: diffusion loss became non-finite at step 1" in output, output[-3000:]
