@@ -98,6 +98,7 @@ class ClipConfig:
     lora: LoraSpec = field(default_factory=LoraSpec)
     train_text_encoder: bool = False  # the text side trains too: LoRA on it (lora) or all its weights (full)
     center_class_embeddings: bool = False  # subtract the class mean: keeps random-init text towers apart
+    gradient_checkpointing: bool = False  # recompute the transformer layers in backward: less memory, more time
     prompts: dict[str, list[str]] = field(default_factory=default_prompts)
 
 

@@ -220,3 +220,31 @@ def test_missing_pretrained_checkpoint_names_it(make_cfg, tmp_path):
     cfg = make_cfg(f"clip_lora.pretrained={tmp_path / 'no-such-model'}")
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         build(cfg)
+
+
+def layer_forwards_and_gradients(cfg) -> tuple[int, list[torch.Tensor]]:
+    """How often the first vision layer starts in one training forward + backward, and the LoRA gradients."""
+    torch.manual_seed(0)  # the LoRA initialisation
+    classifier, _ = build_classifier(cfg.clip_lora, cfg.paths.cache_dir)
+    classifier.train()
+    calls = [0]
+    layer = classifier.clip.vision_model.encoder.layers[0].layer_norm1
+    layer.register_forward_pre_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
+    F.cross_entropy(classifier(images()), torch.tensor([0, 1, 2, 0])).backward()
+    return calls[0], [p.grad for p in trainable_parameters(classifier)]
+
+
+def test_gradient_checkpointing_recomputes_the_layers_and_gives_the_same_gradients(make_cfg):
+    plain_calls, plain_gradients = layer_forwards_and_gradients(make_cfg())
+    checkpointed_calls, checkpointed_gradients = layer_forwards_and_gradients(
+        make_cfg("clip_lora.gradient_checkpointing=true"))
+    assert (plain_calls, checkpointed_calls) == (1, 2)
+    for plain, checkpointed in zip(plain_gradients, checkpointed_gradients, strict=True):
+        torch.testing.assert_close(checkpointed, plain)
+
+
+def test_conv_tower_says_it_ignores_gradient_checkpointing(make_cfg, caplog):
+    with caplog.at_level("INFO"):
+        build_classifier(make_cfg("clip_lora=tiny", "clip_lora.gradient_checkpointing=true").clip_lora,
+                         make_cfg().paths.cache_dir)
+    assert "gradient checkpointing" in caplog.text and "conv" in caplog.text

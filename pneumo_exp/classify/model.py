@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -26,6 +27,7 @@ from pneumo_exp.labels import CLASSES
 from pneumo_exp.rundir import build_folder_once
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+log = logging.getLogger(__name__)
 
 RANDOM_INIT_FORMAT = 1
 MAX_TEXT_TOKENS = 77
@@ -196,6 +198,17 @@ def attach_conv_tower(clip, conv: dict, seed: int) -> None:
         clip.visual_projection.reset_parameters()
 
 
+def enable_gradient_checkpointing(clip, clip_cfg: DictConfig) -> None:
+    """transformers' checkpointing of the encoder layers (non-reentrant: works with frozen inputs under LoRA)."""
+    if hasattr(clip, "activation_checkpointing_enable"):  # transformers >= 5.24 renamed gradient_checkpointing_enable
+        clip.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        clip.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if clip_cfg.image_tower == "conv":
+        log.info("clip_lora=%s: the conv image tower ignores gradient checkpointing (the text tower uses it)",
+                 clip_cfg.name)
+
+
 def build_classifier(clip_cfg: DictConfig, cache_dir: str | os.PathLike, seed: int = 0):
     """The classifier with the configured mode applied; returns (classifier, peft_model or None). `seed` draws the
     weights a from-scratch image tower starts from (pretrained and random-init ViT bases are the same for all)."""
@@ -204,6 +217,8 @@ def build_classifier(clip_cfg: DictConfig, cache_dir: str | os.PathLike, seed: i
         attach_conv_tower(clip, clip_cfg.architecture["conv"], seed)
     prompt_ids, prompt_mask, templates = tokenize_prompts(tokenizer, OmegaConf.to_container(clip_cfg.prompts),
                                                           clip.config.text_config.max_position_embeddings)
+    if clip_cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(clip, clip_cfg)
     mode = ClassifierMode(clip_cfg.mode)
     clip.requires_grad_(mode == ClassifierMode.full)
     clip.logit_scale.requires_grad_(False)  # a learnt temperature can collapse the logits; fine-tuners keep it fixed
