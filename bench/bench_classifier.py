@@ -1,6 +1,7 @@
 """Classifier throughput: the framework's epoch against plain PyTorch loops doing the same work, ratios in one run.
 
     python bench/bench_classifier.py [--images DIR] [--presets tiny small] [--count 256] [--out bench.json]
+    python bench/bench_classifier.py --tiny     # seconds: the tiny preset, 24 images, one round (the test suite)
 
 Three ways to train one epoch of the same images with the same model, loss and optimizer:
   framework      `train_one_epoch` on cached uint8 tensors (accelerate, augmentation, metrics, progress)
@@ -84,7 +85,7 @@ def bench_preset(preset: str, files: list[tuple[Path, int]], repeats: int, cache
     settings, batch = AugmentSettings(), cfg.trainer.batch_size
 
     def framework() -> None:
-        train_one_epoch(model, optimizer, scheduler, split, cfg, 1, accelerator, None)
+        train_one_epoch(model, optimizer, scheduler, split, cfg, 1, accelerator, loss_weights=None, average=None)
 
     def plain_cached(batch_size: int = batch) -> None:
         classifier.train()
@@ -161,7 +162,10 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/results/classifier.json"))
+    parser.add_argument("--tiny", action="store_true", help="a few seconds: --presets tiny --count 24 --repeats 1")
     args = parser.parse_args()
+    if args.tiny:
+        args.presets, args.count, args.repeats = ["tiny"], 24, 1
     with tempfile.TemporaryDirectory() as scratch:
         files = jpeg_files(args.images, args.count, Path(scratch))
         results = {"machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
