@@ -163,6 +163,9 @@ class TrainerConfig:
     augment_settings: AugmentSettings = field(default_factory=AugmentSettings)  # ranges of the random transforms
     ema_decay: float = 0.0  # >0: validate, keep and test an exponential moving average of the weights; 0 turns it off
     max_steps_per_epoch: Optional[int] = None  # cap for smoke tests
+    max_eval_batches: Optional[int] = None  # cap of validation batches per process, for smoke tests
+    cap_test: bool = False  # the cap applies to the test split too (its metrics are then no result)
+    save_optimizer_state: bool = True  # false: checkpoints/last holds no optimizer state (resume restarts it)
     bootstrap_samples: int = 1000
     cpu: bool = False  # force the CPU even where a GPU is present
 

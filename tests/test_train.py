@@ -25,6 +25,7 @@ QUICK = ["dataset.patients_per_class=8", "dataset.test_patients_per_class=4", "t
          "trainer.batch_size=8", "trainer.bootstrap_samples=100"]
 # The learning test's budget: the demo recipe, which a broken loss or frozen weights cannot pass.
 LEARN = ["experiment=demo"]
+TIMINGS = {"train/step_seconds", "train/images_per_second"}
 
 
 def run_dir(cfg) -> Path:
@@ -123,6 +124,11 @@ def finish(process: subprocess.Popen, timeout: int = 300) -> str:
     return output
 
 
+def without_timings(history: list[dict]) -> list[dict]:
+    """Rows without the wall-clock throughput, which no two runs share."""
+    return [{key: value for key, value in row.items() if key not in TIMINGS} for row in history]
+
+
 def test_resume_after_a_kill_reaches_the_same_final_metrics(tmp_path, model_cache):
     common = ["experiment=demo", "logger=none", f"paths.cache_dir={model_cache}", "trainer.epochs=4",
               "dataset.patients_per_class=10", "trainer.bootstrap_samples=100", "trainer.ema_decay=0.9"]
@@ -139,8 +145,8 @@ def test_resume_after_a_kill_reaches_the_same_final_metrics(tmp_path, model_cach
     assert not (killed / "results.json").exists()
     finish(cli(*common, f"hydra.run.dir={killed}", "resume=true"))
 
-    straight = read_history(tmp_path / "straight" / "metrics.jsonl")
-    resumed = read_history(killed / "metrics.jsonl")
+    straight = without_timings(read_history(tmp_path / "straight" / "metrics.jsonl"))
+    resumed = without_timings(read_history(killed / "metrics.jsonl"))
     assert [row["epoch"] for row in resumed] == [1, 2, 3, 4]
     assert resumed == straight
     assert (json.loads((killed / "results.json").read_text())["metrics"]
@@ -188,3 +194,92 @@ def test_accelerate_launch_two_processes_matches_one(tmp_path, model_cache):
     for a, b in zip(one, two):
         for key in ("train/loss", "val/loss", "val/acc", "val/f1_macro"):
             assert b[key] == pytest.approx(a[key], abs=2e-3), key
+
+
+def test_loss_curves_are_unweighted_and_the_objective_is_logged_apart(make_cfg):
+    cfg = make_cfg(*QUICK, "trainer.class_balance=weighted_loss")
+    run(cfg)
+    for row in read_history(run_dir(cfg) / "metrics.jsonl"):
+        assert {"train/loss", "train/objective", "val/loss", "train/step_seconds",
+                "train/images_per_second"} <= set(row)
+
+
+@pytest.mark.parametrize("preset", ["tiny_vit", "tiny"])
+def test_bf16_validation_in_results_equals_the_selected_epoch(make_cfg, preset):
+    """Training validates and test_best re-evaluates with the same numerics (autocast over fp32 weights)."""
+    cfg = make_cfg(*QUICK, f"clip_lora={preset}", "trainer.precision=bf16", "trainer.epochs=3")
+    run(cfg)
+    results = json.loads((run_dir(cfg) / "results.json").read_text())
+    selected = read_history(run_dir(cfg) / "metrics.jsonl")[results["best_epoch"] - 1]
+    validation = {key: value for key, value in results["metrics"].items() if key.startswith("val/")}
+    assert validation and all(key in selected for key in validation)
+    assert validation == {key: selected[key] for key in validation}
+
+
+def test_the_training_clip_is_freed_before_the_test_model_is_built(make_cfg, monkeypatch):
+    import gc
+    import weakref
+
+    from pneumo_exp.classify import train
+
+    built, alive_at_next_build = [], []
+    original = train.build_classifier
+
+    def recording(*args, **kwargs):
+        gc.collect()
+        alive_at_next_build.extend(ref() is not None for ref in built)
+        classifier, peft_model = original(*args, **kwargs)
+        built.append(weakref.ref(classifier.clip))
+        return classifier, peft_model
+
+    monkeypatch.setattr(train, "build_classifier", recording)
+    run(make_cfg(*QUICK, "clip_lora=tiny_vit", "trainer.ema_decay=0.9"))
+    gc.collect()
+    assert len(built) == 2 and alive_at_next_build == [False]
+    assert [ref() for ref in built] == [None, None]
+
+
+def test_evaluation_cap_limits_validation_and_says_when_the_test_split_was_capped(make_cfg):
+    cfg = make_cfg(*QUICK, "trainer.max_eval_batches=1", "trainer.eval_batch_size=4")
+    run(cfg)
+    results = json.loads((run_dir(cfg) / "results.json").read_text())
+    assert results["images"]["val"] == 4 and results["images"]["test"] == 3 * 4 * 3  # 4 test patients x 3 images
+    assert set(results["capped"]) == {"val"} and results["capped"]["val"]["evaluated"] == 4
+    for row in read_history(run_dir(cfg) / "metrics.jsonl"):
+        assert sum(map(sum, row["val/confusion_matrix"])) == 4
+
+    capped_test = make_cfg(*QUICK, "trainer.max_eval_batches=1", "trainer.eval_batch_size=4",
+                           "trainer.cap_test=true", f"paths.output_dir={run_dir(cfg).parent / 'capped_test'}")
+    run(capped_test)
+    results = json.loads((run_dir(capped_test) / "results.json").read_text())
+    assert results["images"]["test"] == 4 and results["capped"]["test"] == {"evaluated": 4, "available": 36}
+
+
+def test_non_finite_loss_mid_epoch_stops_before_any_checkpoint_is_written(make_cfg, monkeypatch):
+    from pneumo_exp.classify import model
+
+    original, calls = model.PromptClassifier.forward, [0]
+
+    def nan_from_the_third_call(self, images):
+        calls[0] += 1
+        logits = original(self, images)
+        return logits * float("nan") if calls[0] >= 3 else logits
+
+    monkeypatch.setattr(model.PromptClassifier, "forward", nan_from_the_third_call)
+    cfg = make_cfg(*QUICK)
+    with pytest.raises(NonFiniteLossError, match="epoch 1, step 3"):
+        run(cfg)
+    assert not (run_dir(cfg) / "checkpoints").exists()
+
+
+def test_without_optimizer_state_resume_restarts_the_optimizer_and_says_so(make_cfg, caplog):
+    from pneumo_exp.classify.checkpoint import load_training_state
+
+    cfg = make_cfg(*QUICK, "trainer.save_optimizer_state=false")
+    run(cfg)
+    assert load_training_state(run_dir(cfg) / "checkpoints" / "last")["optimizer"] is None
+    (run_dir(cfg) / "results.json").unlink()
+    with caplog.at_level("WARNING"):
+        run(make_cfg(*QUICK, "trainer.save_optimizer_state=false", "resume=true"))
+    assert "optimizer state" in caplog.text
+    assert len(read_history(run_dir(cfg) / "metrics.jsonl")) == 2

@@ -104,7 +104,7 @@ def save_checkpoint(folder: Path, classifier, peft_model, mode: ClassifierMode, 
                     progress: dict) -> None:
     def fill(staging: Path) -> None:
         save_weights(classifier, peft_model, mode, staging)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+        torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None, "scheduler": scheduler.state_dict(), "rng": rng_state(),
                     **progress}, staging / STATE_FILE)
 
     write_folder_atomic(folder, fill)

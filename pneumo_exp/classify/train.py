@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gc
 import logging
 import math
 import os
 import random
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,7 @@ from pneumo_exp.data.augment import random_augment, to_unit_float
 from pneumo_exp.data.cache import open_or_build
 from pneumo_exp.data.manifest import Record
 from pneumo_exp.data.prepare import PreparedData
+from pneumo_exp.errors import UserError
 from pneumo_exp.labels import CLASSES, class_index
 from pneumo_exp.plots import confusion_matrix_png, curves_png
 from pneumo_exp.rundir import write_json_atomic
@@ -46,10 +49,11 @@ from pneumo_exp.tracking import RunLogger
 
 log = logging.getLogger(__name__)
 SELECTION_METRIC = "val/f1_macro"
+HOST_CHECK_EVERY = 50  # optimizer steps between reads of the finite-loss flag (and progress bar updates)
 
 
-class NonFiniteLossError(FloatingPointError):
-    pass
+class NonFiniteLossError(UserError, FloatingPointError):
+    """The training loss became nan or inf; raised on every rank at once, before any checkpoint of the epoch."""
 
 
 @dataclass
@@ -91,28 +95,64 @@ def epoch_order(labels: torch.Tensor, balance: ClassBalance, generator: torch.Ge
     return torch.randperm(len(labels), generator=generator)
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """Order, augmentation and dropout depend on (seed, epoch) only, so a resumed run repeats them exactly."""
-    torch.manual_seed(seed * 100_003 + epoch)
-    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+def epoch_randomness(seed: int, epoch: int, process_index: int, labels: torch.Tensor,
+                     balance: ClassBalance) -> tuple[torch.Tensor, torch.Generator]:
+    """The epoch's sample order, the same on every rank, and this rank's own generator for augmentation; torch's
+    global generator (dropout, LoRA dropout) is seeded for this rank too. All depend on (seed, epoch, rank) only, so
+    a resumed run repeats them; rank 0 draws what a single-process run always drew."""
+    epoch_seed = seed * 100_003 + epoch
+    shared = torch.Generator().manual_seed(epoch_seed)
+    order = epoch_order(labels, balance, shared)
+    if process_index == 0:
+        torch.manual_seed(epoch_seed)
+        return order, shared  # the shared stream, continued past the order
+    rank_seed = int(np.random.SeedSequence([epoch_seed, process_index]).generate_state(1)[0])
+    torch.manual_seed(rank_seed)
+    return order, torch.Generator().manual_seed(rank_seed)
+
+
+def shard_of(order: torch.Tensor, process_index: int, num_processes: int) -> torch.Tensor:
+    """This rank's images of the epoch: ranks take turns and all get the same count (DDP steps in lockstep)."""
+    per_process = len(order) // num_processes
+    return order[process_index::num_processes][:per_process]
+
+
+def optimizer_steps(shard: torch.Tensor, trainer: DictConfig) -> list[list[torch.Tensor]]:
+    """The shard cut into batches, grouped into the micro-batches of each optimizer step."""
+    batches = list(shard.split(trainer.batch_size))
+    accumulation = trainer.grad_accum_steps
+    if trainer.max_steps_per_epoch:
+        batches = batches[: trainer.max_steps_per_epoch * accumulation]
+    return [batches[i:i + accumulation] for i in range(0, len(batches), accumulation)]
+
+
+def stop_if_non_finite(first_non_finite_step: torch.Tensor, epoch: int, accelerator) -> None:
+    """One read of every rank's flag (step number of its first non-finite loss, 0 for none): all stop together."""
+    steps = accelerator.gather(first_non_finite_step.view(1))
+    steps = steps[steps > 0]
+    if len(steps):
+        raise NonFiniteLossError(f"the training loss became nan or inf at epoch {epoch}, step {int(steps.min())}",
+                                 "optim.lr, trainer.precision", "lower optim.lr, use trainer.precision=bf16 "
+                                 "instead of fp16, or check the input images")
 
 
 def train_one_epoch(model, optimizer, scheduler, train: SplitTensors, cfg: DictConfig, epoch: int, accelerator,
                     loss_weights: torch.Tensor | None, average: WeightAverage | None) -> dict:
+    """One epoch; `loss` is the plain cross-entropy (comparable with `val/loss`), `objective` the loss optimised
+    (class-weighted with `loss_weights`). Nothing is read back to the host during the epoch except the finite-loss
+    flag every HOST_CHECK_EVERY steps and after the last step."""
     model.train()
-    generator = epoch_generator(cfg.seed, epoch)
-    order = epoch_order(train.labels, ClassBalance(cfg.trainer.class_balance), generator)
-    per_process = len(order) // accelerator.num_processes
-    shard = order[accelerator.process_index::accelerator.num_processes][:per_process]
-    batches = list(shard.split(cfg.trainer.batch_size))
-    accumulation = cfg.trainer.grad_accum_steps
-    if cfg.trainer.max_steps_per_epoch:
-        batches = batches[: cfg.trainer.max_steps_per_epoch * accumulation]
-    steps = [batches[i:i + accumulation] for i in range(0, len(batches), accumulation)]
+    order, generator = epoch_randomness(cfg.seed, epoch, accelerator.process_index, train.labels,
+                                        ClassBalance(cfg.trainer.class_balance))
+    steps = optimizer_steps(shard_of(order, accelerator.process_index, accelerator.num_processes), cfg.trainer)
     settings = cfg.trainer.augment_settings
-    probabilities, targets, losses = [], [], []
+    probabilities, targets = [], []
+    loss_sums = torch.zeros(2, device=accelerator.device)  # cross-entropy and objective, summed over images
+    first_non_finite_step = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    images_seen = 0
     bar = tqdm(steps, desc=f"epoch {epoch}/{cfg.trainer.epochs} train", unit="step", leave=False,
                disable=not accelerator.is_main_process, mininterval=1.0)
+    start = time.perf_counter()
     for step_number, micro_batches in enumerate(bar, start=1):
         for position, indices in enumerate(micro_batches):
             images = to_unit_float(train.pixels[indices]).to(accelerator.device)
@@ -122,15 +162,15 @@ def train_one_epoch(model, optimizer, scheduler, train: SplitTensors, cfg: DictC
             last_micro_batch = position == len(micro_batches) - 1
             with contextlib.nullcontext() if last_micro_batch else accelerator.no_sync(model):
                 logits = model(images).float()
-                loss = F.cross_entropy(logits, labels, weight=loss_weights)
-                if not bool(torch.isfinite(accelerator.gather(loss.detach().view(1))).all()):  # stop every rank
-                    raise NonFiniteLossError(
-                        f"loss became {loss.item()} at epoch {epoch}, step {step_number}: lower optim.lr, use "
-                        f"trainer.precision=bf16 instead of fp16, or check the input images")
-                accelerator.backward(loss / len(micro_batches))
+                objective = F.cross_entropy(logits, labels, weight=loss_weights)
+                accelerator.backward(objective / len(micro_batches))
+            non_finite = ~torch.isfinite(objective.detach()) & (first_non_finite_step == 0)
+            first_non_finite_step = torch.where(non_finite, step_number, first_non_finite_step)
+            loss_sums += torch.stack([F.cross_entropy(logits.detach(), labels, reduction="sum"),
+                                      objective.detach() * len(indices)])
             probabilities.append(logits.detach().softmax(-1))
             targets.append(labels)
-            losses.append(loss.detach() * len(indices))
+            images_seen += len(indices)
         if cfg.trainer.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), cfg.trainer.max_grad_norm)
         optimizer.step()
@@ -138,12 +178,17 @@ def train_one_epoch(model, optimizer, scheduler, train: SplitTensors, cfg: DictC
         optimizer.zero_grad(set_to_none=True)
         if average is not None and not accelerator.optimizer_step_was_skipped:  # fp16 skips inf/nan steps
             average.update(accelerator.unwrap_model(model))
-        bar.set_postfix(loss=f"{losses[-1].item() / len(micro_batches[-1]):.3f}")
+        if step_number % HOST_CHECK_EVERY == 0 or step_number == len(steps):
+            stop_if_non_finite(first_non_finite_step, epoch, accelerator)
+            bar.set_postfix(loss=f"{loss_sums[0].item() / images_seen:.3f}")
+    seconds = time.perf_counter() - start
     probabilities = accelerator.gather(torch.cat(probabilities))
     targets = accelerator.gather(torch.cat(targets))
-    loss_sum = accelerator.gather(torch.stack(losses).sum().view(1)).sum()
+    loss_sums = accelerator.gather(loss_sums.view(1, 2)).sum(0)
     metrics = classification_metrics(probabilities.cpu(), targets.cpu())
-    metrics["loss"] = (loss_sum / len(targets)).item()
+    metrics["loss"], metrics["objective"] = (loss_sums / len(targets)).tolist()
+    metrics["step_seconds"] = seconds / len(steps)
+    metrics["images_per_second"] = len(targets) / seconds
     return metrics
 
 
@@ -205,14 +250,8 @@ def fit(cfg: DictConfig, splits: dict[str, SplitTensors], output_dir: Path, acce
     from transformers import get_cosine_schedule_with_warmup
 
     mode = ClassifierMode(cfg.clip_lora.mode)
+    # fp32 weights under the accelerator's autocast, as in test_best: the weights validated are the weights tested
     classifier, peft_model = build_classifier(cfg.clip_lora, cfg.paths.cache_dir, seed=cfg.seed)
-    if cfg.trainer.precision != "no" and mode in (ClassifierMode.lora, ClassifierMode.linear_probe):
-        frozen_dtype = torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float16
-        for module in classifier.modules():  # frozen weights in half precision, trained ones and norms in fp32
-            if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.LayerNorm, torch.nn.GroupNorm)):
-                continue
-            for parameter in module.parameters(recurse=False):
-                parameter.data = parameter.data.to(torch.float32 if parameter.requires_grad else frozen_dtype)
     optimizer = torch.optim.AdamW(trainable_parameters(classifier), lr=cfg.optim.lr,
                                   weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas))
     batches = math.ceil(len(splits["train"].labels) // accelerator.num_processes / cfg.trainer.batch_size)
@@ -235,7 +274,11 @@ def fit(cfg: DictConfig, splits: dict[str, SplitTensors], output_dir: Path, acce
         if last.exists():
             state = load_training_state(last)
             load_weights(classifier, peft_model, mode, last)
-            optimizer.load_state_dict(state["optimizer"])
+            if state["optimizer"] is None:
+                log.warning("%s holds no optimizer state (trainer.save_optimizer_state=false): the optimizer "
+                            "restarts its moments; weights, schedule and random streams resume", last)
+            else:
+                optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             restore_rng(state["rng"])
             if average is not None:
@@ -267,7 +310,8 @@ def fit(cfg: DictConfig, splits: dict[str, SplitTensors], output_dir: Path, acce
             progress = {"epoch": epoch, "history": history, "best": best}
             if average is not None:
                 progress["weight_average"] = average.state_dict()
-            save_checkpoint(checkpoints / "last", classifier, peft_model, mode, optimizer, scheduler, progress)
+            save_checkpoint(checkpoints / "last", classifier, peft_model, mode,
+                            optimizer if cfg.trainer.save_optimizer_state else None, scheduler, progress)
         accelerator.wait_for_everyone()
         logger.log_epoch(row)
         if accelerator.is_main_process:
@@ -301,6 +345,35 @@ def test_best(cfg: DictConfig, splits: dict[str, SplitTensors], output_dir: Path
     return results
 
 
+def cap_evaluation(splits: dict[str, SplitTensors], trainer: DictConfig,
+                   num_processes: int) -> tuple[dict[str, SplitTensors], dict]:
+    """`trainer.max_eval_batches` per process of validation (and of test with `trainer.cap_test`): a fixed random
+    subset, the same in training and in test_best. Returns the splits and {split: {evaluated, available}}."""
+    if trainer.max_eval_batches is None:
+        return splits, {}
+    if trainer.max_eval_batches < 1:
+        raise UserError(f"trainer.max_eval_batches={trainer.max_eval_batches} evaluates nothing",
+                        "trainer.max_eval_batches", "give a number of batches >= 1, or null for no cap")
+    limit = trainer.max_eval_batches * trainer.eval_batch_size * num_processes
+    capped = {}
+    for name in ("val", "test") if trainer.cap_test else ("val",):
+        split = splits[name]
+        if len(split.labels) > limit:
+            keep = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(0))[:limit].sort().values
+            splits = {**splits, name: SplitTensors([split.records[i] for i in keep.tolist()], split.pixels[keep],
+                                                   split.labels[keep])}
+            capped[name] = {"evaluated": limit, "available": len(split.labels)}
+    return splits, capped
+
+
+def release_memory(accelerator) -> None:
+    """Drop what the accelerator keeps of a finished phase (prepared models, optimizers) before the next builds."""
+    accelerator.free_memory()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def train_and_evaluate(cfg: DictConfig, data: PreparedData, output_dir: str | os.PathLike,
                        logger: RunLogger) -> dict[str, float]:
     output_dir = Path(output_dir)
@@ -308,10 +381,18 @@ def train_and_evaluate(cfg: DictConfig, data: PreparedData, output_dir: str | os
     seed_everything(cfg.seed)
     with accelerator.main_process_first():
         splits = load_splits(data, cfg.dataset.resolution, cfg.paths.cache_dir, accelerator.is_main_process)
+    splits, capped = cap_evaluation(splits, cfg.trainer, accelerator.num_processes)
+    for name, sizes in capped.items():
+        log.warning("the %s split is capped to %d of %d images (trainer.max_eval_batches)%s", name,
+                    sizes["evaluated"], sizes["available"],
+                    ": its metrics are a smoke test, not a result" if name == "test" else "")
     mode = ClassifierMode(cfg.clip_lora.mode)
     if mode != ClassifierMode.zero_shot:
         fit(cfg, splits, output_dir, accelerator, logger)
+        release_memory(accelerator)
     results = test_best(cfg, splits, output_dir, accelerator)
+    release_memory(accelerator)
+    results["capped"] = capped
     history = read_history(output_dir / "metrics.jsonl")
     results["best_epoch"] = max(history, key=lambda row: row[SELECTION_METRIC])["epoch"] if history else 0
     results["mode"] = mode.value
