@@ -233,3 +233,77 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(model_cache, tmp_path):
     assert launch.returncode != 0
     for rank in (0, 1):
         assert f"rank {rank} stopped: diffusion loss became non-finite at step 1" in output, output[-3000:]
+
+
+# ------------------------------------------------------------------------------------------ quality
+
+
+def test_quality_features_in_batches_equal_one_pass_and_respect_the_batch_size():
+    from torch import nn
+
+    from pneumo_exp.diffusion.quality import quality_report
+
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Conv2d(1, 8, 4, 4), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    seen = []
+    encoder.register_forward_pre_hook(lambda module, inputs: seen.append(len(inputs[0])))
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randint(0, 200, (23, 32, 32), dtype=torch.uint8, generator=generator)
+    synthetic = torch.cat([real[:2], torch.randint(0, 200, (9, 32, 32), dtype=torch.uint8, generator=generator)])
+    options = {"num_features": 32, "image_size": 32, "kid_subset_size": 8}
+    batched = quality_report({"VIRUS": real}, {"VIRUS": synthetic}, encoder, batch_size=5, **options)
+    assert seen and max(seen) <= 5
+    seen.clear()
+    one_pass = quality_report({"VIRUS": real}, {"VIRUS": synthetic}, encoder, batch_size=1000, **options)
+    assert max(seen) == 23
+    assert batched["VIRUS"] == pytest.approx(one_pass["VIRUS"], rel=1e-6, abs=1e-9)
+    assert batched["VIRUS"]["likely_copies"] == 2 and batched["VIRUS"]["diversity_synthetic_over_real"] > 0
+
+
+@pytest.mark.slow
+def test_quality_stage_batches_on_the_device_and_scores_only_the_synthetic_classes(make_cfg, monkeypatch):
+    from pneumo_exp.classify import predict, train as classify_train
+    from pneumo_exp.classify.model import build_classifier
+    from pneumo_exp.data.prepare import PreparedData, prepare_data
+    from pneumo_exp.diffusion import quality_stage
+
+    cfg = make_cfg("dataset.patients_per_class=6", "dataset.test_patients_per_class=2", "trainer.eval_batch_size=4")
+    data = prepare_data(cfg.dataset, cfg.paths.cache_dir)
+    real_train = [r for r in data.split("train") if r.source == "real"]
+    synthetic = [Record(path=r.path, label=label, patient_id=f"synthetic-{label}-{i}", split="train",
+                        source="synthetic") for label in ("NORMAL", "VIRUS")
+                 for i, r in enumerate([r for r in real_train if r.label == label][:4])]
+    data = PreparedData(records=data.records + synthetic)
+    classifier = build_classifier(cfg.clip_lora, cfg.paths.cache_dir, seed=0)[0]
+    monkeypatch.setattr(predict, "load_trained", lambda run_dir, cache_dir: (classifier.eval(), cfg))
+    seen = []
+    forward = quality_stage.ImageEmbedding.forward
+    monkeypatch.setattr(quality_stage.ImageEmbedding, "forward",
+                        lambda self, images: seen.append(len(images)) or forward(self, images))
+    arms = {}
+
+    def train_and_evaluate(cfg, prepared, folder, logger):
+        arms[folder.name] = [r for r in prepared.records if r.split == "train"]
+        return {"test/acc": 0.5, "test/f1_macro": 0.5, "test/recall_macro": 0.5}
+
+    monkeypatch.setattr(classify_train, "train_and_evaluate", train_and_evaluate)
+    output = Path(cfg.paths.output_dir)
+    output.mkdir(parents=True)
+
+    class NoLogger:
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: None
+
+    quality_stage.run_quality(cfg, data, output, NoLogger())
+    assert seen and max(seen) <= 4
+    report = json.loads((output / "quality.json").read_text())
+    assert report["synthetic_classes"] == ["NORMAL", "VIRUS"]
+    synthetic_arm, real_arm = arms["classifier_synthetic_only"], arms["classifier_real_matched"]
+    bacteria = [r for r in real_train if r.label == "BACTERIA"]
+    assert bacteria and [r for r in synthetic_arm if r.label == "BACTERIA"] == bacteria
+    assert [r for r in real_arm if r.label == "BACTERIA"] == bacteria
+    for label in ("NORMAL", "VIRUS"):
+        assert {r.source for r in synthetic_arm if r.label == label} == {"synthetic"}
+        assert {r.source for r in real_arm if r.label == label} == {"real"}
+        assert sum(r.label == label for r in synthetic_arm) == sum(r.label == label for r in real_arm)
+    assert report["classification_accuracy_score"]["synthetic_only"]["train_images"] == len(synthetic_arm)

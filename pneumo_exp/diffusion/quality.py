@@ -73,9 +73,20 @@ def real_to_real_distances(real_features: torch.Tensor) -> torch.Tensor:
     return distances.min(dim=1).values
 
 
+def diversity(features: torch.Tensor) -> float:
+    """Mean pairwise distance between images of one set."""
+    if len(features) < 2:
+        return math.nan
+    distances = torch.cdist(features.double(), features.double())
+    return float(distances.sum() / (len(features) * (len(features) - 1)))
+
+
 def class_quality(real_pixels, synthetic_pixels, feature: nn.Module, num_features: int, image_size: int = 64,
-                  kid_subset_size: int = 50, kid_subsets: int = 100, batch_size: int = 64, seed: int = 0) -> dict:
-    """FID, KID (mean, std) and nearest-real-neighbour distances for one class's real and synthetic images."""
+                  kid_subset_size: int = 50, kid_subsets: int = 100, batch_size: int = 64, seed: int = 0,
+                  copy_fraction: float = 0.25) -> dict:
+    """FID, KID (mean, std), diversity relative to the real images, nearest-real-neighbour distances, and the
+    likely copies (synthetic images `copy_fraction` x closer to a real one than real images are to each other) for
+    one class's real and synthetic images. The encoder sees at most `batch_size` images at a time."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -105,6 +116,8 @@ def class_quality(real_pixels, synthetic_pixels, feature: nn.Module, num_feature
                       nn_median=float(nearest.median()), nn_max=float(nearest.max()))
         if len(real) >= 2:
             result["real_nn_median"] = float(real_to_real_distances(real_features).median())
+        result["diversity_synthetic_over_real"] = diversity(synthetic_features) / diversity(real_features)
+        result["likely_copies"] = int((nearest < copy_fraction * result.get("real_nn_median", math.nan)).sum())
     return result
 
 

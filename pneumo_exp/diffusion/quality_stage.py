@@ -30,7 +30,8 @@ COPY_FRACTION = 0.25  # a synthetic image this much closer to a real one than re
 
 
 class ImageEmbedding(nn.Module):
-    """The trained classifier's unit-norm image embedding, as a feature extractor."""
+    """The trained classifier's unit-norm image embedding, as a feature extractor: images in on the CPU, computed
+    on the classifier's device, features out on the CPU."""
 
     def __init__(self, classifier):
         super().__init__()
@@ -38,8 +39,10 @@ class ImageEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.classifier.clip.get_image_features(pixel_values=self.classifier.pixel_values(images))
-        return F.normalize(features.pooler_output.float(), dim=-1)
+        device = next(self.classifier.parameters()).device
+        pixel_values = self.classifier.pixel_values(images.to(device))
+        features = self.classifier.clip.get_image_features(pixel_values=pixel_values)
+        return F.normalize(features.pooler_output.float(), dim=-1).cpu()
 
 
 def pixels_by_class(data: PreparedData, source: str, resolution: int, cache_dir: str) -> dict[str, np.ndarray]:
@@ -52,33 +55,38 @@ def pixels_by_class(data: PreparedData, source: str, resolution: int, cache_dir:
             for label in CLASSES if any(r.label == label for r in records)}
 
 
-def diversity(features: torch.Tensor) -> float:
-    """Mean pairwise distance between images of one set."""
-    if len(features) < 2:
-        return math.nan
-    distances = torch.cdist(features.double(), features.double())
-    return float(distances.sum() / (len(features) * (len(features) - 1)))
+def synthetic_classes(data: PreparedData) -> list[str]:
+    return [label for label in CLASSES if any(r.source == "synthetic" and r.label == label
+                                              for r in data.split("train"))]
 
 
-def matched_real_subset(data: PreparedData, seed: int) -> list[Record]:
-    """As many real training images per class as there are synthetic ones, drawn at random."""
+def accuracy_score_training_sets(data: PreparedData, seed: int) -> dict[str, list[Record]]:
+    """The two arms of the classification accuracy score. A class with synthetic images: those (synthetic_only)
+    against as many of its real training images drawn at random (real_matched). A class without: all its real
+    training images, the same in both arms, so the score differs only where the synthetic images are."""
     rng = np.random.default_rng(seed)
-    chosen = []
+    synthetic_only, real_matched = [], []
     for label in CLASSES:
-        wanted = sum(r.source == "synthetic" and r.label == label for r in data.split("train"))
+        synthetic = [r for r in data.split("train") if r.source == "synthetic" and r.label == label]
         real = [r for r in data.split("train") if r.source == "real" and r.label == label]
-        chosen += [real[i] for i in sorted(rng.choice(len(real), size=min(wanted, len(real)), replace=False))]
-    return chosen
+        if not synthetic:
+            synthetic_only += real
+            real_matched += real
+            continue
+        synthetic_only += synthetic
+        real_matched += [real[i] for i in sorted(rng.choice(len(real), size=min(len(synthetic), len(real)),
+                                                            replace=False))]
+    return {"synthetic_only": synthetic_only, "real_matched": real_matched}
 
 
 def classification_accuracy_score(cfg: DictConfig, data: PreparedData, output_dir: Path) -> dict:
-    """Test metrics of the run's classifier recipe trained on synthetic images only, and on matched real ones."""
+    """Test metrics of the run's classifier recipe trained on the synthetic images (plus the real images of the
+    classes that have none), and on matched real ones."""
     from pneumo_exp.classify.train import train_and_evaluate
     from pneumo_exp.tracking import RunLogger
 
     held_out = [r for r in data.records if r.split != "train"]
-    training_sets = {"synthetic_only": [r for r in data.split("train") if r.source == "synthetic"],
-                     "real_matched": matched_real_subset(data, cfg.seed)}
+    training_sets = accuracy_score_training_sets(data, cfg.seed)
     scores = {}
     for name, train in training_sets.items():
         folder = output_dir / "quality" / f"classifier_{name}"
@@ -99,22 +107,23 @@ def run_quality(cfg: DictConfig, data: PreparedData, output_dir: Path, logger) -
     synthetic = pixels_by_class(data, "synthetic", resolution, cfg.paths.cache_dir)
     if not synthetic:
         return {}
+    from accelerate import PartialState
+    from accelerate.utils.memory import clear_device_cache
+
     classifier, _ = load_trained(output_dir, cfg.paths.cache_dir)
-    encoder = ImageEmbedding(classifier)
+    encoder = ImageEmbedding(classifier.to(PartialState().device))
     dimension = classifier.clip.config.projection_dim
-    report = quality_report(real, synthetic, encoder, dimension, image_size=resolution, seed=cfg.seed)
-    for label, row in report.items():
-        real_features = encoder(torch.from_numpy(real[label]).unsqueeze(1).float() / 255)
-        synthetic_features = encoder(torch.from_numpy(synthetic[label]).unsqueeze(1).float() / 255)
-        row["diversity_synthetic_over_real"] = diversity(synthetic_features) / diversity(real_features)
-        nearest = torch.cdist(synthetic_features.double(), real_features.double()).min(dim=1).values
-        row["likely_copies"] = int((nearest < COPY_FRACTION * row.get("real_nn_median", math.nan)).sum())
+    report = quality_report(real, synthetic, encoder, dimension, image_size=resolution, seed=cfg.seed,
+                            batch_size=int(cfg.trainer.eval_batch_size), copy_fraction=COPY_FRACTION)
+    del classifier, encoder
+    clear_device_cache(garbage_collection=True)
     scores = {}
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # two more trainings on one rank would wait for the others
         scores = classification_accuracy_score(cfg, data, output_dir)
     write_json_atomic(output_dir / "quality.json", {"feature_space": f"classifier image embedding ({dimension}-d)",
                                                     "copy_threshold": f"{COPY_FRACTION} x median real-real "
                                                                       f"nearest-neighbour distance",
+                                                    "synthetic_classes": synthetic_classes(data),
                                                     "per_class": report,
                                                     "classification_accuracy_score": scores})
     rows = {}
@@ -131,7 +140,8 @@ def run_quality(cfg: DictConfig, data: PreparedData, output_dir: Path, logger) -
                         for key, value in row.items() if isinstance(value, (int, float))})
     logger.set_summary({f"quality/cas/{name}/{key}": value for name, row in scores.items()
                         for key, value in row.items()})
-    return {"per_class": report, "classification_accuracy_score": scores}
+    return {"synthetic_classes": synthetic_classes(data), "per_class": report,
+            "classification_accuracy_score": scores}
 
 
 def format_quality(quality: dict) -> str:
@@ -144,7 +154,8 @@ def format_quality(quality: dict) -> str:
         lines.append(f"{label:<10}" + "".join(f"{row.get(c, math.nan):>15.4g}" for c in columns))
     scores = quality.get("classification_accuracy_score", {})
     if scores:
-        lines.append("classification accuracy score (trained on ..., tested on the real test split)")
+        lines.append(f"classification accuracy score (trained on ..., tested on the real test split; synthetic "
+                     f"classes: {', '.join(quality.get('synthetic_classes', []))}, the others real in both arms)")
         for name, row in scores.items():
             lines.append(f"  {name:<16}{row['train_images']:>6} images   test acc {row['test/acc']:.4f}   "
                          f"macro F1 {row['test/f1_macro']:.4f}")
