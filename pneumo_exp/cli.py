@@ -11,6 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pneumo_exp.config import register_schemas
+from pneumo_exp.errors import UserError
 
 COMMANDS = ("run", "summary", "predict", "report")
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # the repository's conf/ (editable install)
@@ -18,19 +19,64 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # the repository
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def hydra_entry(cfg: DictConfig):
-    """One job. In a sweep a failing job is recorded in its folder (failed.json) and the sweep goes on."""
+    """One job. A problem the user can fix (UserError) ends a single run with one line on stderr; in a sweep a
+    failing job is recorded in its folder (failed.json) and the sweep goes on."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     from pneumo_exp.pipeline import run  # heavy imports after Hydra has parsed the command line
 
     if HydraConfig.get().mode != RunMode.MULTIRUN:
-        return objective(cfg, run(cfg))
+        try:
+            return objective(cfg, run(cfg))
+        except UserError as error:
+            exit_with_message(error)
     try:
         return objective(cfg, run(cfg))
     except Exception as error:  # noqa: BLE001: any failure of one job must not stop the others
         record_failure(cfg, error)
         return objective(cfg, None)
+
+
+def debug_requested() -> bool:
+    """PNEUMO_EXP_DEBUG=1 or hydra.verbose=true: user errors show their traceback too."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return os.environ.get("PNEUMO_EXP_DEBUG", "") not in ("", "0") or bool(HydraConfig.get().verbose)
+
+
+def exit_with_message(error: UserError) -> None:
+    """The traceback to the job's log file, `pneumo-exp: error: <what> (<where>): <fix>` to stderr, exit status 2
+    for a bad setting and 1 for other user errors. A run folder that holds nothing of the job yet is removed."""
+    import logging
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from pneumo_exp.rundir import is_main_process
+    from pneumo_exp.validate import SettingError
+
+    record = logging.LogRecord("pneumo_exp", logging.ERROR, __file__, 0, "%s", (f"{type(error).__name__}: {error}",),
+                               (type(error), error, error.__traceback__))
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+            handler.flush()
+    if is_main_process():
+        remove_unused_run_folder(Path(HydraConfig.get().runtime.output_dir))
+    if debug_requested():
+        raise error
+    if is_main_process():
+        print(f"pneumo-exp: error: {error}", file=sys.stderr, flush=True)
+    raise SystemExit(2 if isinstance(error, SettingError) else 1)
+
+
+def remove_unused_run_folder(folder: Path) -> None:
+    """Hydra makes the run folder, `.hydra/` and the job log before the job starts: a job refused before it wrote
+    anything leaves no folder behind."""
+    import shutil
+
+    if folder.is_dir() and all(path.name == ".hydra" or path.suffix == ".log" for path in folder.iterdir()):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def objective(cfg: DictConfig, metrics: dict | None):
@@ -53,11 +99,12 @@ def record_failure(cfg: DictConfig, error: Exception) -> None:
     from pneumo_exp.rundir import write_json_atomic
 
     folder = Path(HydraConfig.get().runtime.output_dir)
-    write_json_atomic(folder / "failed.json", {"error": f"{type(error).__name__}: {error}",
+    message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+    write_json_atomic(folder / "failed.json", {"error": f"{type(error).__name__}: {error}", "message": message,
                                                "traceback": traceback.format_exc(),
                                                "overrides": list(HydraConfig.get().overrides.task)})
-    logging.getLogger("pneumo_exp").error("job %s failed: %s: %s (details in %s)", folder.name,
-                                          type(error).__name__, error, folder / "failed.json")
+    logging.getLogger("pneumo_exp").error("job %s failed: %s (details in %s)", folder.name, message,
+                                          folder / "failed.json")
 
 
 def launcher_start_time() -> str:
@@ -76,7 +123,8 @@ def distributed_run_dir(argv: list[str]) -> list[str]:
     try:
         stamp = launcher_start_time()
     except (OSError, StopIteration, IndexError, ValueError):
-        raise SystemExit("several processes were launched: pass hydra.run.dir=<one folder for all ranks>") from None
+        raise SystemExit("pneumo-exp: error: several processes were launched (hydra.run.dir): pass "
+                         "hydra.run.dir=<one folder for all ranks>") from None
     return [f"hydra.run.dir=outputs/${{experiment_name}}/{stamp}"]
 
 
@@ -85,7 +133,11 @@ def main() -> None:
         sys.argv = [sys.argv[0], f"task={sys.argv[1]}", *sys.argv[2:]]
     sys.argv += distributed_run_dir(sys.argv)
     register_schemas()
+    from pneumo_exp import sweep  # registers the job-folder resolver; collects the failed jobs of a multirun
+
     hydra_entry()
+    if sweep.failed_jobs:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,14 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pneumo_exp.data import manifest
+from pneumo_exp.data.manifest import LeakageError
 from pneumo_exp.data.prepare import PreparedData, prepare_data
-from pneumo_exp.rundir import is_main_process, write_json_atomic, write_run_info, write_text_atomic
+from pneumo_exp.errors import UserError
+from pneumo_exp.rundir import (changed_settings, is_main_process, job_folder_name, override_key, shapes_result,
+                               write_json_atomic, write_run_info, write_text_atomic)
 from pneumo_exp.summary import format_summary
 from pneumo_exp.tracking import RunLogger
+from pneumo_exp.validate import SettingError, check_settings
 
 log = logging.getLogger(__name__)
 
@@ -28,41 +32,49 @@ TASKS = ("run", "summary", "predict", "report")
 
 
 def check_plan(cfg: DictConfig) -> None:
-    """Refuse a job that cannot finish before it spends any time."""
+    """Refuse a job that cannot finish before it spends any time: the task, the stages and every numeric setting."""
     if cfg.task not in TASKS:
-        raise ValueError(f"task={cfg.task!r} is not one of {', '.join(TASKS)}")
+        raise SettingError(f"unknown task {cfg.task!r}", where="task", fix=f"use one of {', '.join(TASKS)}")
     unknown = [stage for stage in cfg.stages if stage not in KNOWN_STAGES]
     if unknown:
-        raise ValueError(f"stages: unknown stage(s) {unknown}; known: {list(KNOWN_STAGES)}")
+        raise SettingError(f"unknown stage(s) {unknown}", where="stages", fix=f"use stages from {list(KNOWN_STAGES)}")
     if "synthesize" in cfg.stages and "diffusion" not in cfg.stages and not cfg.diffusion_lora.trained_lora:
-        raise ValueError("stages: synthesize needs a LoRA: add the diffusion stage or set "
-                         "diffusion_lora.trained_lora=<folder of a trained LoRA>")
+        raise SettingError("synthesize needs a LoRA", where="stages",
+                           fix="add the diffusion stage or set diffusion_lora.trained_lora=<folder of a trained LoRA>")
     if "quality" in cfg.stages and "classify" not in cfg.stages:
-        raise ValueError("stages: quality measures images in the feature space of the classifier the same run "
-                         "trains: add the classify stage")
-    if not 0 <= cfg.trainer.ema_decay < 1:
-        raise ValueError(f"trainer.ema_decay={cfg.trainer.ema_decay}: use 0 (off) or a decay in (0, 1), e.g. 0.998")
-    crop_scale = list(cfg.trainer.augment_settings.crop_scale)
-    if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1]:
-        raise ValueError(f"trainer.augment_settings.crop_scale={crop_scale}: give [low, high] with 0 < low <= high")
-    if cfg.trainer.augment_settings.max_gamma < 1:
-        raise ValueError(f"trainer.augment_settings.max_gamma={cfg.trainer.augment_settings.max_gamma}: "
-                         "use 1 (off) or more, e.g. 1.5 for gammas between 1/1.5 and 1.5")
+        raise SettingError("quality measures images in the feature space of the classifier the same run trains",
+                           where="stages", fix="add the classify stage")
+    check_settings(cfg)
+
+
+START_AFRESH = ("start a new run (another hydra.run.dir or sweep_name), or delete the folder to run this job "
+                "again from the start")
 
 
 def check_resumable(cfg: DictConfig, output_dir: Path) -> None:
     """resume=true continues the same experiment: any setting that shapes the result must be unchanged."""
-    from omegaconf import OmegaConf
-
     stored_file = output_dir / "config.yaml"
     if not cfg.resume or not stored_file.is_file():
         return
-    stored, current = OmegaConf.load(stored_file), OmegaConf.to_container(cfg, resolve=True)
-    ignored = {"resume", "logger", "paths", "tags", "sweep_name", "sweep_objective", "report", "predict"}
-    changed = [key for key in current if key not in ignored and OmegaConf.to_container(stored).get(key) != current[key]]
+    changed = changed_settings(cfg, stored_file)
     if changed:
-        raise ValueError(f"resume=true in {output_dir}: the run was started with other settings for "
-                         f"{', '.join(changed)} (see {stored_file}); resume with the same settings or start a new run")
+        raise SettingError(f"cannot resume: the run was started with other settings for {', '.join(changed)}",
+                           where=str(stored_file), fix="resume with the same settings, or " + START_AFRESH)
+
+
+def finished_before(cfg: DictConfig, output_dir: Path) -> bool:
+    """A finished job (results.json) is skipped only when it ran with the same settings as this one."""
+    if cfg.task != "run" or not (output_dir / "results.json").is_file():
+        return False
+    stored_file = output_dir / "config.yaml"
+    if not stored_file.is_file():
+        raise UserError("the folder holds results but no config.yaml, so they cannot be matched to this job",
+                        where=str(output_dir), fix=START_AFRESH)
+    changed = changed_settings(cfg, stored_file)
+    if changed:
+        raise SettingError(f"the folder holds a finished job with other settings for {', '.join(changed)}",
+                           where=str(output_dir), fix=START_AFRESH)
+    return True
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -70,9 +82,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     check_plan(cfg)
     check_resumable(cfg, output_dir)
-    finished = output_dir / "results.json"
-    if finished.is_file() and cfg.task == "run":
-        log.info("%s exists: this job finished before, skipping it", finished)
+    if finished_before(cfg, output_dir):
+        finished = output_dir / "results.json"
+        log.info("%s exists with the same settings: this job finished before, skipping it", finished)
         return flat_metrics(json.loads(finished.read_text()))
     (output_dir / "failed.json").unlink(missing_ok=True)  # left by an earlier failed try of this job
     write_run_info(cfg, output_dir)
@@ -87,7 +99,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         from pneumo_exp.report import main_report
 
         if not cfg.report.input:
-            raise ValueError("report needs report.input=<a sweep folder, or any folder holding run folders>")
+            raise SettingError("report needs a folder to read", where="report.input",
+                               fix="give report.input=<a sweep folder, or any folder holding run folders>")
         target = Path(cfg.report.output or Path(cfg.report.input) / "report")
         pairs = OmegaConf.to_container(cfg.report.pairs) if cfg.report.pairs is not None else None
         print(main_report(cfg.report.input, target, pairs, cfg.report.bootstrap_samples), flush=True)
@@ -114,6 +127,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 
 def run_training_stages(cfg: DictConfig, data: PreparedData, output_dir: Path, logger: RunLogger) -> dict:
+    if is_main_process():
+        from pneumo_exp.classify.checkpoint import remove_stale_staging
+
+        for folder in (output_dir / "checkpoints", output_dir / "diffusion" / "checkpoints", output_dir / "diffusion"):
+            remove_stale_staging(folder)
     lora_folder = cfg.diffusion_lora.trained_lora
     if "diffusion" in cfg.stages:
         lora_folder = train_diffusion(cfg, data, output_dir, logger)
@@ -183,8 +201,10 @@ def check_lora_training_split(lora_folder: str, data: PreparedData) -> None:
         raise FileNotFoundError(f"{record_file} is missing: cannot tell which images the LoRA in {lora_folder} "
                                 f"was trained on, so it could have seen validation or test images")
     if json.loads(record_file.read_text())["fingerprint"] != manifest.fingerprint(train):
-        raise ValueError(f"the LoRA in {lora_folder} was trained on another training split than this run's "
-                         f"(dataset, val_fraction or split_seed differ): it may have seen validation or test images")
+        raise LeakageError(f"the LoRA was trained on another training split than this run's (dataset, "
+                           f"val_fraction or split_seed differ): it may have seen validation or test images",
+                           where=str(lora_folder), fix="train the LoRA in this run (the diffusion stage) or point "
+                           "diffusion_lora.trained_lora at a LoRA trained on this split")
 
 
 def add_synthetic(cfg: DictConfig, data: PreparedData, lora_folder: str, output_dir: Path) -> PreparedData:
@@ -209,12 +229,11 @@ def add_synthetic(cfg: DictConfig, data: PreparedData, lora_folder: str, output_
 
 
 def run_name(cfg: DictConfig) -> str:
-    """The overrides that distinguish this job (Hydra's override_dirname), or the experiment name."""
+    """The overrides that shape this job's result (as in a sweep's job folder name), or the experiment name."""
     from hydra.core.hydra_config import HydraConfig
 
-    if HydraConfig.initialized() and HydraConfig.get().job.override_dirname:
-        return HydraConfig.get().job.override_dirname
-    return cfg.experiment_name
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    return job_folder_name(overrides) if any(shapes_result(override_key(o)) for o in overrides) else cfg.experiment_name
 
 
 def flat_metrics(results: dict) -> dict[str, float]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -39,8 +42,21 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def finite_or_none(payload: Any) -> Any:
+    """The payload with every NaN or infinity replaced by None, so that it can be written as strict JSON."""
+    if isinstance(payload, float):
+        return payload if math.isfinite(payload) else None
+    if isinstance(payload, dict):
+        return {key: finite_or_none(value) for key, value in payload.items()}
+    if isinstance(payload, (list, tuple)):
+        return [finite_or_none(value) for value in payload]
+    return payload
+
+
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
-    return write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    """Strict JSON (RFC 8259): non-finite numbers are written as null."""
+    return write_text_atomic(path, json.dumps(finite_or_none(payload), indent=2, sort_keys=False,
+                                              allow_nan=False) + "\n")
 
 
 def write_run_info(cfg: DictConfig, output_dir: str | os.PathLike) -> None:
@@ -66,3 +82,59 @@ def build_folder_once(folder: str | os.PathLike, marker: str, build: Callable[[P
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+# Config keys (and their sub-keys) that never change what a job computes: they neither name a sweep's job folder,
+# nor split a report's configurations, nor stop a resume or the skip of a finished job when they differ.
+RESULT_NEUTRAL_KEYS = ("task", "resume", "logger", "paths", "hydra", "tags", "sweep_name", "sweep_objective",
+                       "report", "predict")
+
+
+def shapes_result(key: str, neutral: Iterable[str] = RESULT_NEUTRAL_KEYS) -> bool:
+    return not any(key == name or key.startswith(name + ".") for name in neutral)
+
+
+def _dotted(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict) or not node:
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(_dotted(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def changed_settings(cfg: DictConfig, stored_file: Path) -> list[str]:
+    """The keys that shape the result on which `cfg` differs from the config stored in `stored_file`."""
+    stored = _dotted(OmegaConf.to_container(OmegaConf.load(stored_file)))
+    current = _dotted(OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(cfg, resolve=True))))
+    return sorted(key for key in stored.keys() | current.keys()
+                  if shapes_result(key) and stored.get(key) != current.get(key))
+
+
+LONG_VALUE = 40
+SHORT_HASH = 8
+
+
+def folder_value(value: str) -> str:
+    """A value as it appears in a job folder's name: paths and long values become a readable tail plus a short
+    hash of the whole value, so that two values never share a folder and the name stays short."""
+    if "/" not in value and "\\" not in value and len(value) <= LONG_VALUE:
+        return value
+    tail = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(value.rstrip("/")).name or "root")[-24:]
+    return f"{tail}-{hashlib.sha256(value.encode()).hexdigest()[:SHORT_HASH]}"
+
+
+def override_key(override: str) -> str:
+    """`+a.b=1`, `~a.b`, `a.b@pkg=x` -> `a.b`."""
+    return override.partition("=")[0].lstrip("+~").split("@")[0]
+
+
+def job_folder_name(overrides: Iterable[str]) -> str:
+    """A sweep job's folder: its overrides that shape the result as written (as Hydra's override_dirname), sorted
+    and joined by ','; a path or long value as `folder_value` shortens it."""
+    items = []
+    for override in map(str, overrides):
+        if shapes_result(override_key(override)):
+            key, sep, value = override.partition("=")
+            items.append(key + sep + folder_value(value) if sep else override)
+    return ",".join(sorted(items)) or "defaults"

@@ -27,8 +27,11 @@ def test_every_group_option_composes(group, option):
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes(experiment):
+    from pneumo_exp.pipeline import check_plan
+
     cfg = compose([f"experiment={experiment}"])
     assert cfg.experiment_name
+    check_plan(cfg)  # every recipe passes the start-of-job checks
     if cfg.dataset.kind != "phantom":
         assert OmegaConf.is_missing(cfg.dataset, "root") or cfg.dataset.root
 

@@ -60,7 +60,7 @@ def test_synthesize_without_a_lora_is_refused_clearly(make_cfg):
         run(make_cfg(*SMALL, "stages=[data,synthesize,classify]", "augmentation=balance"))
 
 
-@pytest.mark.parametrize("override,message", [("task=sumary", "task='sumary'"),
+@pytest.mark.parametrize("override,message", [("task=sumary", "unknown task 'sumary'"),
                                               ("stages=[data,quality]", "quality measures")])
 def test_impossible_plans_are_refused_before_any_work(make_cfg, override, message):
     cfg = make_cfg(override)

@@ -2,7 +2,9 @@
 
 lora: the peft adapter folder (`adapter_config.json`, `adapter_model.safetensors`); full: `clip.safetensors`;
 linear_probe: `head.safetensors`. Loading is strict: a missing or unexpected tensor is an error, never ignored.
-Training state (optimizer, scheduler, RNG, history) sits beside the weights in `training_state.pt`.
+Training state (optimizer, scheduler, RNG, history) sits beside the weights in `training_state.pt`, made of tensors,
+numbers, strings, lists and dicts only, so that it loads with `torch.load(weights_only=True)`: a run folder from
+elsewhere cannot run code on `resume=true`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import random
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,9 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, damaged or does not fit the run; the message names the file."""
 
 
+START_AFRESH = "run again with resume=false (trains from epoch 1 in the same folder), or delete the run folder"
+
+
 def save_weights(classifier, peft_model, mode: ClassifierMode, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if mode == ClassifierMode.lora:
@@ -42,11 +48,12 @@ def save_weights(classifier, peft_model, mode: ClassifierMode, folder: Path) -> 
 
 def _read(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} is missing")
+        raise CheckpointError("checkpoint file is missing", where=str(path), fix=START_AFRESH)
     try:
         return load_file(path)
     except Exception as error:  # safetensors raises its own error types for corrupt files
-        raise CheckpointError(f"checkpoint file {path} cannot be read: {error}") from None
+        raise CheckpointError(f"checkpoint file is damaged or truncated ({error})", where=str(path),
+                              fix=START_AFRESH) from None
 
 
 def load_weights(classifier, peft_model, mode: ClassifierMode, folder: Path) -> None:
@@ -75,13 +82,23 @@ def load_weights(classifier, peft_model, mode: ClassifierMode, folder: Path) -> 
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The torch, numpy and python generators' states as tensors and plain numbers."""
+    bit_generator, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, python_state, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"bit_generator": bit_generator, "keys": torch.from_numpy(keys.astype(np.int64)),
+                      "position": int(position), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+            "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64),
+                       "gauss_next": gauss_next}}
 
 
 def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["bit_generator"], numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["state"].tolist()), python_state["gauss_next"]))
 
 
 def write_folder_atomic(target: Path, fill) -> None:
@@ -110,8 +127,32 @@ def save_checkpoint(folder: Path, classifier, peft_model, mode: ClassifierMode, 
     write_folder_atomic(folder, fill)
 
 
-def load_training_state(folder: Path) -> dict:
-    path = Path(folder) / STATE_FILE
+def load_state_file(path: Path) -> dict:
+    """A training state saved by `torch.save`, loaded without unpickling anything but tensors and plain values."""
+    import pickle
+
     if not path.is_file():
-        raise CheckpointError(f"cannot resume: {path} is missing")
-    return torch.load(path, map_location="cpu", weights_only=False)
+        raise CheckpointError("cannot resume: the training state is missing", where=str(path), fix=START_AFRESH)
+    try:
+        with warnings.catch_warnings():  # torch warns about the legacy format of a plain pickle before refusing it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError("cannot resume: the training state holds objects other than tensors and plain values, "
+                              "and loading it could run code, so it was not loaded", where=str(path),
+                              fix=START_AFRESH) from None
+    except Exception as error:  # torch's zip reader and unpickler raise many types for a damaged file
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"cannot resume: the training state is damaged or truncated ({reason})",
+                              where=str(path), fix=START_AFRESH) from None
+
+
+def load_training_state(folder: Path) -> dict:
+    return load_state_file(Path(folder) / STATE_FILE)
+
+
+def remove_stale_staging(folder: Path) -> None:
+    """Staging folders (`best.XXXX.tmp`, `last.XXXX.tmp`) that a killed process left behind in `folder`."""
+    for staging in Path(folder).glob("*.tmp"):
+        if staging.is_dir():
+            shutil.rmtree(staging, ignore_errors=True)

@@ -284,10 +284,10 @@ def fit(cfg: DictConfig, splits: dict[str, SplitTensors], output_dir: Path, acce
             if average is not None:
                 average.load_state_dict(state["weight_average"])
             history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
-            logger.rewrite_history(history)
             log.info("resumed from %s after epoch %d", last, state["epoch"])
         else:
             log.warning("resume=true but %s holds no checkpoint: starting from epoch 1", checkpoints)
+    logger.rewrite_history(history)  # exactly the epochs done so far: none when starting from epoch 1
 
     for epoch in range(start_epoch, cfg.trainer.epochs + 1):
         train_metrics = train_one_epoch(model, optimizer, scheduler, splits["train"], cfg, epoch, accelerator,

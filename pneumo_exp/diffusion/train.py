@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from pneumo_exp.classify.checkpoint import restore_rng, rng_state, write_folder_atomic
+from pneumo_exp.classify.checkpoint import (START_AFRESH, CheckpointError, load_state_file, restore_rng, rng_state,
+                                            write_folder_atomic)
 from pneumo_exp.config import Precision
 from pneumo_exp.data.augment import resize, to_unit_float
 from pneumo_exp.diffusion.pipeline import (
@@ -264,19 +265,22 @@ def load_checkpoint(folder: Path, unet) -> dict:
     from safetensors.torch import load_file
 
     weights_file, state_file = folder / CHECKPOINT_LORA, folder / CHECKPOINT_STATE
-    for path in (weights_file, state_file):
-        if not path.is_file():
-            raise FileNotFoundError(f"cannot resume: {path} is missing")
+    if not weights_file.is_file():
+        raise CheckpointError("cannot resume: the LoRA checkpoint is missing", where=str(weights_file),
+                              fix=START_AFRESH)
+    state = load_state_file(state_file)
     try:
         weights = load_file(weights_file)
     except Exception as error:
-        raise RuntimeError(f"cannot resume: {weights_file} cannot be read: {error}") from None
+        raise CheckpointError(f"cannot resume: the LoRA checkpoint is damaged or truncated ({error})",
+                              where=str(weights_file), fix=START_AFRESH) from None
     result = set_peft_model_state_dict(unet, weights)
     missing = [k for k in result.missing_keys if "lora_" in k]
     if result.unexpected_keys or missing:
-        raise RuntimeError(f"cannot resume: the LoRA in {weights_file} does not fit the UNet: "
-                           f"unexpected {result.unexpected_keys[:3]}, missing {missing[:3]}")
-    return torch.load(state_file, map_location="cpu", weights_only=False)
+        raise CheckpointError(f"cannot resume: the LoRA does not fit the UNet (unexpected "
+                              f"{result.unexpected_keys[:3]}, missing {missing[:3]})", where=str(weights_file),
+                              fix=START_AFRESH)
+    return state
 
 
 def save_lora(folder: Path, unet, info: dict) -> Path:

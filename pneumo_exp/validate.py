@@ -1,0 +1,122 @@
+"""Every numeric setting checked when a job starts, before any work, naming the key that is out of range.
+
+Composition (the typed schemas in `config.py`) already refuses unknown keys and wrong types; this refuses values
+of the right type that no run can use (`trainer.epochs=0`, `optim.lr=-1`, a diffusion resolution that is not a
+multiple of 8, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from pneumo_exp.errors import UserError
+
+
+class SettingError(UserError, ValueError):
+    """A config value that no run can use; `where` is its key."""
+
+
+
+def at_least(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda value: value >= low), f"use {low} or more"
+
+
+def above(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda value: value > low), f"use a value above {low}"
+
+
+def share(closed_low: bool = True, closed_high: bool = False) -> tuple[Callable[[Any], bool], str]:
+    low, high = "[" if closed_low else "(", "]" if closed_high else ")"
+    return ((lambda value: (value >= 0 if closed_low else value > 0) and (value <= 1 if closed_high else value < 1)),
+            f"use a value in {low}0, 1{high}")
+
+
+def resolution(multiple: int = 1) -> tuple[Callable[[Any], bool], str]:
+    if multiple == 1:
+        return (lambda value: value >= 16), "use 16 pixels or more"
+    return (lambda value: value >= 16 and value % multiple == 0), f"use 16 pixels or more, a multiple of {multiple}"
+
+
+RULES: list[tuple[str, tuple[Callable[[Any], bool], str]]] = [
+    ("trainer.epochs", at_least(1)),
+    ("trainer.batch_size", at_least(1)),
+    ("trainer.eval_batch_size", at_least(1)),
+    ("trainer.grad_accum_steps", at_least(1)),
+    ("trainer.max_grad_norm", at_least(0)),
+    ("trainer.max_steps_per_epoch", at_least(1)),
+    ("trainer.bootstrap_samples", at_least(1)),
+    ("trainer.augment_settings.max_rotation_degrees", at_least(0)),
+    ("trainer.augment_settings.brightness", at_least(0)),
+    ("trainer.augment_settings.contrast", share(closed_high=True)),
+    ("optim.lr", above(0)),
+    ("optim.weight_decay", at_least(0)),
+    ("optim.warmup_ratio", share()),
+    ("dataset.resolution", resolution()),
+    ("dataset.val_fraction", share(closed_low=False)),
+    ("clip_lora.image_size", resolution()),
+    ("clip_lora.lora.r", at_least(1)),
+    ("clip_lora.lora.alpha", above(0)),
+    ("clip_lora.lora.dropout", share()),
+    ("diffusion_lora.resolution", resolution(multiple=8)),
+    ("diffusion_lora.lora.r", at_least(1)),
+    ("diffusion_lora.lora.alpha", above(0)),
+    ("diffusion_lora.lora.dropout", share()),
+    ("diffusion_lora.training.max_train_steps", at_least(1)),
+    ("diffusion_lora.training.batch_size", at_least(1)),
+    ("diffusion_lora.training.grad_accum_steps", at_least(1)),
+    ("diffusion_lora.training.lr", above(0)),
+    ("diffusion_lora.training.weight_decay", at_least(0)),
+    ("diffusion_lora.training.warmup_ratio", share()),
+    ("diffusion_lora.training.max_grad_norm", at_least(0)),
+    ("diffusion_lora.training.crop_min_side", share(closed_low=False, closed_high=True)),
+    ("diffusion_lora.training.log_every", at_least(1)),
+    ("diffusion_lora.training.validation_every", at_least(0)),
+    ("diffusion_lora.training.validation_images_per_class", at_least(1)),
+    ("diffusion_lora.training.validation_inference_steps", at_least(1)),
+    ("diffusion_lora.training.validation_guidance_scale", at_least(0)),
+    ("diffusion_lora.generation.num_inference_steps", at_least(1)),
+    ("diffusion_lora.generation.guidance_scale", at_least(0)),
+    ("diffusion_lora.generation.batch_size", at_least(1)),
+    ("augmentation.ratio", at_least(0)),
+]
+PER_CLASS_RULES = [("augmentation.per_class_ratio", at_least(0)), ("augmentation.per_class_count", at_least(0))]
+BETAS = ("optim.betas", "diffusion_lora.training.betas")
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Raise a SettingError naming the first key whose value no run can use. Keys a config lacks, and optional
+    settings left null, are not checked."""
+    for key, (allowed, requirement) in RULES:
+        check(key, OmegaConf.select(cfg, key, default=None), allowed, requirement)
+    for key, (allowed, requirement) in PER_CLASS_RULES:
+        for label, value in (OmegaConf.select(cfg, key, default=None) or {}).items():
+            check(f"{key}.{label}", value, allowed, requirement)
+    for key in BETAS:
+        betas = OmegaConf.select(cfg, key, default=None)
+        if betas is not None and (len(betas) != 2 or not all(0 <= beta < 1 for beta in betas)):
+            raise SettingError(f"bad value {list(betas)}", where=key, fix="give two values in [0, 1), e.g. [0.9, 0.999]")
+    training = OmegaConf.select(cfg, "diffusion_lora.training", default=None)
+    if training is not None and training.get("max_train_steps") is None:
+        check("diffusion_lora.training.epochs", training.get("epochs"), *at_least(1))
+    check_augment_ranges(cfg)
+
+
+def check(key: str, value: Any, allowed: Callable[[Any], bool], requirement: str) -> None:
+    if value is not None and not allowed(value):
+        raise SettingError(f"bad value {value}", where=key, fix=requirement)
+
+
+def check_augment_ranges(cfg: DictConfig) -> None:
+    if not 0 <= cfg.trainer.ema_decay < 1:
+        raise SettingError(f"bad value {cfg.trainer.ema_decay}", where="trainer.ema_decay",
+                           fix="use 0 (off) or a decay in (0, 1), e.g. 0.998")
+    settings = cfg.trainer.augment_settings
+    crop_scale = list(settings.crop_scale)
+    if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1]:
+        raise SettingError(f"bad value {crop_scale}", where="trainer.augment_settings.crop_scale",
+                           fix="give [low, high] with 0 < low <= high")
+    if settings.max_gamma < 1:
+        raise SettingError(f"bad value {settings.max_gamma}", where="trainer.augment_settings.max_gamma",
+                           fix="use 1 (off) or more, e.g. 1.5 for gammas between 1/1.5 and 1.5")

@@ -1,0 +1,180 @@
+"""Problems the user can fix end in one line naming the file or key, before any work; no code runs from a run
+folder; checkpoints and logs cannot mislead; every JSON file is strict."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+from pneumo_exp.classify.checkpoint import CheckpointError, load_training_state, restore_rng, rng_state
+from pneumo_exp.errors import UserError
+from pneumo_exp.pipeline import check_plan, finished_before, run
+from pneumo_exp.rundir import folder_value, job_folder_name, write_json_atomic, write_run_info
+from pneumo_exp.validate import SettingError
+
+QUICK = ["dataset.patients_per_class=4", "dataset.test_patients_per_class=2", "trainer.epochs=2",
+         "trainer.batch_size=8", "trainer.bootstrap_samples=20"]
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "pneumo_exp.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("trainer.epochs=0", "trainer.epochs"),
+    ("trainer.batch_size=0", "trainer.batch_size"),
+    ("trainer.grad_accum_steps=0", "trainer.grad_accum_steps"),
+    ("trainer.eval_batch_size=0", "trainer.eval_batch_size"),
+    ("optim.lr=-1", "optim.lr"),
+    ("optim.warmup_ratio=1.0", "optim.warmup_ratio"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay"),
+    ("dataset.resolution=8", "dataset.resolution"),
+    ("dataset.val_fraction=1.5", "dataset.val_fraction"),
+    ("clip_lora.image_size=0", "clip_lora.image_size"),
+    ("diffusion_lora.resolution=60", "diffusion_lora.resolution"),
+    ("trainer.bootstrap_samples=0", "trainer.bootstrap_samples"),
+    ("augmentation.ratio=-1", "augmentation.ratio"),
+    ("augmentation.per_class_count.VIRUS=-5", "augmentation.per_class_count.VIRUS"),
+    ("diffusion_lora.training.epochs=0", "diffusion_lora.training.epochs"),
+    ("diffusion_lora.training.lr=0", "diffusion_lora.training.lr"),
+    ("diffusion_lora.training.grad_accum_steps=0", "diffusion_lora.training.grad_accum_steps"),
+    ("diffusion_lora.generation.num_inference_steps=0", "diffusion_lora.generation.num_inference_steps"),
+    ("diffusion_lora.generation.guidance_scale=-1", "diffusion_lora.generation.guidance_scale"),
+    ("optim.betas=[0.9,1.5]", "optim.betas"),
+])
+def test_bad_values_are_refused_naming_the_key(make_cfg, override, key):
+    with pytest.raises(SettingError) as refused:
+        check_plan(make_cfg(override))
+    assert refused.value.where == key
+
+
+def test_max_train_steps_replaces_diffusion_epochs(make_cfg):
+    check_plan(make_cfg("diffusion_lora.training.epochs=0", "diffusion_lora.training.max_train_steps=3"))
+
+
+@pytest.mark.slow
+def test_a_bad_value_ends_in_one_line_and_leaves_no_run_folder(tmp_path, model_cache):
+    run_dir = tmp_path / "run"
+    done = cli("experiment=demo", "trainer.epochs=0", "logger=none", f"paths.cache_dir={model_cache}",
+               f"hydra.run.dir={run_dir}")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["pneumo-exp: error: bad value 0 (trainer.epochs): use 1 or more"]
+    assert not run_dir.exists()
+
+    debug = cli("experiment=demo", "optim.lr=-1", "logger=none", f"hydra.run.dir={run_dir}",
+                env={"PNEUMO_EXP_DEBUG": "1"})
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "optim.lr" in debug.stderr
+
+
+@pytest.mark.slow
+def test_a_malicious_training_state_is_refused_and_never_runs(tmp_path, model_cache):
+    common = ["experiment=demo", *QUICK, "trainer.epochs=1", "logger=none", f"paths.cache_dir={model_cache}",
+              f"hydra.run.dir={tmp_path / 'run'}"]
+    assert cli(*common).returncode == 0
+    state_file = tmp_path / "run" / "checkpoints" / "last" / "training_state.pt"
+    marker = tmp_path / "payload_ran"
+    state_file.write_bytes(pickle.dumps({"optimizer": WritesAFile(str(marker))}))
+    (tmp_path / "run" / "results.json").unlink()
+
+    done = cli(*common, "resume=true")
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pneumo-exp: error: cannot resume") and str(state_file) in lines[0]
+    assert "resume=false" in lines[0] and "Traceback" not in done.stderr
+    assert not marker.exists()
+    assert "Traceback" in next((tmp_path / "run").glob("*.log")).read_text()  # the details are in the job log
+
+
+class WritesAFile:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_damaged_training_state_names_the_file_and_how_to_start_afresh(tmp_path):
+    folder = tmp_path / "last"
+    folder.mkdir()
+    torch.save({"epoch": 1, "rng": rng_state()}, folder / "training_state.pt")
+    (folder / "training_state.pt").write_bytes((folder / "training_state.pt").read_bytes()[:300])
+    with pytest.raises(CheckpointError) as refused:
+        load_training_state(folder)
+    assert refused.value.where == str(folder / "training_state.pt")
+    assert "damaged or truncated" in str(refused.value) and "resume=false" in refused.value.fix
+
+
+def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    np.random.standard_normal()  # leaves a cached gaussian in numpy's state
+    torch.save({"rng": rng_state()}, tmp_path / "state.pt")
+    expected = (torch.rand(3), np.random.standard_normal(3), [random.random() for _ in range(3)])
+    restore_rng(torch.load(tmp_path / "state.pt", weights_only=True)["rng"])
+    again = (torch.rand(3), np.random.standard_normal(3), [random.random() for _ in range(3)])
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+@pytest.mark.slow
+def test_a_restart_from_epoch_one_rewrites_metrics_and_cleans_staging(make_cfg):
+    cfg = make_cfg(*QUICK)
+    run(cfg)
+    folder = Path(cfg.paths.output_dir)
+    assert not list(folder.glob("checkpoints/*.tmp"))  # removed once each save completed
+    import shutil
+
+    shutil.rmtree(folder / "checkpoints" / "last")  # `last` gone, `best` remains
+    (folder / "checkpoints" / "last.k1ll3d.tmp").mkdir()  # what a killed save leaves
+    (folder / "results.json").unlink()
+    run(make_cfg(*QUICK, "resume=true"))
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2]
+    assert not list(folder.glob("checkpoints/*.tmp"))
+
+
+def test_json_files_are_strict(tmp_path):
+    path = write_json_atomic(tmp_path / "x.json", {"fid": math.nan, "values": [1.0, math.inf, -math.inf],
+                                                   "nested": {"kid": (math.nan, 2)}})
+
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    assert json.loads(path.read_text(), parse_constant=refuse) == {"fid": None, "values": [1.0, None, None],
+                                                                   "nested": {"kid": [None, 2]}}
+
+
+def test_job_folders_name_every_setting_and_shorten_paths():
+    a = job_folder_name(["dataset=folder", "dataset.root=/data/sets/A", "logger=none", "paths.cache_dir=/c"])
+    b = job_folder_name(["dataset=folder", "dataset.root=/data/other/A", "logger=none", "paths.cache_dir=/c"])
+    assert a != b and a.startswith("dataset.root=A-") and a.endswith(",dataset=folder")
+    assert job_folder_name(["optim.lr=1e-3", "clip_lora.lora.alpha=8", "resume=true", "sweep_name=x"]) == \
+        "clip_lora.lora.alpha=8,optim.lr=1e-3"
+    assert job_folder_name(["trainer.cpu=true"]) == "trainer.cpu=true"
+    assert folder_value("x" * 100) != folder_value("x" * 99) and len(folder_value("x" * 100)) < 40
+
+
+def test_a_finished_job_is_skipped_only_with_the_same_settings(make_cfg):
+    cfg = make_cfg(*QUICK)
+    folder = Path(cfg.paths.output_dir)
+    write_run_info(cfg, folder)
+    write_json_atomic(folder / "results.json", {"metrics": {}})
+    assert finished_before(make_cfg(*QUICK, "resume=true", logger="wandb"), folder)
+    with pytest.raises(SettingError, match="optim.lr") as refused:
+        finished_before(make_cfg(*QUICK, "optim.lr=0.5"), folder)
+    assert refused.value.where == str(folder)
+    with pytest.raises(UserError, match="dataset.val_fraction"):
+        finished_before(make_cfg(*QUICK, "dataset.val_fraction=0.3"), folder)
