@@ -41,6 +41,7 @@ from scipy import stats
 from pneumo_exp.classify.metrics import confusion_metrics, paired_bootstrap_intervals
 from pneumo_exp.errors import UserError
 from pneumo_exp.labels import CLASSES
+from pneumo_exp.rundir import RESULT_NEUTRAL_KEYS
 
 DEFAULT_METRICS = ("test/acc", "test/recall_macro", "test/f1_macro", "test/auroc_macro", "test/recall_VIRUS")
 EPOCH_METRICS = ("train/acc", "train/f1_macro", "train/recall_macro")
@@ -48,7 +49,7 @@ CURVE_METRICS = ("val/f1_macro", "train/acc")
 BAR_METRICS = ("test/acc", "test/f1_macro")
 
 # Override keys (and their sub-keys) that never change what a job computes, so never split a configuration.
-NOT_A_SETTING = ("logger", "paths", "hydra", "task", "resume", "tags")
+NOT_A_SETTING = RESULT_NEUTRAL_KEYS
 RUN_MARKERS = ("results.json", "failed.json", "metrics.jsonl", "git.json")
 NOT_RUN_FOLDERS = {".hydra", "wandb", "checkpoints", "__pycache__"}
 

@@ -20,25 +20,25 @@ GRID = ["-m", "experiment=demo", "clip_lora=tiny_vit", "clip_lora.lora.alpha=8,1
         "dataset.test_patients_per_class=4", "trainer.epochs=1", "trainer.bootstrap_samples=50", "logger=none"]
 
 
-def pneumo_exp(*args: str) -> str:
+def pneumo_exp(*args: str, returncode: int = 0) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-m", "pneumo_exp.cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert done.returncode == returncode, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
 
 
 def test_grid_sweep_report_failure_and_rerun(tmp_path, model_cache):
     sweep = tmp_path / "sweep"
     common = [f"hydra.sweep.dir={sweep}", f"paths.cache_dir={model_cache}"]
-    output = pneumo_exp(*GRID, "optim.lr=1e-3,2e-3,-1", *common)
+    output = pneumo_exp(*GRID, "optim.lr=1e-3,2e-3,-1", *common, returncode=1)
     jobs = sorted(path for path in sweep.iterdir() if (path / ".hydra").is_dir())
     finished = [job for job in jobs if (job / "results.json").is_file()]
     failed = [job for job in jobs if (job / "failed.json").is_file()]
     assert len(jobs) == 6 and len(finished) == 4 and len(failed) == 2
     assert all("optim.lr=-1" in job.name for job in failed)
-    assert "Invalid learning rate" in json.loads((failed[0] / "failed.json").read_text())["error"]
-    assert "failed: ValueError" in output
+    assert json.loads((failed[0] / "failed.json").read_text())["message"] == "bad value -1 (optim.lr): use a value above 0"
+    assert "2 job(s) of the sweep" in output and f"{failed[0].name}: bad value -1 (optim.lr)" in output
 
     stamps = {job: (job / "results.json").stat().st_mtime_ns for job in finished}
     pneumo_exp(*GRID, "optim.lr=1e-3,2e-3", *common)
@@ -72,3 +72,30 @@ def test_parallel_and_submitit_launchers_run_a_sweep(tmp_path, model_cache, laun
     finished = sorted(sweep.glob("*/results.json"))
     assert len(finished) == 2
     assert all(list(path.parent.glob("wandb/offline-run-*")) for path in finished)
+
+
+def test_jobs_that_differ_only_in_a_path_get_their_own_folders(tmp_path, model_cache):
+    """dataset.root=A,MISSING,B: three folders, two results, one failure listed, a non-zero exit."""
+    import numpy as np
+    from PIL import Image
+
+    noise = np.random.default_rng(0)
+    for name in ("A", "B"):
+        for split, count in (("train", 7), ("test", 2)):
+            for label in ("NORMAL", "BACTERIA", "VIRUS"):
+                folder = tmp_path / name / split / label
+                folder.mkdir(parents=True)
+                for i in range(count):
+                    pixels = noise.integers(0, 256, (48, 48), dtype=np.uint8)
+                    Image.fromarray(pixels).save(folder / f"{split}_{label.lower()}{i}.png")
+    sweep = tmp_path / "sweep"
+    roots = ",".join(str(tmp_path / name) for name in ("A", "MISSING", "B"))
+    output = pneumo_exp("-m", "dataset=folder", f"dataset.root={roots}", "trainer.epochs=1", "trainer.batch_size=8",
+                        "trainer.bootstrap_samples=10", "logger=none", f"paths.cache_dir={model_cache}",
+                        f"hydra.sweep.dir={sweep}", returncode=1)
+    jobs = sorted(path for path in sweep.iterdir() if (path / ".hydra").is_dir())
+    assert len(jobs) == 3
+    assert len(list(sweep.glob("*/results.json"))) == 2
+    failed = list(sweep.glob("*/failed.json"))
+    assert len(failed) == 1 and failed[0].parent.name.startswith("dataset.root=MISSING-")
+    assert f"{failed[0].parent.name}: " in output and "MISSING" in json.loads(failed[0].read_text())["message"]
