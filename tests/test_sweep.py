@@ -37,8 +37,9 @@ def test_grid_sweep_report_failure_and_rerun(tmp_path, model_cache):
     failed = [job for job in jobs if (job / "failed.json").is_file()]
     assert len(jobs) == 6 and len(finished) == 4 and len(failed) == 2
     assert all("optim.lr=-1" in job.name for job in failed)
-    assert json.loads((failed[0] / "failed.json").read_text())["message"] == "bad value -1 (optim.lr): use a value above 0"
-    assert "2 job(s) of the sweep" in output and f"{failed[0].name}: bad value -1 (optim.lr)" in output
+    message = json.loads((failed[0] / "failed.json").read_text())["message"]
+    assert message == "bad value -1.0 (optim.lr): use a value above 0"
+    assert "2 job(s) of the sweep" in output and f"{failed[0].name}: bad value -1.0 (optim.lr)" in output
 
     stamps = {job: (job / "results.json").stat().st_mtime_ns for job in finished}
     pneumo_exp(*GRID, "optim.lr=1e-3,2e-3", *common)
