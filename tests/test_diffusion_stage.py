@@ -307,3 +307,21 @@ def test_quality_stage_batches_on_the_device_and_scores_only_the_synthetic_class
         assert {r.source for r in real_arm if r.label == label} == {"real"}
         assert sum(r.label == label for r in synthetic_arm) == sum(r.label == label for r in real_arm)
     assert report["classification_accuracy_score"]["synthetic_only"]["train_images"] == len(synthetic_arm)
+
+
+# ------------------------------------------------------------------------------------------ bench
+
+
+@pytest.mark.slow
+def test_the_diffusion_bench_runs_at_tiny_size(tmp_path):
+    out = tmp_path / "diffusion.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    bench = subprocess.run([sys.executable, str(REPO / "bench" / "bench_diffusion.py"), "--tiny", "--out", str(out)],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["latent_cache_loop_ratio_vs_plain"] > 0 and result["latent_cache_ratio_vs_plain"] > 0
+    assert set(result["train_mean_loss"]) == {"framework_training", "framework_cached_training", "plain_training"}
+    assert result["train_mean_loss"]["framework_cached_training"] == pytest.approx(
+        result["train_mean_loss"]["framework_training"], rel=1e-4)
+    assert "latent cache:" in bench.stdout
