@@ -238,3 +238,12 @@ def test_fifo_is_not_a_regular_file(tmp_path, check_images):
     rewrite(manifest, 0, path=str(fifo))
     with pytest.raises(DatasetError, match="pipe.png: not a regular file"):
         folder_records(manifest=manifest, class_aliases=ALIASES, check_images=check_images)
+
+
+def test_manifest_whose_rows_are_all_skipped_gives_each_reason(tmp_path):
+    manifest = make_manifest(tmp_path)
+    for row in range(3):
+        rewrite(manifest, row, path=f"images/missing-{row}.png")
+    with pytest.raises(DatasetError, match="no usable row") as error:
+        folder_records(manifest=manifest, class_aliases=ALIASES, skip_bad_images=True)
+    assert all(f"row {row + 2}: " in str(error.value) and f"missing-{row}.png" in str(error.value) for row in range(3))

@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pneumo_exp.data.images import MIN_IMAGE_SIDE, BadImageError, readable_file
-from pneumo_exp.data.kermany import (Problems, checked_sha256, require_image_suffix, subfolders_by_name,
+from pneumo_exp.data.kermany import (Problems, checked_sha256, listed, require_image_suffix, subfolders_by_name,
                                      usable_records)
 from pneumo_exp.data.manifest import SPLITS, DatasetError, Record, validate
 from pneumo_exp.labels import CLASSES
@@ -134,11 +134,11 @@ def _tree_record(root: Path, file: Path, label: str, split: str, check_images: b
 def _manifest_records(csv_path: Path, lookup: dict[str, str], check_images: bool, min_image_side: int,
                       problems: Problems) -> list[Record]:
     rows = _read_rows(csv_path)
-    listed = [_listed_record(csv_path, row_number, row, lookup) for row_number, row in rows]
-    validate(listed, where=f"manifest {csv_path}")
-    _require_unique_paths(csv_path, rows, listed)
+    listed_records = [_listed_record(csv_path, row_number, row, lookup) for row_number, row in rows]
+    validate(listed_records, where=f"manifest {csv_path}")
+    _require_unique_paths(csv_path, rows, listed_records)
     records = []
-    for (row_number, _), record in zip(rows, listed):
+    for (row_number, _), record in zip(rows, listed_records):
         try:
             digest = _checked_listed_file(record, check_images, min_image_side)
         except (DatasetError, BadImageError) as error:
@@ -147,7 +147,8 @@ def _manifest_records(csv_path: Path, lookup: dict[str, str], check_images: bool
             records.append(replace(record, sha256=digest))
     problems.raise_if_any(f"manifest {csv_path}")
     if not records:
-        raise DatasetError(f"manifest {csv_path}: no usable row (all were skipped)")
+        raise DatasetError("no usable row: every row was skipped", f"manifest {csv_path}",
+                           "repair these files or their rows:" + listed(problems.messages))
     return records
 
 

@@ -52,8 +52,8 @@ def prepare_data(cfg: DictConfig, cache_dir: str, output_dir: str | Path | None 
     """Records with a patient-grouped validation split, checked for leakage; writes manifest.csv if asked."""
     records, skipped = source_records(cfg, cache_dir)
     if not records:
-        raise DatasetError(f"dataset {cfg.name!r} yielded no images", "dataset.root",
-                           "point it at a folder that holds the dataset's images")
+        raise DatasetError("the dataset yielded no images", f"dataset={cfg.name}",
+                           "point dataset.root or dataset.manifest at the dataset's images")
     manifest.validate(records, where=f"dataset {cfg.name}")
     manifest.check_no_leakage(records, where=f"the official split of dataset {cfg.name}")
     group_of = kermany.split_group if cfg.kind == "kermany" else (lambda patient_id: patient_id)
