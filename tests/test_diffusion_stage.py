@@ -79,6 +79,17 @@ def test_a_resolution_other_than_the_models_is_refused_unless_allowed(model_cach
     assert "upsampled 1.6x" in caplog.text
 
 
+def test_synthesis_with_a_trained_lora_refuses_a_non_native_resolution(model_cache, tmp_path):
+    from pneumo_exp.diffusion.generate import synthesize_for_run
+
+    native_source = pipeline_source(compose([f"paths.cache_dir={model_cache}"]).diffusion_lora, model_cache)
+    cfg = config(tmp_path, model_cache, f"diffusion_lora.pretrained={native_source}", "diffusion_lora.resolution=32",
+                 "augmentation=balance")
+    with pytest.raises(UserError, match="diffusion_lora.resolution=32 is not the native resolution"):
+        synthesize_for_run(cfg, tmp_path / "lora", {"NORMAL": 1, "BACTERIA": 2, "VIRUS": 1}, tmp_path, progress=False)
+    assert not (tmp_path / "synthetic").exists()
+
+
 def test_source_sides_are_read_from_the_original_files_not_the_cache(tmp_path):
     from PIL import Image
 

@@ -144,14 +144,16 @@ def synthesize_for_run(cfg, lora_folder: str | os.PathLike, real_counts: dict[st
     settings from `diffusion_lora.generation`, prompts and resolution from `diffusion_lora`."""
     from omegaconf import OmegaConf
 
-    from pneumo_exp.diffusion.pipeline import pipeline_source
+    from pneumo_exp.diffusion.pipeline import check_resolution, pipeline_source
     from pneumo_exp.diffusion.settings import generation_settings
 
     settings = generation_settings(cfg.diffusion_lora)
+    source = pipeline_source(cfg.diffusion_lora, cfg.paths.cache_dir)
+    check_resolution(cfg.diffusion_lora, source)
     prompts = OmegaConf.to_container(cfg.diffusion_lora.prompts) if OmegaConf.is_config(cfg.diffusion_lora.prompts) \
         else dict(cfg.diffusion_lora.prompts)
     return generate_synthetic(
-        pipeline_source(cfg.diffusion_lora, cfg.paths.cache_dir), lora_folder,
+        source, lora_folder,
         synthetic_counts(real_counts, cfg.augmentation), prompts, output_dir,
         seed=int(cfg.seed if settings.seed is None else settings.seed), steps=settings.num_inference_steps,
         guidance=settings.guidance_scale, batch_size=settings.batch_size, resolution=int(cfg.diffusion_lora.resolution),

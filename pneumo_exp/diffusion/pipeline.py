@@ -150,6 +150,18 @@ def native_resolution(source: str, revision: str | None = None) -> int:
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
+def check_resolution(diffusion_cfg, source: str) -> int:
+    """The base model's native resolution; a different `diffusion_lora.resolution` is refused unless
+    `diffusion_lora.allow_non_native_resolution` (the original study ran the 768 px SD2 at 512 px)."""
+    native, resolution = native_resolution(source, diffusion_cfg.get("revision")), int(diffusion_cfg.resolution)
+    if resolution != native and not diffusion_cfg.get("allow_non_native_resolution", False):
+        raise UserError(f"diffusion_lora.resolution={resolution} is not the native resolution of {source} "
+                        f"({native} px: UNet sample_size x VAE scale factor)", where="diffusion_lora.resolution",
+                        fix=f"set diffusion_lora.resolution={native}, or diffusion_lora.allow_non_native_resolution"
+                            f"=true to train at {resolution} px anyway")
+    return native
+
+
 def load_components(source: str, revision: str | None = None, dtype: torch.dtype = torch.float32) -> SDComponents:
     """The frozen modules are loaded directly in `dtype` (the LoRA added later trains in fp32)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel

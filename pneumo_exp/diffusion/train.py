@@ -41,7 +41,7 @@ from pneumo_exp.diffusion.pipeline import (
     grid_image,
     image_seed,
     load_components,
-    native_resolution,
+    check_resolution,
     pipeline_from_components,
     pipeline_source,
     sample,
@@ -122,18 +122,6 @@ def upsampling(source_sides: list[int | None] | None, resolution: int) -> dict |
     median = float(np.median(sides))
     return {"source_side_median": round(median) if median.is_integer() else median,
             "source_side_min": int(min(sides)), "factor": round(resolution / median, 3)}
-
-
-def check_resolution(diffusion_cfg, source: str) -> int:
-    """The base model's native resolution; a different `diffusion_lora.resolution` is refused unless
-    `diffusion_lora.allow_non_native_resolution` (the original study ran the 768 px SD2 at 512 px)."""
-    native, resolution = native_resolution(source, diffusion_cfg.get("revision")), int(diffusion_cfg.resolution)
-    if resolution != native and not diffusion_cfg.get("allow_non_native_resolution", False):
-        raise UserError(f"diffusion_lora.resolution={resolution} is not the native resolution of {source} "
-                        f"({native} px: UNet sample_size x VAE scale factor)", where="diffusion_lora.resolution",
-                        fix=f"set diffusion_lora.resolution={native}, or diffusion_lora.allow_non_native_resolution"
-                            f"=true to train at {resolution} px anyway")
-    return native
 
 
 def random_crops(pixels: torch.Tensor, resolution: int, min_side: float, generator: torch.Generator) -> torch.Tensor:
