@@ -766,7 +766,8 @@ def latex_cell(text: str) -> str:
     return latex_escape(text).replace("\0", "$\\pm$").replace("—", "--")
 
 
-def latex_table(groups: list[dict], metrics: Sequence[str], reference: bool = True) -> str:
+def latex_table(groups: list[dict], metrics: Sequence[str], reference: bool = True,
+                comparisons: Sequence[dict] = ()) -> str:
     """A booktabs tabular (needs \\usepackage{booktabs})."""
     columns = 2 + len(metrics)
     lines = ["% pneumo_exp.report: mean $\\pm$ sample std [95 % CI of the mean, Student t] over seeds",
@@ -785,6 +786,11 @@ def latex_table(groups: list[dict], metrics: Sequence[str], reference: bool = Tr
     if reference:
         lines.append(f"\\multicolumn{{{columns}}}{{p{{0.9\\linewidth}}}}{{\\footnotesize $^\\dagger$ "
                      f"{latex_escape(ORIGINAL_STUDY['note'])}}} \\\\")
+    gain = [c for c in comparisons if (c["a"], c["b"]) == AUGMENTATION_PAIR]
+    if gain:
+        line = augmentation_gain_line(gain[0]).replace("**", "").replace(" See the paired comparisons below.", "")
+        text = latex_escape(line).replace("−", "--")
+        lines.append(f"\\multicolumn{{{columns}}}{{p{{0.9\\linewidth}}}}{{\\footnotesize {text}}} \\\\")
     lines.append("\\end{tabular}")
     return "\n".join(lines) + "\n"
 
@@ -814,6 +820,9 @@ def write_report(root: str | os.PathLike, output_dir: str | os.PathLike, referen
     `pairs`: [A, B] configuration selectors to compare (None: the paper table's default pairs)."""
     from pneumo_exp import report_plots  # matplotlib only when plots are drawn
 
+    if bootstrap_samples < 1:
+        raise UserError(f"report.bootstrap_samples={bootstrap_samples} must be at least 1",
+                        where="report.bootstrap_samples", fix="use e.g. 2000")
     root, output_dir = Path(root).resolve(), Path(output_dir)
     runs = collect_runs(root)
     if not runs:
@@ -824,7 +833,7 @@ def write_report(root: str | os.PathLike, output_dir: str | os.PathLike, referen
     files: dict[str, str | bytes] = {
         "table.md": report_markdown(root, runs, groups, metrics, reference, comparisons),
         "table.csv": csv_text(groups, metrics),
-        "table.tex": latex_table(groups, metrics, reference),
+        "table.tex": latex_table(groups, metrics, reference, comparisons),
         "pairs.csv": pairs_csv(comparisons),
         "epochs.md": epochs_document(groups, reference),
         "failures.md": "\n".join(failures_markdown(runs, root)) + "\n",

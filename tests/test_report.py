@@ -576,3 +576,11 @@ def test_report_task_takes_pairs_from_the_command_line(paper, make_cfg, tmp_path
     table = (tmp_path / "cli" / "table.md").read_text()
     assert markdown_row(table, ("original_study", "zero_shot"))[2] == "0 1 2"
     assert "no completed runs of lora" not in table and table in capsys.readouterr().out
+
+
+def test_latex_table_carries_the_augmentation_gain_and_bad_settings_are_named(paper, tmp_path):
+    tex = (paper["output"] / "table.tex").read_text()
+    gain = next(line for line in tex.splitlines() if "Augmentation gain" in line)
+    assert "original\\_study higher" in gain and "**" not in gain and "−" not in gain
+    with pytest.raises(report.UserError, match="report.bootstrap_samples"):
+        main_report(paper["root"], tmp_path / "out", bootstrap_samples=0)
