@@ -192,14 +192,20 @@ def train_diffusion(cfg: DictConfig, data: PreparedData, output_dir: Path, logge
 TRAINING_SPLIT_FILE = "training_split.json"
 
 
+class LoraSplitUnknownError(UserError, FileNotFoundError):
+    """A LoRA folder without the record of the training split it was trained on."""
+
+
 def check_lora_training_split(lora_folder: str, data: PreparedData) -> None:
     """A LoRA from another run may have seen this run's validation or test images: it must have been trained on
     exactly this run's real training split."""
     record_file = Path(lora_folder) / TRAINING_SPLIT_FILE
     train = [r for r in data.split("train") if r.source == "real"]
     if not record_file.is_file():
-        raise FileNotFoundError(f"{record_file} is missing: cannot tell which images the LoRA in {lora_folder} "
-                                f"was trained on, so it could have seen validation or test images")
+        raise LoraSplitUnknownError("cannot tell which images this LoRA was trained on, so it could have seen "
+                                    "validation or test images", where=str(record_file),
+                                    fix="train the LoRA in this run (the diffusion stage) or point "
+                                        "diffusion_lora.trained_lora at a LoRA folder written by pneumo-exp")
     if json.loads(record_file.read_text())["fingerprint"] != manifest.fingerprint(train):
         raise LeakageError(f"the LoRA was trained on another training split than this run's (dataset, "
                            f"val_fraction or split_seed differ): it may have seen validation or test images",

@@ -129,12 +129,21 @@ def override_key(override: str) -> str:
     return override.partition("=")[0].lstrip("+~").split("@")[0]
 
 
+MAX_FOLDER_NAME = 200  # file systems refuse names over 255 bytes
+
+
 def job_folder_name(overrides: Iterable[str]) -> str:
     """A sweep job's folder: its overrides that shape the result as written (as Hydra's override_dirname), sorted
-    and joined by ','; a path or long value as `folder_value` shortens it."""
+    and joined by ','; a path or long value as `folder_value` shortens it, and a name too long for the file system
+    keeps its head and ends in a short hash of the whole."""
     items = []
     for override in map(str, overrides):
         if shapes_result(override_key(override)):
             key, sep, value = override.partition("=")
             items.append(key + sep + folder_value(value) if sep else override)
-    return ",".join(sorted(items)) or "defaults"
+    name = ",".join(sorted(items)) or "defaults"
+    if len(name.encode()) <= MAX_FOLDER_NAME:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:SHORT_HASH]
+    head = name.encode()[:MAX_FOLDER_NAME - SHORT_HASH - 1].decode(errors="ignore")
+    return f"{head}-{digest}"

@@ -167,6 +167,18 @@ def test_job_folders_name_every_setting_and_shorten_paths():
     assert folder_value("x" * 100) != folder_value("x" * 99) and len(folder_value("x" * 100)) < 40
 
 
+def test_job_folder_names_stay_within_the_file_systems_limit():
+    """The paper demo's overrides made a name over 255 bytes (OSError: File name too long)."""
+    common = ["dataset=phantom", "clip_lora=tiny", "dataset.resolution=64", "trainer.batch_size=16",
+              "augmentation.per_class_count={NORMAL:30,VIRUS:30}", "diffusion_lora.training.max_train_steps=3",
+              "diffusion_lora.training.validation_every=0", "diffusion_lora.generation.num_inference_steps=2"]
+    names = {job_folder_name([f"experiment=paper_cpu/{row}", f"seed={seed}", *common])
+             for row in ("original_study", "original_no_augmentation") for seed in (0, 1)}
+    assert len(names) == 4
+    assert all(len(name.encode()) <= 200 for name in names)
+    assert all(name.startswith("augmentation.per_class_count=") for name in names)
+
+
 def test_a_finished_job_is_skipped_only_with_the_same_settings(make_cfg):
     cfg = make_cfg(*QUICK)
     folder = Path(cfg.paths.output_dir)

@@ -80,11 +80,12 @@ def test_resume_refuses_changed_settings(make_cfg):
 
 def test_a_lora_trained_on_another_split_is_refused(make_cfg, tmp_path):
     from pneumo_exp.data.prepare import prepare_data
+    from pneumo_exp.errors import UserError
     from pneumo_exp.pipeline import TRAINING_SPLIT_FILE, check_lora_training_split
 
     cfg = make_cfg()
     data = prepare_data(cfg.dataset, cfg.paths.cache_dir)
-    with pytest.raises(FileNotFoundError, match=TRAINING_SPLIT_FILE):
+    with pytest.raises(UserError, match=TRAINING_SPLIT_FILE):
         check_lora_training_split(str(tmp_path), data)
     (tmp_path / TRAINING_SPLIT_FILE).write_text(json.dumps({"fingerprint": "another", "images": 1}))
     with pytest.raises(ValueError, match="another training split"):
