@@ -19,6 +19,7 @@ are of this machine, this load, this run.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -92,6 +93,24 @@ def real_size_models(configs: Path, cache: Path) -> dict[str, Path]:
 # ----------------------------------------------------------------------------------------------- measurement
 
 
+def live_tensor_bytes() -> int:
+    """Bytes of every distinct tensor storage the garbage collector can reach: what a finished stage left alive."""
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and not obj.is_meta:
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def release_freed_heap() -> None:
+    """Return freed heap pages to the system (glibc keeps them otherwise), so the resident size means live memory."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
 def rss_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -130,6 +149,7 @@ def measured(name: str):
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    release_freed_heap()
     SAMPLER.open(name)
     entry = {"stage": name, "rss_before_gib": rss_bytes() / GIB}
     start = time.perf_counter()
@@ -142,9 +162,12 @@ def measured(name: str):
         entry["seconds"] = time.perf_counter() - start
         entry["rss_peak_gib"] = SAMPLER.close(name) / GIB
         gc.collect()
+        release_freed_heap()
         entry["rss_after_gib"] = rss_bytes() / GIB
+        entry["live_tensors_after_gib"] = live_tensor_bytes() / GIB
         print(f"  {name:<10} {entry['seconds']:8.1f} s   peak RSS {entry['rss_peak_gib']:6.2f} GiB   "
-              f"after {entry['rss_after_gib']:6.2f} GiB", flush=True)
+              f"after {entry['rss_after_gib']:6.2f} GiB (tensors {entry['live_tensors_after_gib']:5.2f} GiB)",
+              flush=True)
 
 
 def instrument_stages() -> None:

@@ -66,7 +66,7 @@ def test_real_size_bench_runs_a_paper_row_on_tiny_configs(tmp_path, model_cache)
                "--data", str(data), "--images-per-class", "4", "--model-cache", str(tmp_path / "built"),
                "--out", str(out), "--override", "diffusion_lora.resolution=64",
                "--override", f"clip_lora.image_size={image_size}", "--override", "dataset.resolution=64",
-               "--override", "dataset.val_fraction=0.3"]
+               "--override", "dataset.val_fraction=0.3", "--throughput"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -75,5 +75,9 @@ def test_real_size_bench_runs_a_paper_row_on_tiny_configs(tmp_path, model_cache)
     assert row["row"] == "original_study"
     assert [stage["stage"] for stage in row["stages"]] == ["data", "diffusion", "synthesize", "classify", "quality"]
     assert all(stage["seconds"] > 0 and stage["rss_peak_gib"] > 0 for stage in row["stages"])
+    assert all(stage["live_tensors_after_gib"] >= 0 for stage in row["stages"])
     assert row["rss_peak_gib"] >= row["rss_peak_largest_stage_gib"]
     assert (tmp_path / "built" / "stable-diffusion-2" / "unet").is_dir()
+    throughput = report["throughput"]
+    assert throughput["clip_lora"]["tflop_per_step"] > 0 and throughput["clip_lora"]["images_per_second"] > 0
+    assert set(throughput["sd_lora"]) >= {"cache_latents=false", "cache_latents=true"}
