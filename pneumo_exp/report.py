@@ -41,7 +41,7 @@ from scipy import stats
 from pneumo_exp.classify.metrics import confusion_metrics, paired_bootstrap_intervals
 from pneumo_exp.errors import UserError
 from pneumo_exp.labels import CLASSES
-from pneumo_exp.rundir import RESULT_NEUTRAL_KEYS
+from pneumo_exp.rundir import RESULT_NEUTRAL_KEYS, read_json_lines
 
 DEFAULT_METRICS = ("test/acc", "test/recall_macro", "test/f1_macro", "test/auroc_macro", "test/recall_VIRUS")
 EPOCH_METRICS = ("train/acc", "train/f1_macro", "train/recall_macro")
@@ -211,15 +211,7 @@ def read_json(path: Path) -> dict | None:
 
 def read_history(path: Path) -> list[dict]:
     """Epoch rows; a line being appended by a running job (cut short) is skipped."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            row = json.loads(line)
-            if isinstance(row, dict) and "epoch" in row:
-                rows.append(row)
-    return rows
+    return [row for row in read_json_lines(path) if "epoch" in row]
 
 
 def last_line(text: str | None) -> str:

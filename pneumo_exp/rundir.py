@@ -53,6 +53,28 @@ def finite_or_none(payload: Any) -> Any:
     return payload
 
 
+def json_line(row: dict) -> str:
+    """One strict-JSON line of a `.jsonl` history (non-finite numbers as null), newline included."""
+    return json.dumps(finite_or_none(row), allow_nan=False) + "\n"
+
+
+def read_json_lines(path: str | os.PathLike) -> list[dict]:
+    """The rows of a `.jsonl` history, null values read back as NaN; a line cut short by a writer still running
+    (or any line that is not a JSON object) is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append({key: math.nan if value is None else value for key, value in row.items()})
+    return rows
+
+
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
     """Strict JSON (RFC 8259): non-finite numbers are written as null."""
     return write_text_atomic(path, json.dumps(finite_or_none(payload), indent=2, sort_keys=False,

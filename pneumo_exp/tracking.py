@@ -6,7 +6,6 @@ config, group = experiment, job_type = stage, and best-epoch summaries.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import secrets
@@ -16,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pneumo_exp.config import LoggerMode
-from pneumo_exp.rundir import write_text_atomic
+from pneumo_exp.rundir import json_line, write_text_atomic
 
 BEST_EPOCH_SUMMARIES = {"val/f1_macro": "max", "val/acc": "max", "val/recall_macro": "max", "val/loss": "min"}
 
@@ -58,13 +57,13 @@ class RunLogger:
     def rewrite_history(self, history: list[dict]) -> None:
         """On resume: the file holds exactly the epochs the checkpoint completed."""
         if self.enabled:
-            write_text_atomic(self.metrics_path, "".join(json.dumps(row) + "\n" for row in history))
+            write_text_atomic(self.metrics_path, "".join(map(json_line, history)))
 
     def log_epoch(self, row: dict) -> None:
         if not self.enabled:
             return
         with self.metrics_path.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
+            handle.write(json_line(row))
         if self.run is not None:
             self.run.log({k: v for k, v in numeric_items(row).items() if not math.isnan(v)})
 

@@ -190,3 +190,17 @@ def test_a_finished_job_is_skipped_only_with_the_same_settings(make_cfg):
     assert refused.value.where == str(folder)
     with pytest.raises(UserError, match="dataset.val_fraction"):
         finished_before(make_cfg(*QUICK, "dataset.val_fraction=0.3"), folder)
+
+
+def test_history_files_are_strict_json_and_read_back_as_nan(tmp_path):
+    from pneumo_exp.rundir import json_line, read_json_lines
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json_line({"epoch": 1, "val/auroc_macro": math.nan, "val/acc": 0.5}) + '{"epoch": 2, "val/a')
+
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    assert json.loads(path.read_text().splitlines()[0], parse_constant=refuse)["val/auroc_macro"] is None
+    (row,) = read_json_lines(path)  # the line cut short by a writer still running is skipped
+    assert row["epoch"] == 1 and math.isnan(row["val/auroc_macro"]) and row["val/acc"] == 0.5

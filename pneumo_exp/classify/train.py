@@ -44,7 +44,7 @@ from pneumo_exp.data.prepare import PreparedData
 from pneumo_exp.errors import UserError
 from pneumo_exp.labels import CLASSES, class_index
 from pneumo_exp.plots import confusion_matrix_png, curves_png
-from pneumo_exp.rundir import write_json_atomic
+from pneumo_exp.rundir import read_json_lines, write_json_atomic
 from pneumo_exp.tracking import RunLogger
 
 log = logging.getLogger(__name__)
@@ -413,8 +413,4 @@ def train_and_evaluate(cfg: DictConfig, data: PreparedData, output_dir: str | os
 
 
 def read_history(path: Path) -> list[dict]:
-    import json
-
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_json_lines(path)

@@ -51,7 +51,7 @@ from pneumo_exp.diffusion.pipeline import (
 from pneumo_exp.diffusion.settings import DiffusionTrainingConfig, training_settings
 from pneumo_exp.errors import UserError
 from pneumo_exp.labels import CLASSES, class_index
-from pneumo_exp.rundir import write_json_atomic, write_text_atomic
+from pneumo_exp.rundir import json_line, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -315,13 +315,13 @@ class MetricsFile:
     def restart(self, history: list[dict]) -> None:
         self.history = list(history)
         if self.enabled:
-            write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in self.history))
+            write_text_atomic(self.path, "".join(map(json_line, self.history)))
 
     def log(self, row: dict) -> None:
         self.history.append(row)
         if self.enabled:
             with self.path.open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
+                handle.write(json_line(row))
             self.forward(row)
 
 
