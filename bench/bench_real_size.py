@@ -319,7 +319,9 @@ def diffusion_throughput(overrides: list[str], scratch: Path, sizes: dict, devic
         name = f"cache_latents={cache_latents}"
         row = run_row("original_study", [*overrides, "stages=[data,diffusion]",
                                          f"diffusion_lora.training.max_train_steps={sizes['diffusion_steps']}",
-                                         f"diffusion_lora.training.cache_latents={cache_latents}"], scratch / name)
+                                         "diffusion_lora.training.crop_min_side=1",  # cached latents take no crops
+                                         f"diffusion_lora.training.cache_latents={cache_latents}"],
+                      scratch / f"cache_latents_{cache_latents}")  # no '=' in a path given as an override
         result[name] = {"diffusion_stage_seconds": row["stages"][-1]["seconds"], **row["logged_rates"]}
     cfg = compose(["experiment=paper/original_study", *overrides])
     pipeline = load_pipeline(str(cfg.diffusion_lora.pretrained), device=device, dtype=torch.bfloat16)
