@@ -62,7 +62,7 @@ def exit_with_message(error: UserError) -> None:
             handler.handle(record)
             handler.flush()
     if is_main_process():
-        remove_unused_run_folder(Path(HydraConfig.get().runtime.output_dir))
+        remove_unused_run_folder(Path(HydraConfig.get().runtime.output_dir), HydraConfig.get().job.name)
     if debug_requested():
         raise error
     if is_main_process():
@@ -70,13 +70,18 @@ def exit_with_message(error: UserError) -> None:
     raise SystemExit(2 if isinstance(error, SettingError) else 1)
 
 
-def remove_unused_run_folder(folder: Path) -> None:
+def remove_unused_run_folder(folder: Path, job_name: str) -> None:
     """Hydra makes the run folder, `.hydra/` and the job log before the job starts: a job refused before it wrote
-    anything leaves no folder behind."""
+    anything leaves no folder behind. Only those two are removed, and the folder only if nothing else is in it
+    (`hydra.run.dir` may name a folder of the user's)."""
     import shutil
 
-    if folder.is_dir() and all(path.name == ".hydra" or path.suffix == ".log" for path in folder.iterdir()):
-        shutil.rmtree(folder, ignore_errors=True)
+    ours = {".hydra", f"{job_name}.log"}
+    if not folder.is_dir() or any(path.name not in ours for path in folder.iterdir()):
+        return
+    shutil.rmtree(folder / ".hydra", ignore_errors=True)
+    (folder / f"{job_name}.log").unlink(missing_ok=True)
+    folder.rmdir()
 
 
 def objective(cfg: DictConfig, metrics: dict | None):

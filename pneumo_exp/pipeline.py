@@ -208,7 +208,7 @@ def check_lora_training_split(lora_folder: str, data: PreparedData) -> None:
                                         "diffusion_lora.trained_lora at a LoRA folder written by pneumo-exp")
     if json.loads(record_file.read_text())["fingerprint"] != manifest.fingerprint(train):
         raise LeakageError(f"the LoRA was trained on another training split than this run's (dataset, "
-                           f"val_fraction or split_seed differ): it may have seen validation or test images",
+                           f"val_fraction, split_seed or limit_per_class differ): it may have seen validation or test images",
                            where=str(lora_folder), fix="train the LoRA in this run (the diffusion stage) or point "
                            "diffusion_lora.trained_lora at a LoRA trained on this split")
 

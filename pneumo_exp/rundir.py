@@ -126,11 +126,13 @@ def _dotted(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def changed_settings(cfg: DictConfig, stored_file: Path) -> list[str]:
-    """The keys that shape the result on which `cfg` differs from the config stored in `stored_file`."""
+    """The keys that shape the result on which `cfg` differs from the config stored in `stored_file`. Only keys
+    both configs hold count: a setting added to the schema after the stored run started is not a change the user
+    made (its default reproduces the old behaviour)."""
     stored = _dotted(OmegaConf.to_container(OmegaConf.load(stored_file)))
     current = _dotted(OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(cfg, resolve=True))))
-    return sorted(key for key in stored.keys() | current.keys()
-                  if shapes_result(key) and stored.get(key) != current.get(key))
+    return sorted(key for key in stored.keys() & current.keys()
+                  if shapes_result(key) and stored[key] != current[key])
 
 
 LONG_VALUE = 40

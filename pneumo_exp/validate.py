@@ -55,7 +55,7 @@ RULES: list[tuple[str, tuple[Callable[[Any], bool], str]]] = [
     ("optim.weight_decay", at_least(0)),
     ("optim.warmup_ratio", share()),
     ("dataset.resolution", resolution()),
-    ("dataset.val_fraction", share(closed_low=False)),
+    ("dataset.val_fraction", share()),
     ("dataset.limit_per_class", at_least(1)),
     ("dataset.min_image_side", at_least(1)),
     ("dataset.max_extract_bytes", at_least(1)),

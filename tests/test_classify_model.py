@@ -248,3 +248,16 @@ def test_conv_tower_says_it_ignores_gradient_checkpointing(make_cfg, caplog):
         build_classifier(make_cfg("clip_lora=tiny", "clip_lora.gradient_checkpointing=true").clip_lora,
                          make_cfg().paths.cache_dir)
     assert "gradient checkpointing" in caplog.text and "conv" in caplog.text
+
+
+def test_a_run_config_from_before_gradient_checkpointing_still_builds(model_cache):
+    """`predict` loads a run's stored config.yaml without the schema: a key added later must not be required."""
+    from omegaconf import OmegaConf
+
+    from conftest import compose
+    from pneumo_exp.classify.model import build_classifier
+
+    clip_cfg = OmegaConf.to_container(compose(["clip_lora=tiny"]).clip_lora, resolve=True)
+    del clip_cfg["gradient_checkpointing"]
+    classifier, _ = build_classifier(OmegaConf.create(clip_cfg), model_cache)
+    assert classifier is not None

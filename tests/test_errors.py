@@ -204,3 +204,44 @@ def test_history_files_are_strict_json_and_read_back_as_nan(tmp_path):
     assert json.loads(path.read_text().splitlines()[0], parse_constant=refuse)["val/auroc_macro"] is None
     (row,) = read_json_lines(path)  # the line cut short by a writer still running is skipped
     assert row["epoch"] == 1 and math.isnan(row["val/auroc_macro"]) and row["val/acc"] == 0.5
+
+
+def test_a_setting_added_after_a_run_started_is_not_a_change(make_cfg, tmp_path):
+    """A run folder from before a new schema key (here trainer.cap_test) still resumes and still counts as done."""
+    from omegaconf import OmegaConf
+
+    from pneumo_exp.rundir import changed_settings
+
+    cfg = make_cfg(*QUICK)
+    stored = OmegaConf.to_container(cfg, resolve=True)
+    del stored["trainer"]["cap_test"]
+    stored_file = tmp_path / "config.yaml"
+    stored_file.write_text(OmegaConf.to_yaml(OmegaConf.create(stored)))
+    assert changed_settings(cfg, stored_file) == []
+    assert changed_settings(make_cfg(*QUICK, "trainer.epochs=7"), stored_file) == ["trainer.epochs"]
+
+
+def test_val_fraction_zero_is_allowed():
+    """A split without validation (val_fraction=0) is what the splitter allows; validation must not refuse it."""
+    from conftest import compose
+
+    from pneumo_exp.validate import check_settings
+
+    check_settings(compose(["dataset.val_fraction=0"]))
+
+
+def test_a_refused_job_removes_only_what_hydra_made(tmp_path):
+    from pneumo_exp.cli import remove_unused_run_folder
+
+    users = tmp_path / "logs"
+    (users / ".hydra").mkdir(parents=True)
+    (users / "cli.log").write_text("ours")
+    (users / "mine.log").write_text("the user's")
+    remove_unused_run_folder(users, "cli")
+    assert (users / "mine.log").read_text() == "the user's"
+
+    ours = tmp_path / "run"
+    (ours / ".hydra").mkdir(parents=True)
+    (ours / "cli.log").write_text("ours")
+    remove_unused_run_folder(ours, "cli")
+    assert not ours.exists()

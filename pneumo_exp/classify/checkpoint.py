@@ -139,7 +139,8 @@ def load_state_file(path: Path) -> dict:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise CheckpointError("cannot resume: the training state holds objects other than tensors and plain values, "
-                              "and loading it could run code, so it was not loaded", where=str(path),
+                              "and loading it could run code, so it was not loaded (a state written before pneumo-exp "
+                              "loaded states without pickle looks the same)", where=str(path),
                               fix=START_AFRESH) from None
     except Exception as error:  # torch's zip reader and unpickler raise many types for a damaged file
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -217,7 +217,7 @@ def build_classifier(clip_cfg: DictConfig, cache_dir: str | os.PathLike, seed: i
         attach_conv_tower(clip, clip_cfg.architecture["conv"], seed)
     prompt_ids, prompt_mask, templates = tokenize_prompts(tokenizer, OmegaConf.to_container(clip_cfg.prompts),
                                                           clip.config.text_config.max_position_embeddings)
-    if clip_cfg.gradient_checkpointing:
+    if clip_cfg.get("gradient_checkpointing", False):  # absent from configs of runs made before the option
         enable_gradient_checkpointing(clip, clip_cfg)
     mode = ClassifierMode(clip_cfg.mode)
     clip.requires_grad_(mode == ClassifierMode.full)
