@@ -120,20 +120,29 @@ class PeakSampler:
 
     def __init__(self) -> None:
         self.windows: dict[str, int] = {}
+        self.lock = threading.Lock()
         threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self) -> None:
         while True:
-            now = rss_bytes()
-            for name, peak in list(self.windows.items()):
-                self.windows[name] = max(peak, now)
+            self._raise_all(rss_bytes())
             time.sleep(0.01)
 
+    def _raise_all(self, value: int) -> None:
+        with self.lock:
+            for name, peak in self.windows.items():
+                self.windows[name] = max(peak, value)
+
     def open(self, name: str) -> None:
-        self.windows[name] = rss_bytes()
+        with self.lock:
+            self.windows[name] = rss_bytes()
 
     def close(self, name: str) -> int:
-        return max(self.windows.pop(name), rss_bytes())
+        """The window's peak, which is also a lower bound of the peak of every window still open around it."""
+        with self.lock:
+            peak = max(self.windows.pop(name), rss_bytes())
+        self._raise_all(peak)
+        return peak
 
 
 GIB = 2 ** 30
