@@ -14,18 +14,13 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from pneumo_exp import report
-from pneumo_exp.report import (
-    ORIGINAL_STUDY,
-    RunRecord,
-    aggregate,
-    collect_runs,
-    group_key,
-    latex_escape,
-    main_report,
-    summarize,
-    t_quantile_975,
-    write_report,
-)
+from pneumo_exp.classify.metrics import paired_bootstrap_intervals
+from pneumo_exp.errors import UserError
+from pneumo_exp.report import compare, main_report, write_report
+from pneumo_exp.report.collect import RunRecord, collect_runs, group_key, group_runs
+from pneumo_exp.report.published import ALWAYS_NORMAL, ORIGINAL_STUDY
+from pneumo_exp.report.statistics import DEFAULT_METRICS, EPOCH_METRICS, aggregate, summarize, t_quantile_975
+from pneumo_exp.report.tables import latex_escape
 
 EXPERIMENT = "lora_grid"
 ALPHAS = (8, 16)
@@ -226,7 +221,7 @@ def test_aggregate_equals_statistics_computed_from_results_json(sweep):
     for (alpha, lr), folders in sweep["folders"].items():
         group = groups[(EXPERIMENT, grid_key(alpha, lr))]
         assert group["n"] == 3 and group["seeds"] == [0, 1, 2]
-        for metric in report.DEFAULT_METRICS:
+        for metric in DEFAULT_METRICS:
             stats, expected = group["metrics"][metric], direct_stats(direct_values(folders, metric))
             for name, value in expected.items():
                 assert stats[name] == pytest.approx(value, rel=1e-12, abs=1e-15), (metric, name)
@@ -282,12 +277,12 @@ def test_markdown_table_numbers_equal_the_results_json_files(sweep, written):
     for (alpha, lr), folders in sweep["folders"].items():
         cells = markdown_row(table, (EXPERIMENT, grid_key(alpha, lr)))
         assert cells[2] == "3"
-        for cell, metric in zip(cells[3:], report.DEFAULT_METRICS):
+        for cell, metric in zip(cells[3:], DEFAULT_METRICS):
             s = direct_stats(direct_values(folders, metric))
             assert cell == f"{s['mean']:.4f} ± {s['std']:.4f} [{s['ci_low']:.4f}, {s['ci_high']:.4f}]"
     assert markdown_row(table, (EXPERIMENT, grid_key(8, "1e-4")))[-1] == "1 unfinished"
     failed_row = markdown_row(table, (EXPERIMENT, "clip_lora.lora.alpha=32,optim.lr=0.1"))
-    assert failed_row[2] == "0" and failed_row[3:3 + len(report.DEFAULT_METRICS)] == ["failed"] * len(report.DEFAULT_METRICS)
+    assert failed_row[2] == "0" and failed_row[3:3 + len(DEFAULT_METRICS)] == ["failed"] * len(DEFAULT_METRICS)
     baseline = direct_values([sweep["baseline"]], "test/acc")[0]
     assert markdown_row(table, ("baseline", "baseline"))[3] == f"{baseline:.4f}"
     published = markdown_row(table, (ORIGINAL_STUDY["name"],))
@@ -303,7 +298,7 @@ def test_csv_parses_back_to_the_exact_statistics(sweep, written):
         row = rows[(EXPERIMENT, grid_key(alpha, lr))]
         assert row["n"] == "3" and row["seeds"] == "0 1 2"
         assert row["unfinished"] == ("1" if (alpha, lr) == (8, "1e-4") else "0")
-        for metric in report.DEFAULT_METRICS:
+        for metric in DEFAULT_METRICS:
             for name, value in direct_stats(direct_values(folders, metric)).items():
                 assert float(row[f"{metric}_{name}"]) == pytest.approx(value, rel=1e-12, abs=1e-15)
     failed = rows[(EXPERIMENT, "clip_lora.lora.alpha=32,optim.lr=0.1")]
@@ -328,9 +323,9 @@ def test_epochs_table_has_the_means_and_the_original_study_numbers(sweep, writte
         folders = sweep["folders"][(16, "5e-5")]
         histories = [[json.loads(line) for line in (f / "metrics.jsonl").read_text().splitlines()] for f in folders]
         cells = markdown_row(epochs, (EXPERIMENT, grid_key(16, "5e-5"), str(number)))
-        expected = [np.mean([h[number - 1][m] for h in histories]) for m in report.EPOCH_METRICS]
+        expected = [np.mean([h[number - 1][m] for h in histories]) for m in EPOCH_METRICS]
         assert cells[3] == "3" and cells[4:7] == [f"{v:.4f}" for v in expected]
-        assert cells[7:10] == [f"{published[m]:.4f}" for m in report.EPOCH_METRICS]
+        assert cells[7:10] == [f"{published[m]:.4f}" for m in EPOCH_METRICS]
     assert "0.333" in epochs and "0.5" in epochs
     row = (EXPERIMENT, grid_key(16, "5e-5"), "2")
     assert markdown_row((written["output"] / "table.md").read_text(), row) == markdown_row(epochs, row)
@@ -411,17 +406,17 @@ def test_always_normal_row_is_the_three_class_constant_prediction(written):
     f1_normal = 2 * (234 / 624) / (1 + 234 / 624)
     expected = {"test/acc": 234 / 624, "test/recall_macro": 1 / 3, "test/f1_macro": f1_normal / 3,
                 "test/recall_VIRUS": 0.0}
-    assert report.ALWAYS_NORMAL["test"]["test/f1_macro"] == pytest.approx(0.1818, abs=1e-4)
+    assert ALWAYS_NORMAL["test"]["test/f1_macro"] == pytest.approx(0.1818, abs=1e-4)
     table = (written["output"] / "table.md").read_text()
-    cells = dict(zip(report.DEFAULT_METRICS, markdown_row(table, (report.ALWAYS_NORMAL["name"],))[3:]))
-    assert cells == {m: f"{expected[m]:.4f}" if m in expected else "—" for m in report.DEFAULT_METRICS}
+    cells = dict(zip(DEFAULT_METRICS, markdown_row(table, (ALWAYS_NORMAL["name"],))[3:]))
+    assert cells == {m: f"{expected[m]:.4f}" if m in expected else "—" for m in DEFAULT_METRICS}
     assert "recall 0.5 and F1 0.2727 are two-class means" in table
     tex = (written["output"] / "table.tex").read_text()
     assert f"{expected['test/f1_macro']:.4f}" in tex and "always NORMAL, 3 classes" in tex
 
 
 def test_bars_caption_says_the_published_numbers_are_two_class_means():
-    from pneumo_exp import report_plots
+    from pneumo_exp.report import plots as report_plots
 
     stats = {"a": {"test/acc": {"mean": 0.8, "ci_low": 0.7, "ci_high": 0.9},
                    "test/f1_macro": {"mean": 0.7, "ci_low": None}}}
@@ -500,9 +495,9 @@ def test_seed_matched_t_interval_equals_scipys_paired_t_test(paper):
     rows = paired_csv(paper)
     for metric in ("test/acc", "test/f1_macro"):
         a, b = ([json.loads((job_folder(paper, row, seed) / "results.json").read_text())["metrics"][metric]
-                 for seed in SEEDS] for row in report.AUGMENTATION_PAIR)
+                 for seed in SEEDS] for row in compare.AUGMENTATION_PAIR)
         interval = stats.ttest_rel(a, b).confidence_interval(0.95)
-        row = rows[(*report.AUGMENTATION_PAIR, metric)]
+        row = rows[(*compare.AUGMENTATION_PAIR, metric)]
         assert row["status"] == "compared" and row["seeds"] == "0 1 2"
         assert float(row["difference"]) == pytest.approx(np.mean(np.subtract(a, b)), rel=1e-12)
         assert float(row["t_low"]) == pytest.approx(interval.low, rel=1e-9)
@@ -510,26 +505,26 @@ def test_seed_matched_t_interval_equals_scipys_paired_t_test(paper):
 
 
 def test_paired_bootstrap_is_centred_on_the_mean_seed_difference(paper):
-    comparison = report.compare_pair(*report.AUGMENTATION_PAIR, report.group_runs(collect_runs(paper["root"])), 500)
+    comparison = compare.compare_pair(*compare.AUGMENTATION_PAIR, group_runs(collect_runs(paper["root"])), 500)
     assert comparison["bootstrap_seeds"] == list(SEEDS)
     for metric, values in comparison["metrics"].items():
         assert values["bootstrap_low"] < values["difference"] < values["bootstrap_high"]
-    point = report.paired_bootstrap_intervals(
-        [report.aligned_predictions(*(RunRecord(job_folder(paper, row, seed), "completed", [], {})
-                                      for row in report.AUGMENTATION_PAIR)) for seed in SEEDS], samples=10)
+    point = paired_bootstrap_intervals(
+        [compare.aligned_predictions(*(RunRecord(job_folder(paper, row, seed), "completed", [], {})
+                                      for row in compare.AUGMENTATION_PAIR)) for seed in SEEDS], samples=10)
     assert point["acc"]["difference"] == pytest.approx(comparison["metrics"]["test/acc"]["difference"], rel=1e-12)
 
 
 def test_mcnemar_p_equals_a_hand_count_of_discordant_images(paper):
     rows = paired_csv(paper)
-    reported = dict(item.split(":") for item in rows[(*report.AUGMENTATION_PAIR, "test/acc")]["mcnemar_p"].split())
+    reported = dict(item.split(":") for item in rows[(*compare.AUGMENTATION_PAIR, "test/acc")]["mcnemar_p"].split())
     for seed in SEEDS:
-        (labels, a), (_, b) = (predictions_of(job_folder(paper, row, seed)) for row in report.AUGMENTATION_PAIR)
+        (labels, a), (_, b) = (predictions_of(job_folder(paper, row, seed)) for row in compare.AUGMENTATION_PAIR)
         a_only, b_only = int(np.sum((a == labels) & (b != labels))), int(np.sum((a != labels) & (b == labels)))
         smaller, n = min(a_only, b_only), a_only + b_only
         hand = min(1.0, 2 * sum(math.comb(n, k) for k in range(smaller + 1)) / 2 ** n)
         assert float(reported[str(seed)]) == pytest.approx(hand, rel=1e-9), seed
-    assert report.mcnemar(np.zeros(9, int), np.array([0] * 7 + [1] * 2), np.array([1] * 7 + [0] * 2))["p"] == \
+    assert compare.mcnemar(np.zeros(9, int), np.array([0] * 7 + [1] * 2), np.array([1] * 7 + [0] * 2))["p"] == \
         pytest.approx(2 * (1 + 9 + 36) / 512)
 
 
@@ -538,9 +533,9 @@ def test_augmentation_gain_is_claimed_only_with_every_ci_excluding_zero(paper):
     gain = next(line for line in table.splitlines() if line.startswith("**Augmentation gain**"))
     assert "original_study − original_no_augmentation, seeds 0, 1, 2" in gain
     assert gain.count("original_study higher") == 2  # 0.85 against 0.55 correct: both CIs far above 0
-    assert report.verdict("A", "B", (0.01, 0.05), (-0.01, 0.03)) == report.NO_DIFFERENCE
-    assert report.verdict("A", "B", (-0.05, -0.01), None) == "B higher"  # runs without predictions.csv
-    assert report.verdict("A", "B", None, (0.02, 0.04)).startswith(report.NO_DIFFERENCE)  # one seed: no claim
+    assert compare.verdict("A", "B", (0.01, 0.05), (-0.01, 0.03)) == compare.NO_DIFFERENCE
+    assert compare.verdict("A", "B", (-0.05, -0.01), None) == "B higher"  # runs without predictions.csv
+    assert compare.verdict("A", "B", None, (0.02, 0.04)).startswith(compare.NO_DIFFERENCE)  # one seed: no claim
     assert "## Paired comparisons" in table and "## Bootstrap intervals" not in table
 
 
@@ -560,7 +555,7 @@ def test_explicit_pairs_missing_or_ambiguous_are_reported_not_fatal(paper, tmp_p
         "missing: no completed runs of nothing_like_this"
     assert markdown_row(table, ("paper_demo", "zero_shot"))[7] == "ambiguous: paper_demo matches 3 configurations"
     assert markdown_row(table, ("experiment=paper_cpu/original_study",))[2] == "0 1 2"
-    with pytest.raises(report.UserError, match="report.pairs"):
+    with pytest.raises(UserError, match="report.pairs"):
         main_report(paper["root"], tmp_path / "bad", pairs=["original_study"])
 
 
@@ -582,5 +577,5 @@ def test_latex_table_carries_the_augmentation_gain_and_bad_settings_are_named(pa
     tex = (paper["output"] / "table.tex").read_text()
     gain = next(line for line in tex.splitlines() if "Augmentation gain" in line)
     assert "original\\_study higher" in gain and "**" not in gain and "−" not in gain
-    with pytest.raises(report.UserError, match="report.bootstrap_samples"):
+    with pytest.raises(UserError, match="report.bootstrap_samples"):
         main_report(paper["root"], tmp_path / "out", bootstrap_samples=0)

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from pneumo_exp.report import collect_runs, group_key
+from pneumo_exp.report.collect import collect_runs, group_key
 
 pytestmark = pytest.mark.slow
 

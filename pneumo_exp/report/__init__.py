@@ -1,0 +1,109 @@
+"""Sweep reports: collect run folders, group them by configuration (seed left out), summarise over seeds.
+
+`pneumo-exp` writes one folder per job (`outputs/...`, sweeps `multirun/<experiment>/<sweep>/<job>/`). This package
+reads every such folder under a root, whatever its depth (`collect`), summarises each configuration over its seeds
+(`statistics`), compares chosen pairs of configurations (`compare`) and writes into an output folder (`tables`,
+`plots`):
+
+- `table.md`, `table.csv`, `table.tex`: one row per configuration, test metrics of the best epoch as
+  mean ± sample std [95 % CI of the mean over seeds, Student t with n-1 dof], with the original study's published
+  numbers for comparison (`published`, from conf/report/default.yaml);
+- a paired comparison of chosen configurations (`report.pairs`; default: the paper table's augmentation gain and each
+  classifier mode against zero-shot): the difference in test accuracy and macro F1 with a Student-t CI over
+  seed-matched differences, a paired patient-level bootstrap CI over the test split, and McNemar's exact p per
+  seed; also in `pairs.csv`;
+- `epochs.md`: per-epoch train accuracy, macro F1 and macro recall (mean over seeds) beside the original study's;
+- `failures.md`: failed jobs (folder, overrides, first line of the error) and unfinished ones;
+- `curves.png`, `confusion_test.png`, `bars.png` (see `pneumo_exp/report/plots.py`).
+
+Every file is written atomically (temporary file in the output folder, then `os.replace`); nothing is written
+outside the output folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from pneumo_exp.errors import UserError
+from pneumo_exp.report.collect import collect_runs
+from pneumo_exp.report.compare import compare_pairs
+from pneumo_exp.report.published import ALWAYS_NORMAL, ORIGINAL_STUDY
+from pneumo_exp.report.statistics import CURVE_METRICS, DEFAULT_METRICS, aggregate, metric_title
+from pneumo_exp.report.tables import (csv_text, epochs_document, failures_markdown, latex_table, pairs_csv,
+                                      report_markdown)
+
+BAR_METRICS = ("test/acc", "test/f1_macro")
+
+
+def write_atomic(path: Path, data: str | bytes) -> Path:
+    """Write to a temporary file beside path, then rename it over path: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    return path
+
+
+def write_report(root: str | os.PathLike, output_dir: str | os.PathLike, reference: bool = True,
+                 metrics: Sequence[str] = DEFAULT_METRICS, pairs: Sequence[Sequence[str]] | None = None,
+                 bootstrap_samples: int = 2000) -> dict[str, Path]:
+    """Write the tables, plots and failure summary of every run under root; returns {file name: path}.
+    `pairs`: [A, B] configuration selectors to compare (None: the paper table's default pairs)."""
+    from pneumo_exp.report import plots as report_plots  # matplotlib only when plots are drawn
+
+    if bootstrap_samples < 1:
+        raise UserError(f"report.bootstrap_samples={bootstrap_samples} must be at least 1",
+                        where="report.bootstrap_samples", fix="use e.g. 2000")
+    root, output_dir = Path(root).resolve(), Path(output_dir)
+    runs = collect_runs(root)
+    if not runs:
+        raise ValueError(f"report: no run folders (with .hydra/config.yaml or config.yaml) under {root}")
+    groups = aggregate(runs, metrics)
+    comparisons = compare_pairs(runs, pairs, bootstrap_samples)
+    completed = [g for g in groups if g["n"]]
+    files: dict[str, str | bytes] = {
+        "table.md": report_markdown(root, runs, groups, metrics, reference, comparisons),
+        "table.csv": csv_text(groups, metrics),
+        "table.tex": latex_table(groups, metrics, reference, comparisons),
+        "pairs.csv": pairs_csv(comparisons),
+        "epochs.md": epochs_document(groups, reference),
+        "failures.md": "\n".join(failures_markdown(runs, root)) + "\n",
+        "curves.png": report_plots.curves_png({g["label"]: g["epochs"] for g in completed}, CURVE_METRICS),
+        "confusion_test.png": report_plots.confusion_grid_png(
+            {g["label"]: g["confusion_matrix_test"] for g in completed if g["confusion_matrix_test"]}),
+        "bars.png": report_plots.bars_png(
+            {g["label"]: {m: g["metrics"][m] for m in BAR_METRICS if m in g["metrics"]} for g in completed},
+            **(bar_references() if reference else {})),
+    }
+    return {name: write_atomic(output_dir / name, content) for name, content in files.items()}
+
+
+def bar_references() -> dict:
+    """Dashed lines: the published numbers; dotted: always NORMAL over three classes; a caption saying which is which."""
+    published = {m: ORIGINAL_STUDY["test"][m] for m in BAR_METRICS if m in ORIGINAL_STUDY["test"]}
+    baseline = {m: ALWAYS_NORMAL["test"][m] for m in BAR_METRICS}
+    caption = ("Dashed: the original study's published numbers (" +
+               ", ".join(f"{metric_title(m)} {v:.4g}" for m, v in published.items()) +
+               "); its F1 0.2727 and recall 0.5 are two-class means. Dotted: always NORMAL over the three classes "
+               "on the official test split (" + ", ".join(f"{metric_title(m)} {v:.3f}" for m, v in baseline.items()) +
+               ").")
+    return {"reference": published, "baseline": baseline, "caption": caption}
+
+
+def main_report(input_dir: str | os.PathLike, output_dir: str | os.PathLike,
+                pairs: Sequence[Sequence[str]] | None = None, bootstrap_samples: int = 2000) -> str:
+    """`pneumo-exp report report.input=DIR [report.output=DIR] [report.pairs=[[A,B],...]]`: writes the report,
+    returns table.md's text."""
+    paths = write_report(input_dir, output_dir, pairs=pairs, bootstrap_samples=bootstrap_samples)
+    return paths["table.md"].read_text()

@@ -1,0 +1,229 @@
+"""Collecting run folders under a root, whatever their depth, and grouping them by configuration (seed left out)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+
+from pneumo_exp.rundir import RESULT_NEUTRAL_KEYS, read_json_lines
+
+# Override keys (and their sub-keys) that never change what a job computes, so never split a configuration.
+NOT_A_SETTING = RESULT_NEUTRAL_KEYS
+RUN_MARKERS = ("results.json", "failed.json", "metrics.jsonl", "git.json")
+NOT_RUN_FOLDERS = {".hydra", "wandb", "checkpoints", "__pycache__"}
+
+COMPLETED, FAILED, UNFINISHED = "completed", "failed", "unfinished"
+
+
+@dataclass
+class RunRecord:
+    path: Path
+    status: str  # completed | failed | unfinished (still running, or killed)
+    overrides: list[str]
+    config: dict  # the resolved config.yaml, else the composed .hydra/config.yaml
+    results: dict | None = None
+    history: list[dict] = field(default_factory=list)
+    error: str | None = None  # failed.json's error
+
+    def value(self, dotted_key: str, default: Any = None) -> Any:
+        node: Any = self.config
+        for part in dotted_key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+    @property
+    def experiment_name(self) -> str:
+        return str(self.value("experiment_name", "default"))
+
+    @property
+    def seed(self) -> int | None:
+        seed = self.value("seed", (self.results or {}).get("seed"))
+        return int(seed) if isinstance(seed, (int, float)) and not isinstance(seed, bool) else None
+
+    @property
+    def metrics(self) -> dict:
+        return (self.results or {}).get("metrics", {})
+
+    @property
+    def error_line(self) -> str:
+        """The error's first line: what went wrong without the traceback."""
+        lines = [line.strip() for line in (self.error or "").splitlines() if line.strip()]
+        return lines[0] if lines else "unknown error"
+
+
+def collect_runs(root: str | os.PathLike) -> list[RunRecord]:
+    """Every job folder under root (any depth) that trains, in path order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"report: no folder {root}")
+    runs = [read_run(folder) for folder in run_folders(root)]
+    return [run for run in runs if run is not None]
+
+
+def run_folders(root: Path) -> Iterator[Path]:
+    for folder, subfolders, _ in os.walk(root):
+        folder = Path(folder)
+        if is_run_folder(folder):
+            subfolders.clear()  # checkpoints, wandb: nothing more to find inside a job
+            yield folder
+        else:
+            subfolders[:] = sorted(name for name in subfolders
+                                   if name not in NOT_RUN_FOLDERS and not name.startswith("."))
+
+
+def is_run_folder(folder: Path) -> bool:
+    if (folder / ".hydra" / "config.yaml").is_file():
+        return True
+    return (folder / "config.yaml").is_file() and any((folder / name).is_file() for name in RUN_MARKERS)
+
+
+def read_run(folder: Path) -> RunRecord | None:
+    """None for jobs that train nothing (`pneumo-exp summary`, `predict`)."""
+    config = load_config(folder)
+    if config.get("task", "run") != "run" or "classify" not in config.get("stages", ["classify"]):
+        return None
+    failure = read_json(folder / "failed.json")
+    overrides = load_overrides(folder) or list((failure or {}).get("overrides") or [])
+    run = RunRecord(path=folder, status=UNFINISHED, overrides=overrides, config=config,
+                    history=read_history(folder / "metrics.jsonl"))
+    if (folder / "results.json").is_file():
+        try:
+            run.results, run.status = json.loads((folder / "results.json").read_text()), COMPLETED
+        except (OSError, ValueError) as error:
+            run.status, run.error = FAILED, f"results.json unreadable: {type(error).__name__}: {error}"
+    elif failure is not None:
+        run.status = FAILED
+        run.error = str(failure.get("error") or "") or last_line(failure.get("traceback")) or "unknown error"
+    return run
+
+
+def load_config(folder: Path) -> dict:
+    for path in (folder / "config.yaml", folder / ".hydra" / "config.yaml"):
+        if path.is_file():
+            loaded = load_yaml(path)
+            return loaded if isinstance(loaded, dict) else {}
+    return {}
+
+
+def load_overrides(folder: Path) -> list[str]:
+    path = folder / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    loaded = load_yaml(path)
+    return [str(item) for item in loaded] if isinstance(loaded, list) else []
+
+
+def load_yaml(path: Path) -> Any:
+    """Interpolations stay unresolved text; a damaged file reads as None rather than stopping the report."""
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def read_history(path: Path) -> list[dict]:
+    """Epoch rows; a line being appended by a running job (cut short) is skipped."""
+    return [row for row in read_json_lines(path) if "epoch" in row]
+
+
+def last_line(text: str | None) -> str:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+# ------------------------------------------------------------------------------------------------------ grouping
+
+def parse_override(override: str) -> tuple[str, str]:
+    """`+key=value` -> (key, value) with numbers normalised, so that 1e-4 and 0.0001 are one setting."""
+    key, _, value = override.lstrip("+").partition("=")
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        value = value[1:-1]
+    return key.strip(), normalise_number(value)
+
+
+def normalise_number(text: str) -> str:
+    with contextlib.suppress(ValueError):
+        return str(int(text))
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return repr(number) if math.isfinite(number) else text
+
+
+def is_setting(key: str, value: str, run: RunRecord, ignore: Iterable[str]) -> bool:
+    if any(key == name or key.startswith(name + ".") for name in (*NOT_A_SETTING, *ignore)):
+        return False
+    return not (key == "experiment" and value == run.experiment_name)  # the experiment is grouped on anyway
+
+
+def configuration_items(run: RunRecord, ignore: Iterable[str] = ("seed",)) -> list[tuple[str, str]]:
+    ignore = tuple(ignore)
+    items = {key: value for key, value in map(parse_override, run.overrides) if is_setting(key, value, run, ignore)}
+    return sorted(items.items())
+
+
+def group_key(run: RunRecord, ignore: Iterable[str] = ("seed",)) -> str:
+    """The overrides that define the configuration, sorted and joined by ','; experiment_name when there are none."""
+    items = configuration_items(run, ignore)
+    return ",".join(f"{key}={value}" for key, value in items) if items else run.experiment_name
+
+
+def sort_key(run: RunRecord) -> tuple:
+    """Experiment name, then overrides, numbers compared as numbers."""
+    def value_order(value: str) -> tuple:
+        try:
+            return 0, float(value), ""
+        except ValueError:
+            return 1, 0.0, value
+    return run.experiment_name, [(key, value_order(value)) for key, value in configuration_items(run)]
+
+
+
+def group_runs(runs: Iterable[RunRecord]) -> dict[tuple[str, str], list[RunRecord]]:
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
+    for run in sorted(runs, key=lambda r: (sort_key(r), r.seed if r.seed is not None else -1, str(r.path))):
+        groups.setdefault((run.experiment_name, group_key(run)), []).append(run)
+    return groups
+
+
+def override_parts(key: str) -> list[str]:
+    """`a=1,b={x:1,y:2}` -> ["a=1", "b={x:1,y:2}"]: commas inside braces or brackets belong to the value."""
+    return re.split(r",(?![^{\[]*[}\]])", key) if key else []
+
+
+def shared_overrides(keys: list[str]) -> set[str]:
+    """Overrides every configuration has: they say nothing about the differences, so labels leave them out."""
+    if len(keys) < 2:
+        return set()
+    return set.intersection(*(set(override_parts(key)) for key in keys))
+
+
+def newest_per_seed(runs: list[RunRecord]) -> list[RunRecord]:
+    """A seed run twice counts once (the newest results), so repeats never inflate n or shrink the CI."""
+    newest: dict[Any, RunRecord] = {}
+    for run in sorted(runs, key=lambda r: (r.path / "results.json").stat().st_mtime_ns):
+        newest[run.seed if run.seed is not None else str(run.path)] = run
+    kept = {id(run) for run in newest.values()}
+    return [run for run in runs if id(run) in kept]

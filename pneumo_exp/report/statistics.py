@@ -1,0 +1,112 @@
+"""Statistics over the seeds of each configuration: mean, sample std and the Student-t 95 % CI of the mean."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from pneumo_exp.report.collect import (COMPLETED, FAILED, UNFINISHED, RunRecord, group_runs, newest_per_seed,
+                                       override_parts, shared_overrides)
+
+DEFAULT_METRICS = ("test/acc", "test/recall_macro", "test/f1_macro", "test/auroc_macro", "test/recall_VIRUS")
+EPOCH_METRICS = ("train/acc", "train/f1_macro", "train/recall_macro")
+CURVE_METRICS = ("val/f1_macro", "train/acc")
+
+
+def metric_title(metric: str) -> str:
+    return metric.split("/", 1)[-1]
+
+
+def t_quantile_975(dof: int) -> float:
+    """Student t quantile 0.975 (two-sided 95 %)."""
+    if dof < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {dof}")
+    return float(stats.t.ppf(0.975, dof))
+
+
+def finite(values: Iterable[Any]) -> list[float]:
+    return [float(v) for v in values
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+
+
+def summarize(values: Iterable[Any]) -> dict[str, Any]:
+    """n, mean, sample std and the t 95 % CI of the mean over the finite values; std and CI need n >= 2."""
+    values = finite(values)
+    n = len(values)
+    stats: dict[str, Any] = {"n": n, "mean": None, "std": None, "ci_low": None, "ci_high": None}
+    if n:
+        stats["mean"] = float(np.mean(values))
+    if n >= 2:
+        stats["std"] = float(np.std(values, ddof=1))
+        half_width = t_quantile_975(n - 1) * stats["std"] / math.sqrt(n)
+        stats["ci_low"], stats["ci_high"] = stats["mean"] - half_width, stats["mean"] + half_width
+    return stats
+
+
+def epoch_means(runs: Sequence[RunRecord], metrics: Sequence[str]) -> list[dict]:
+    """Per epoch: the number of runs that logged it and the mean of each metric over them."""
+    by_epoch: dict[int, list[dict]] = {}
+    for run in runs:
+        for row in run.history:
+            by_epoch.setdefault(int(row["epoch"]), []).append(row)
+    table = []
+    for epoch in sorted(by_epoch):
+        rows = by_epoch[epoch]
+        entry: dict[str, Any] = {"epoch": epoch, "n": len(rows)}
+        for metric in metrics:
+            entry[metric] = summarize(row.get(metric) for row in rows)["mean"]
+        table.append(entry)
+    return table
+
+
+def summed_confusion(runs: Sequence[RunRecord], split: str = "test") -> list[list[int]] | None:
+    matrices = [run.results.get("confusion_matrix", {}).get(split) for run in runs]
+    matrices = [np.asarray(m) for m in matrices if m]
+    return np.sum(matrices, axis=0).astype(int).tolist() if matrices else None
+
+
+
+def aggregate(runs: Iterable[RunRecord], metrics: Sequence[str] = DEFAULT_METRICS) -> list[dict]:
+    """One dict per configuration, sorted by experiment then overrides (see `summarize_group` for the keys)."""
+    groups = group_runs(runs)
+    single_experiment = len({experiment for experiment, _ in groups}) <= 1
+    shared = shared_overrides([key for _, key in groups])
+    summaries = []
+    for (experiment, key), members in groups.items():
+        short = ",".join(part for part in override_parts(key) if part not in shared) or key
+        label = short if single_experiment or key == experiment else f"{experiment}: {short}"
+        summary = summarize_group(experiment, key, label, members, metrics)
+        summary["short_configuration"] = short
+        summaries.append(summary)
+    return summaries
+
+
+
+def summarize_group(experiment: str, key: str, label: str, members: list[RunRecord],
+                    metrics: Sequence[str]) -> dict:
+    """experiment, configuration (the group key), label (for plots), status (completed when a seed completed,
+    else failed or unfinished), n (completed seeds), seeds, failed, unfinished, repeated_seeds, run_dirs,
+    metrics {name: n, mean, std, ci_low, ci_high} over completed seeds,
+    epochs [per-epoch means], confusion_matrix_test (summed over completed seeds)."""
+    all_completed = [run for run in members if run.status == COMPLETED]
+    completed = newest_per_seed(all_completed)
+    failed = sum(run.status == FAILED for run in members)
+    unfinished = sum(run.status == UNFINISHED for run in members)
+    all_seeds = [run.seed for run in all_completed]
+    seeds = [run.seed for run in completed]
+    summary: dict[str, Any] = {
+        "experiment": experiment, "configuration": key, "label": label,
+        "status": COMPLETED if completed else (FAILED if failed else UNFINISHED),
+        "n": len(completed), "seeds": seeds, "failed": failed, "unfinished": unfinished,
+        "repeated_seeds": sorted({s for s in all_seeds if s is not None and all_seeds.count(s) > 1}),
+        "run_dirs": [str(run.path) for run in members], "metrics": {},
+        "epochs": epoch_means(completed, tuple(dict.fromkeys(EPOCH_METRICS + CURVE_METRICS))),
+        "confusion_matrix_test": summed_confusion(completed),
+    }
+    for metric in metrics:
+        summary["metrics"][metric] = summarize(run.metrics.get(metric) for run in completed)
+    return summary

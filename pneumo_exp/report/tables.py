@@ -1,0 +1,269 @@
+"""The report's text files: markdown tables, CSV (full precision) and a booktabs LaTeX table."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+from pneumo_exp.report.collect import COMPLETED, FAILED, UNFINISHED, RunRecord
+from pneumo_exp.report.compare import AUGMENTATION_PAIR
+from pneumo_exp.report.published import ALWAYS_NORMAL, ORIGINAL_STUDY
+from pneumo_exp.report.statistics import EPOCH_METRICS, metric_title
+
+
+def fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def format_stats(stats: dict, group: dict, plus_minus: str = "±") -> str:
+    """`mean ± std [lo, hi]`; the group's status word when no seed completed; `(n=k)` when k < the group's n."""
+    if group["n"] == 0:
+        return group["status"]
+    if stats["n"] == 0:
+        return "—"
+    text = fmt(stats["mean"])
+    if stats["std"] is not None:
+        text += f" {plus_minus} {fmt(stats['std'])} [{fmt(stats['ci_low'])}, {fmt(stats['ci_high'])}]"
+    if stats["n"] < group["n"]:
+        text += f" (n={stats['n']})"
+    return text
+
+
+def group_notes(group: dict) -> str:
+    notes = [f"{group[status]} {status}" for status in (FAILED, UNFINISHED) if group[status]]
+    notes += [f"seed {seed} run more than once: the newest counted" for seed in group["repeated_seeds"]]
+    return "; ".join(notes)
+
+
+def metric_title(metric: str) -> str:
+    return metric.split("/", 1)[-1]
+
+
+def markdown_rows(header: list[str], rows: list[list[str]]) -> list[str]:
+    def line(cells):
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+    return [line(header), "| " + " | ".join("---" for _ in header) + " |", *map(line, rows)]
+
+
+def reference_cell(metric: str, marker: str, reference: dict = ORIGINAL_STUDY) -> str:
+    value = reference["test"].get(metric)
+    if value is None:
+        return "—"
+    return fmt(value) + (marker if metric in reference.get("flagged", ()) else "")
+
+
+def results_markdown(groups: list[dict], metrics: Sequence[str], reference: bool,
+                     comparisons: Sequence[dict] = ()) -> list[str]:
+    header = ["experiment", "configuration", "n", *map(metric_title, metrics), "notes"]
+    rows = [[g["experiment"], g["short_configuration"], str(g["n"]),
+             *(format_stats(g["metrics"][m], g) for m in metrics), group_notes(g)] for g in groups]
+    if reference:
+        rows.append([ORIGINAL_STUDY["name"], "", "—", *(reference_cell(m, " ¹") for m in metrics), ""])
+        rows.append([ALWAYS_NORMAL["name"], "", "—", *(reference_cell(m, "", ALWAYS_NORMAL) for m in metrics), ""])
+    lines = ["## Test metrics", "",
+             "Best epoch by `val/f1_macro`, tested once. Cells: mean ± sample std [95 % CI of the mean over seeds, "
+             "Student t with n−1 dof]; n = completed seeds (one seed: the value alone).", "",
+             *markdown_rows(header, rows)]
+    if reference:
+        lines += ["", f"¹ {ORIGINAL_STUDY['note']}"]
+    gain = [c for c in comparisons if (c["a"], c["b"]) == AUGMENTATION_PAIR]
+    if gain:
+        lines += ["", augmentation_gain_line(gain[0])]
+    return lines
+
+
+def signed(value: float | None) -> str:
+    return "—" if value is None else f"{value:+.4f}"
+
+
+def interval_text(low: float | None, high: float | None) -> str:
+    return "—" if low is None else f"[{signed(low)}, {signed(high)}]"
+
+
+def augmentation_gain_line(comparison: dict) -> str:
+    title = f"**Augmentation gain** ({comparison['a']} − {comparison['b']}"
+    if comparison["status"] != "compared":
+        return f"{title}): {comparison['status']}, {comparison['reason']}."
+    parts = []
+    for metric, values in comparison["metrics"].items():
+        parts.append(f"{metric_title(metric)} {signed(values['difference'])} (t 95 % CI "
+                     f"{interval_text(values['t_low'], values['t_high'])}, patient bootstrap "
+                     f"{interval_text(values['bootstrap_low'], values['bootstrap_high'])}): {values['verdict']}")
+    seeds = ", ".join(map(str, comparison["seeds"]))
+    return f"{title}, seeds {seeds}): " + "; ".join(parts) + ". See the paired comparisons below."
+
+
+def mcnemar_text(comparison: dict) -> str:
+    return ", ".join(f"seed {seed}: {test['p']:.3g} ({test['a_only']} vs {test['b_only']})"
+                     for seed, test in comparison["mcnemar"].items()) or "—"
+
+
+def pairs_markdown(comparisons: Sequence[dict]) -> list[str]:
+    if not comparisons:
+        return []
+    header = ["A", "B", "seeds", "metric", "A − B", "t 95 % CI", "patient bootstrap 95 % CI", "verdict",
+              "McNemar exact p (A only vs B only right)"]
+    rows = []
+    for c in comparisons:
+        if c["status"] != "compared":
+            rows.append([c["a"], c["b"], "—", "", "", "", "", f"{c['status']}: {c['reason']}", ""])
+            continue
+        for number, (metric, values) in enumerate(c["metrics"].items()):
+            rows.append([c["a"], c["b"], " ".join(map(str, c["seeds"])), metric_title(metric),
+                         signed(values["difference"]), interval_text(values["t_low"], values["t_high"]),
+                         interval_text(values["bootstrap_low"], values["bootstrap_high"]), values["verdict"],
+                         mcnemar_text(c) if number == 0 else ""])
+    return ["## Paired comparisons", "",
+            "A − B in test metrics over the seeds both completed. t: mean of the per-seed differences with its "
+            "Student-t 95 % CI (n−1 dof; needs 2 seeds), the spread from training randomness. Patient bootstrap: "
+            "95 % percentile CI of the mean difference when test patients are resampled (all images of a patient "
+            "together, one resample for both arms and every seed), the spread from which patients were tested. "
+            "A difference is claimed only where the t CI (so at least 2 seeds) and the bootstrap CI both exclude 0; "
+            "otherwise: no difference shown. "
+            "McNemar: exact two-sided p per seed on the images exactly one arm classified correctly.", "",
+            *markdown_rows(header, rows)]
+
+
+def epochs_markdown(groups: list[dict], reference: bool = True) -> list[str]:
+    header = ["experiment", "configuration", "epoch", "n", "train acc", "train macro F1", "train macro recall"]
+    if reference:
+        header += ["original: acc", "original: macro F1", "original: macro recall"]
+    rows = []
+    for g in groups:
+        for entry in g["epochs"]:
+            row = [g["experiment"], g["short_configuration"], str(entry["epoch"]), str(entry["n"]),
+                   *(fmt(entry[m]) for m in EPOCH_METRICS)]
+            if reference:
+                published = ORIGINAL_STUDY["epochs"].get(entry["epoch"], {})
+                row += [fmt(published.get(m)) for m in EPOCH_METRICS]
+            rows.append(row)
+    lines = ["## Per-epoch training metrics", "",
+             "Mean over the completed seeds of each configuration (n = runs that logged the epoch)."]
+    if reference:
+        lines.append("`original:` the original study's published numbers for its epochs 1-3.")
+    return lines + ["", *markdown_rows(header, rows)]
+
+
+def epochs_document(groups: list[dict], reference: bool) -> str:
+    lines = ["# Per-epoch report", "", *epochs_markdown(groups, reference)]
+    if reference:
+        published = ", ".join(f"{metric_title(m)} {reference_cell(m, ' ¹')}" for m in ORIGINAL_STUDY["test"])
+        lines += ["", f"Original study test numbers: {published}.", "", f"¹ {ORIGINAL_STUDY['note']}"]
+    return "\n".join(lines) + "\n"
+
+
+def display_path(path: str | Path, root: Path) -> str:
+    with contextlib.suppress(ValueError):
+        return Path(path).relative_to(root).as_posix() or "."
+    return str(path)
+
+
+def failures_markdown(runs: Sequence[RunRecord], root: Path) -> list[str]:
+    failed = [run for run in runs if run.status == FAILED]
+    unfinished = [run for run in runs if run.status == UNFINISHED]
+    lines = ["## Failed and unfinished jobs", ""]
+    if not failed and not unfinished:
+        return lines + ["None: every job finished."]
+    lines.append(f"Failed ({len(failed)}):" if failed else "Failed: none.")
+    for run in failed:
+        lines.append(f"- `{display_path(run.path, root)}` — overrides `{','.join(run.overrides) or '(none)'}` — "
+                     f"{run.error_line}")
+    lines += ["", f"Unfinished, running or stopped ({len(unfinished)}):" if unfinished else "Unfinished: none."]
+    for run in unfinished:
+        planned = run.value("trainer.epochs")
+        logged = f"{len(run.history)} of {planned}" if planned is not None else str(len(run.history))
+        lines.append(f"- `{display_path(run.path, root)}` — overrides `{','.join(run.overrides) or '(none)'}` — "
+                     f"epochs logged: {logged}")
+    return lines
+
+
+def report_markdown(root: Path, runs: Sequence[RunRecord], groups: list[dict], metrics: Sequence[str],
+                    reference: bool, comparisons: Sequence[dict] = ()) -> str:
+    counts = {status: sum(run.status == status for run in runs) for status in (COMPLETED, FAILED, UNFINISHED)}
+    lines = ["# Report", "", f"Runs under `{root}`: " + ", ".join(f"{n} {s}" for s, n in counts.items()) +
+             f"; {len(groups)} configurations.", "",
+             *results_markdown(groups, metrics, reference, comparisons), ""]
+    paired = pairs_markdown(comparisons)
+    if paired:
+        lines += [*paired, ""]
+    lines += [*epochs_markdown(groups, reference), "", *failures_markdown(runs, root)]
+    return "\n".join(lines) + "\n"
+
+
+CSV_STATS = ("mean", "std", "ci_low", "ci_high")
+
+
+def csv_text(groups: list[dict], metrics: Sequence[str]) -> str:
+    """Full-precision numbers (repr), empty where undefined."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["experiment", "configuration", "status", "n", "seeds", "failed", "unfinished",
+                     *(f"{metric}_{stat}" for metric in metrics for stat in CSV_STATS)])
+    for g in groups:
+        writer.writerow([g["experiment"], g["configuration"], g["status"], g["n"],
+                         " ".join(str(s) for s in g["seeds"]), g["failed"], g["unfinished"],
+                         *("" if g["metrics"][m][stat] is None else repr(g["metrics"][m][stat])
+                           for m in metrics for stat in CSV_STATS)])
+    return buffer.getvalue()
+
+
+def pairs_csv(comparisons: Sequence[dict]) -> str:
+    """One row per compared pair and metric (missing pairs: one row with the reason); full precision."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    columns = ("difference", "t_low", "t_high", "bootstrap_low", "bootstrap_high")
+    writer.writerow(["a", "b", "status", "reason", "seeds", "metric", *columns, "verdict", "bootstrap_seeds",
+                     "mcnemar_p"])
+    for c in comparisons:
+        seeds = " ".join(map(str, c["seeds"]))
+        mcnemar_p = " ".join(f"{seed}:{test['p']!r}" for seed, test in c["mcnemar"].items())
+        for metric, values in c["metrics"].items() or [("", {})]:
+            writer.writerow([c["a"], c["b"], c["status"], c["reason"], seeds, metric,
+                             *("" if values.get(k) is None else repr(values[k]) for k in columns),
+                             values.get("verdict", ""), " ".join(map(str, c["bootstrap_seeds"])), mcnemar_p])
+    return buffer.getvalue()
+
+
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(LATEX_SPECIAL.get(char, char) for char in str(text))
+
+
+def latex_cell(text: str) -> str:
+    """Escape a formatted cell whose ± was written as NUL (so that escaping leaves the math alone)."""
+    return latex_escape(text).replace("\0", "$\\pm$").replace("—", "--")
+
+
+def latex_table(groups: list[dict], metrics: Sequence[str], reference: bool = True,
+                comparisons: Sequence[dict] = ()) -> str:
+    """A booktabs tabular (needs \\usepackage{booktabs})."""
+    columns = 2 + len(metrics)
+    lines = ["% pneumo_exp.report: mean $\\pm$ sample std [95 % CI of the mean, Student t] over seeds",
+             "\\begin{tabular}{l" + "r" * (columns - 1) + "}", "\\toprule",
+             " & ".join(["Configuration", "$n$", *(latex_escape(metric_title(m)) for m in metrics)]) + " \\\\",
+             "\\midrule"]
+    for g in groups:
+        cells = [latex_cell(format_stats(g["metrics"][m], g, plus_minus="\0")) for m in metrics]
+        lines.append(" & ".join([latex_escape(g["label"]), str(g["n"]), *cells]) + " \\\\")
+    if reference:
+        cells = [reference_cell(m, "$^\\dagger$").replace("—", "--") for m in metrics]
+        lines += ["\\midrule", " & ".join([latex_escape(ORIGINAL_STUDY["name"].capitalize()), "--", *cells]) + " \\\\"]
+        cells = [reference_cell(m, "", ALWAYS_NORMAL).replace("—", "--") for m in metrics]
+        lines.append(" & ".join([latex_escape(ALWAYS_NORMAL["name"]), "--", *cells]) + " \\\\")
+    lines.append("\\bottomrule")
+    if reference:
+        lines.append(f"\\multicolumn{{{columns}}}{{p{{0.9\\linewidth}}}}{{\\footnotesize $^\\dagger$ "
+                     f"{latex_escape(ORIGINAL_STUDY['note'])}}} \\\\")
+    gain = [c for c in comparisons if (c["a"], c["b"]) == AUGMENTATION_PAIR]
+    if gain:
+        line = augmentation_gain_line(gain[0]).replace("**", "").replace(" See the paired comparisons below.", "")
+        text = latex_escape(line).replace("−", "--")
+        lines.append(f"\\multicolumn{{{columns}}}{{p{{0.9\\linewidth}}}}{{\\footnotesize {text}}} \\\\")
+    lines.append("\\end{tabular}")
+    return "\n".join(lines) + "\n"
