@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pneumo_exp.report import summarize  # noqa: E402
+from pneumo_exp.report.statistics import summarize  # noqa: E402
 
 HEADLINE = ("test/acc", "test/f1_macro", "test/recall_macro", "test/recall_NORMAL", "test/recall_BACTERIA",
             "test/recall_VIRUS", "test/auroc_macro", "test/ece")
