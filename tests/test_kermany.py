@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from pneumo_exp.data.images import sha256_file
-from pneumo_exp.data.kermany import (EXTRACTION_MARKER, DatasetError, extract_zip, find_layout, kermany_records,
-                                     label_from_name, patient_key, split_group)
+from pneumo_exp.data.kermany import (DatasetError, find_layout, kermany_records, label_from_name, patient_key,
+                                     split_group)
+from pneumo_exp.data.zip_import import EXTRACTION_MARKER, extract_zip
 from pneumo_exp.labels import CLASSES
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared/data/kermany-224"
@@ -308,13 +309,6 @@ def test_not_a_zip(tmp_path):
     with pytest.raises(DatasetError, match="valid .zip") as error:
         kermany_records(path, extract_dir=tmp_path / "cache")
     assert str(path) in str(error.value)
-
-
-def test_default_extract_dir_is_a_user_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    zip_path = zip_folder(make_class_folders(tmp_path / "src"), tmp_path / "data.zip")
-    target = extract_zip(zip_path)
-    assert target.parent == tmp_path / "xdg" / "pneumo_exp" / "extracted"
 
 
 # --- bad input --------------------------------------------------------------------------------------------------

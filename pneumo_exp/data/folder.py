@@ -22,8 +22,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from pneumo_exp.data.images import MIN_IMAGE_SIDE, BadImageError, readable_file
-from pneumo_exp.data.kermany import (Problems, checked_sha256, listed, require_image_suffix, subfolders_by_name,
-                                     usable_records)
+from pneumo_exp.data.files import (Problems, checked_sha256, listed, require_image_suffix, subfolders_by_name,
+                                   usable_records)
 from pneumo_exp.data.manifest import SPLITS, DatasetError, Record, validate
 from pneumo_exp.labels import CLASSES
 
@@ -93,7 +93,7 @@ def _tree_records(root: Path, lookup: dict[str, str], check_images: bool, min_im
     for split in (name for name in SPLITS if name in splits):
         for label, class_folder in _class_folders(splits[split], lookup).items():
             records += usable_records(class_folder, problems, lambda file: _tree_record(
-                root, file, label, split, check_images, min_image_side, problems))
+                root, file, label, split, check_images, min_image_side))
     problems.raise_if_any(f"image folder {root}")
     return records
 
@@ -115,14 +115,9 @@ def _class_folders(split_folder: Path, lookup: dict[str, str]) -> dict[str, Path
     return by_class
 
 
-def _tree_record(root: Path, file: Path, label: str, split: str, check_images: bool, min_image_side: int,
-                 problems: Problems) -> Record | None:
-    try:
-        require_image_suffix(file)
-        digest = checked_sha256(file, check_images, min_image_side)
-    except (DatasetError, BadImageError) as error:
-        problems.add(str(error))
-        return None
+def _tree_record(root: Path, file: Path, label: str, split: str, check_images: bool, min_image_side: int) -> Record:
+    require_image_suffix(file)
+    digest = checked_sha256(file, check_images, min_image_side)
     return Record(path=str(file), label=label, patient_id=file.relative_to(root).as_posix(), split=split,
                   sha256=digest)
 
