@@ -11,11 +11,9 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from pneumo_exp.data import phantom
-from pneumo_exp.data.phantom import (GRID_LABEL_WIDTH, PHANTOM_PREFIX, is_phantom_key, make_key, parse_key,
-                                     phantom_records, render, save_grid)
+from pneumo_exp.data.phantom import PHANTOM_PREFIX, is_phantom_key, make_key, parse_key, phantom_records, render
 from pneumo_exp.labels import CLASSES
 
 KEY = make_key(0, 0.5, "BACTERIA", "PB0003", 1)
@@ -212,21 +210,7 @@ def test_bad_keys_are_rejected_naming_the_key(bad_key, message):
     (lambda: phantom_records(difficulty=2.0), "difficulty"),
     (lambda: phantom_records(patients_per_class=0), "patients_per_class"),
     (lambda: phantom_records(images_per_patient=0), "images_per_patient"),
-    (lambda: save_grid([], "/tmp/never.png", size=4), "size"),
 ])
 def test_bad_arguments_raise_clear_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
-
-
-# ----------------------------------------------------------------------------------------- grid
-
-
-def test_save_grid_writes_a_png_of_the_expected_size(tmp_path):
-    records = phantom_records(patients_per_class=2, test_patients_per_class=0, images_per_patient=2, seed=0)
-    path = save_grid(records, tmp_path / "sub" / "grid.png", size=32, per_class=3)
-    assert path == tmp_path / "sub" / "grid.png"
-    with Image.open(path) as image:
-        assert image.format == "PNG"
-        assert image.size == (GRID_LABEL_WIDTH + 3 * 32, len(CLASSES) * 32)
-    assert [p.name for p in path.parent.iterdir()] == ["grid.png"]  # no temporary file left behind

@@ -11,7 +11,7 @@ import csv
 import hashlib
 import os
 import tempfile
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -150,7 +150,3 @@ def fingerprint(records: list[Record]) -> str:
         digest.update("\t".join(asdict(record).values()).encode())
         digest.update(b"\n")
     return digest.hexdigest()[:16]
-
-
-def class_balance(records: list[Record], split: str) -> Counter:
-    return Counter(r.label for r in records if r.split == split)

@@ -25,13 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from pneumo_exp.data.manifest import DatasetError, Record
 from pneumo_exp.labels import CLASSES
@@ -39,7 +36,6 @@ from pneumo_exp.labels import CLASSES
 PHANTOM_PREFIX = "phantom:"
 GENERATOR_VERSION = "v1"
 MIN_SIZE = 16
-GRID_LABEL_WIDTH = 80
 PATIENT_ID_PREFIX = {"NORMAL": "PN", "BACTERIA": "PB", "VIRUS": "PV"}
 SHA256_SIZE = 64
 
@@ -706,47 +702,3 @@ def phantom_records(patients_per_class: int = 24, test_patients_per_class: int =
 
 def pixels_sha256(key: str) -> str:
     return hashlib.sha256(render(key, SHA256_SIZE).tobytes()).hexdigest()
-
-
-# ---------------------------------------------------------------------------------------- grid
-
-
-def save_grid(records: list[Record], path: str | os.PathLike, size: int = 128, per_class: int = 6) -> Path:
-    """A PNG with one row per class (its name on the left) of up to ``per_class`` images, distinct patients
-    first. The image is GRID_LABEL_WIDTH + per_class * size wide and len(CLASSES) * size high."""
-    if size < MIN_SIZE:
-        raise ValueError(f"save_grid: size must be >= {MIN_SIZE} (got {size})")
-    if per_class < 1:
-        raise ValueError(f"save_grid: per_class must be >= 1 (got {per_class})")
-    canvas = Image.new("L", (GRID_LABEL_WIDTH + per_class * size, len(CLASSES) * size), color=0)
-    draw = ImageDraw.Draw(canvas)
-    for row, label in enumerate(CLASSES):
-        draw.text((6, row * size + size // 2 - 6), label, fill=255)
-        for column, record in enumerate(_grid_examples(records, label, per_class)):
-            canvas.paste(Image.fromarray(_load_gray(record.path, size)),
-                         (GRID_LABEL_WIDTH + column * size, row * size))
-    return _save_png_atomically(canvas, Path(path))
-
-
-def _grid_examples(records: list[Record], label: str, count: int) -> list[Record]:
-    of_label = [record for record in records if record.label == label]
-    seen, first_of_patient, others = set(), [], []
-    for record in of_label:
-        (others if record.patient_id in seen else first_of_patient).append(record)
-        seen.add(record.patient_id)
-    return (first_of_patient + others)[:count]
-
-
-def _load_gray(path: str, size: int) -> np.ndarray:
-    if is_phantom_key(path):
-        return render(path, size)
-    with Image.open(path) as image:
-        return np.asarray(image.convert("L").resize((size, size), Image.Resampling.BILINEAR))
-
-
-def _save_png_atomically(image: Image.Image, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png.tmp", delete=False) as handle:
-        image.save(handle, format="PNG")
-    os.replace(handle.name, path)
-    return path
