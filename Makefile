@@ -22,7 +22,7 @@ install: $(STAMP) ## build .venv with the locked versions (CPU torch 2.13.0), ab
 
 $(STAMP): pyproject.toml requirements/lock.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c requirements/lock.txt -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c requirements/lock.txt -e ".[dev,sweep]"
 	touch $(STAMP)
 
 demo: install ## the main job on built-in phantom data (no download): classifier, then with diffusion augmentation
