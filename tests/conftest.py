@@ -18,6 +18,35 @@ requires_real_data = pytest.mark.skipif(not (REAL_DATA / "train").is_dir(),
                                         reason=f"real dataset not found at {REAL_DATA}")
 
 
+def write_image(path: Path, shade: int = 100) -> Path:
+    """A 32x32 grey PNG or JPEG (by the suffix) of one shade, its folders made."""
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((32, 32), shade, dtype=np.uint8)).save(path)
+    return path
+
+
+def empty_folder(folder: Path) -> Path:
+    for path in folder.iterdir():
+        path.unlink()
+    return folder
+
+
+def stop_in_diffusion_epoch_two(train, cfg, data, output_dir: Path) -> None:
+    """Run a diffusion trainer until its logger sees epoch 2, where a crash stops it."""
+    class Crash(Exception):
+        pass
+
+    def crash_in_epoch_two(row):
+        if row["diffusion/epoch"] == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(cfg, data, output_dir, logger=crash_in_epoch_two)
+
+
 def compose(overrides: list[str] | None = None):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -27,6 +56,17 @@ def compose(overrides: list[str] | None = None):
     register_schemas()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides or []))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: two torch threads that wait for each other are many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -43,13 +43,7 @@ from pneumo_exp.labels import CLASSES, class_index
 PROMPT = "a pediatric chest X-ray, viral pneumonia"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: two torch threads that wait for each other are many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def phantom_batch(per_class: int = 4, size: int = 64) -> dict:
@@ -224,7 +218,7 @@ def test_saved_lora_reloads_to_the_same_images(trained):
 
 @pytest.mark.slow
 def test_resume_restores_the_lora_and_continues_exactly(model_cache, tmp_path):
-    from conftest import compose
+    from conftest import compose, stop_in_diffusion_epoch_two
     from safetensors.torch import load_file
 
     data = phantom_batch()
@@ -236,15 +230,7 @@ def test_resume_restores_the_lora_and_continues_exactly(model_cache, tmp_path):
 
     straight = train_diffusion_lora(config(tmp_path / "a"), data, tmp_path / "a")
 
-    class Crash(Exception):
-        pass
-
-    def crash_in_epoch_two(row):
-        if row["diffusion/epoch"] == 2:
-            raise Crash
-
-    with pytest.raises(Crash):
-        train_diffusion_lora(config(tmp_path / "b"), data, tmp_path / "b", logger=crash_in_epoch_two)
+    stop_in_diffusion_epoch_two(train_diffusion_lora, config(tmp_path / "b"), data, tmp_path / "b")
     checkpoint_dir = tmp_path / "b" / "diffusion" / "checkpoints" / "last"
     cfg = config(tmp_path / "b")
     components = load_components(pipeline_source(cfg.diffusion_lora, cfg.paths.cache_dir))

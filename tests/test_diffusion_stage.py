@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, compose
+from conftest import REPO, compose, stop_in_diffusion_epoch_two
 from pneumo_exp.data.cache import load_pixels
 from pneumo_exp.data.manifest import Record
 from pneumo_exp.data.phantom import phantom_records
@@ -29,12 +29,7 @@ from pneumo_exp.labels import class_index
 TIMING_KEYS = ("diffusion/step_seconds", "diffusion/images_per_second")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def phantom_batch(size: int = 64) -> dict:
@@ -156,16 +151,8 @@ def test_resume_with_cached_latents_continues_exactly(model_cache, tmp_path):
     settings = {"max_train_steps": None, "epochs": 2, "cache_latents": True, "crop_min_side": 1.0}
     straight = train_diffusion_lora(config(tmp_path / "a", model_cache, **settings), data, tmp_path / "a")
 
-    class Crash(Exception):
-        pass
-
-    def crash_in_epoch_two(row):
-        if row["diffusion/epoch"] == 2:
-            raise Crash
-
-    with pytest.raises(Crash):
-        train_diffusion_lora(config(tmp_path / "b", model_cache, **settings), data, tmp_path / "b",
-                             logger=crash_in_epoch_two)
+    stop_in_diffusion_epoch_two(train_diffusion_lora, config(tmp_path / "b", model_cache, **settings), data,
+                                tmp_path / "b")
     cfg = config(tmp_path / "b", model_cache, **settings)
     cfg.resume = True
     resumed = train_diffusion_lora(cfg, data, tmp_path / "b")

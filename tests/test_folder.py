@@ -5,21 +5,15 @@ import os
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from conftest import empty_folder, write_image
 
 from pneumo_exp.data.folder import folder_records
 from pneumo_exp.data.images import sha256_file
 from pneumo_exp.data.kermany import DatasetError
 
 ALIASES = {"bacterial": "BACTERIA", "Viral": "VIRUS"}
-
-
-def write_image(path: Path, shade: int = 100) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((32, 32), shade, dtype=np.uint8)).save(path)
-    return path
 
 
 def make_tree(root: Path) -> Path:
@@ -98,8 +92,7 @@ def test_missing_root_and_missing_splits(tmp_path):
 
 def test_empty_class_folder(tmp_path):
     root = make_tree(tmp_path / "data")
-    for path in (root / "test" / "VIRAL").iterdir():
-        path.unlink()
+    empty_folder(root / "test" / "VIRAL")
     with pytest.raises(DatasetError, match="empty class folder") as error:
         folder_records(root, class_aliases=ALIASES)
     assert str(root / "test" / "VIRAL") in str(error.value)

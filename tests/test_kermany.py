@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import empty_folder, write_image
+
 from pneumo_exp.data.images import sha256_file
 from pneumo_exp.data.kermany import (DatasetError, find_layout, kermany_records, label_from_name, patient_key,
                                      split_group)
@@ -23,12 +25,6 @@ REAL_DATA = Path(__file__).resolve().parents[2] / "shared/data/kermany-224"
 NORMALS = ["IM-0115-0001", "IM-0115-0002", "NORMAL2-IM-0012-0001"]
 BACTERIA = ["person1_bacteria_1", "person2_bacteria_3"]
 VIRUSES = ["person1_virus_6", "person3_virus_8_1"]
-
-
-def write_image(path: Path, shade: int = 100) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((32, 32), shade, dtype=np.uint8)).save(path)
-    return path
 
 
 def write_split(folder: Path, class_stems: dict[str, list[str]], suffix: str) -> None:
@@ -335,8 +331,7 @@ def test_folder_without_splits(tmp_path):
 
 def test_empty_class_folder(tmp_path):
     root = make_class_folders(tmp_path / "data")
-    for path in (root / "test" / "VIRUS").iterdir():
-        path.unlink()
+    empty_folder(root / "test" / "VIRUS")
     (root / "test" / "VIRUS" / ".DS_Store").write_bytes(b"junk")  # junk does not count
     with pytest.raises(DatasetError, match="empty class folder") as error:
         kermany_records(root)
