@@ -200,7 +200,6 @@ def sort_key(run: RunRecord) -> tuple:
     return run.experiment_name, [(key, value_order(value)) for key, value in configuration_items(run)]
 
 
-
 def group_runs(runs: Iterable[RunRecord]) -> dict[tuple[str, str], list[RunRecord]]:
     groups: dict[tuple[str, str], list[RunRecord]] = {}
     for run in sorted(runs, key=lambda r: (sort_key(r), r.seed if r.seed is not None else -1, str(r.path))):
