@@ -34,8 +34,10 @@ from conftest import compose  # noqa: E402
 
 from pneumo_exp.classify.model import build_classifier, trainable_parameters  # noqa: E402
 from pneumo_exp.classify.train import (  # noqa: E402
-    SplitTensors, make_accelerator, predict_probabilities, train_one_epoch,
+    SplitTensors, predict_probabilities, train_one_epoch,
 )
+from pneumo_exp.config import Precision  # noqa: E402
+from pneumo_exp.core.training import fresh_accelerator  # noqa: E402
 from pneumo_exp.data.augment import AugmentSettings, random_augment, to_unit_float  # noqa: E402
 from pneumo_exp.data.images import decode_grayscale  # noqa: E402
 from pneumo_exp.data.phantom import phantom_records, render  # noqa: E402
@@ -80,7 +82,7 @@ def bench_preset(preset: str, files: list[tuple[Path, int]], repeats: int, cache
     classifier, _ = build_classifier(cfg.clip_lora, cfg.paths.cache_dir)
     optimizer = torch.optim.AdamW(trainable_parameters(classifier), lr=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    accelerator = make_accelerator(cfg)
+    accelerator = fresh_accelerator(Precision(cfg.trainer.precision).value, cfg.trainer.cpu)
     model, optimizer = accelerator.prepare(classifier, optimizer)
     settings, batch = AugmentSettings(), cfg.trainer.batch_size
 

@@ -30,13 +30,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import compose  # noqa: E402
+from conftest import RecordedRows, compose  # noqa: E402
 
 from pneumo_exp.data.cache import load_pixels  # noqa: E402
 from pneumo_exp.data.phantom import phantom_records  # noqa: E402
 from pneumo_exp.diffusion.generate import generate_synthetic  # noqa: E402
-from pneumo_exp.diffusion.pipeline import load_components, load_pipeline, pipeline_source, to_vae_input  # noqa: E402
-from pneumo_exp.diffusion.train import add_lora, encode_prompts, train_diffusion_lora  # noqa: E402
+from pneumo_exp.diffusion.stable_diffusion import (load_components, load_pipeline, pipeline_source,  # noqa: E402
+                                                   to_vae_input)
+from pneumo_exp.diffusion.train import TrainingImages, add_lora, encode_prompts, train_diffusion_lora  # noqa: E402
 from pneumo_exp.labels import class_index  # noqa: E402
 
 
@@ -77,8 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     def framework_training(cache_latents: bool = False) -> None:
         cfg.paths.output_dir = str(scratch / f"run-{time.time_ns()}")
         cfg.diffusion_lora.training.cache_latents = cache_latents
-        rows = []
-        train_diffusion_lora(cfg, {"pixels": pixels, "labels": labels}, cfg.paths.output_dir, logger=rows.append)
+        rows = RecordedRows()
+        train_diffusion_lora(cfg, TrainingImages(pixels, labels), cfg.paths.output_dir, logger=rows)
         name = "framework_cached_training" if cache_latents else "framework_training"
         losses[name] = float(np.mean([row["diffusion/loss"] for row in rows if "diffusion/loss" in row]))
         loop = sum(row["diffusion/step_seconds"] for row in rows if "diffusion/step_seconds" in row)

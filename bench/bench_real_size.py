@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from conftest import compose  # noqa: E402
 
-from pneumo_exp.rundir import build_folder_once, write_json_atomic  # noqa: E402
+from pneumo_exp.core.files import build_folder_once, write_json_atomic  # noqa: E402
 
 PAPER_ROWS = ("original_study", "original_no_augmentation", "zero_shot", "linear_probe", "lora", "full")
 SD_COMPONENTS = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
@@ -183,7 +183,7 @@ def instrument_stages() -> None:
     """Time every stage function the pipeline calls, wherever it is looked up from; a stage called inside
     another (the quality stage trains classifiers) counts as part of the outer one."""
     import pneumo_exp.classify.train as classify_train
-    import pneumo_exp.diffusion.quality_stage as quality_stage
+    import pneumo_exp.evaluation.quality_stage as quality_stage
     import pneumo_exp.pipeline as pipeline
 
     def wrap(module, attribute: str, name: str) -> None:
@@ -321,7 +321,7 @@ def clip_lora_throughput(cfg, batch: int, steps: int, device: str) -> dict:
 def diffusion_throughput(overrides: list[str], scratch: Path, sizes: dict, device: str) -> dict:
     """SD LoRA training with latent caching off and on (the diffusion stage alone, its logged step rates), and
     generation images/s with classifier-free guidance."""
-    from pneumo_exp.diffusion.pipeline import load_pipeline, sample
+    from pneumo_exp.diffusion.stable_diffusion import load_pipeline, sample
 
     result = {}
     for cache_latents in ("false", "true"):

@@ -101,7 +101,7 @@ def record_failure(cfg: DictConfig, error: Exception) -> None:
 
     from hydra.core.hydra_config import HydraConfig
 
-    from pneumo_exp.rundir import write_json_atomic
+    from pneumo_exp.core.files import write_json_atomic
 
     folder = Path(HydraConfig.get().runtime.output_dir)
     message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from pneumo_exp.errors import UserError
-from pneumo_exp.rundir import write_json_atomic
+from pneumo_exp.core.files import write_json_atomic
 
 MODELS_FILE = "models.json"
 

@@ -17,8 +17,9 @@ from pneumo_exp.data import manifest
 from pneumo_exp.data.manifest import LeakageError
 from pneumo_exp.data.prepare import PreparedData, prepare_data
 from pneumo_exp.errors import UserError
+from pneumo_exp.core.files import write_atomic, write_json_atomic
 from pneumo_exp.rundir import (changed_settings, is_main_process, job_folder_name, override_key, shapes_result,
-                               write_json_atomic, write_run_info, write_text_atomic)
+                               write_run_info)
 from pneumo_exp.summary import format_summary
 from pneumo_exp.tracking import RunLogger
 from pneumo_exp.validate import SettingError, check_settings
@@ -109,7 +110,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     data = prepare_data(cfg.dataset, cfg.paths.cache_dir, output_dir)
     if data.skipped:
-        write_text_atomic(output_dir / "skipped.txt", "\n".join(data.skipped) + "\n")
+        write_atomic(output_dir / "skipped.txt", "\n".join(data.skipped) + "\n")
     if is_main_process():
         print(format_summary(data, cfg.dataset.name), flush=True)
     if cfg.task == "summary" or list(cfg.stages) == ["data"]:
@@ -128,7 +129,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 def run_training_stages(cfg: DictConfig, data: PreparedData, output_dir: Path, logger: RunLogger) -> dict:
     if is_main_process():
-        from pneumo_exp.classify.checkpoint import remove_stale_staging
+        from pneumo_exp.core.files import remove_stale_staging
 
         for folder in (output_dir / "checkpoints", output_dir / "diffusion" / "checkpoints", output_dir / "diffusion"):
             remove_stale_staging(folder)
@@ -146,7 +147,7 @@ def run_training_stages(cfg: DictConfig, data: PreparedData, output_dir: Path, l
         if is_main_process():
             print(format_metrics(metrics), flush=True)
     if "quality" in cfg.stages and is_main_process():
-        from pneumo_exp.diffusion.quality_stage import format_quality, run_quality
+        from pneumo_exp.evaluation.quality_stage import format_quality, run_quality
 
         print(format_quality(run_quality(cfg, data, output_dir, logger)), flush=True)
     if is_main_process():
@@ -159,7 +160,7 @@ def record_loaded_models(cfg: DictConfig, output_dir: Path) -> None:
     from pneumo_exp.hub import record_model
 
     if {"diffusion", "synthesize"} & set(cfg.stages):
-        from pneumo_exp.diffusion.pipeline import pipeline_source
+        from pneumo_exp.diffusion.stable_diffusion import pipeline_source
 
         record_model(output_dir, "diffusion", pipeline_source(cfg.diffusion_lora, cfg.paths.cache_dir),
                      cfg.diffusion_lora.revision, marker="model_index.json")
@@ -175,13 +176,13 @@ def train_diffusion(cfg: DictConfig, data: PreparedData, output_dir: Path, logge
     import torch
 
     from pneumo_exp.data.cache import open_or_build
-    from pneumo_exp.diffusion.train import source_image_sides, train_diffusion_lora
+    from pneumo_exp.diffusion.train import TrainingImages, source_image_sides, train_diffusion_lora
     from pneumo_exp.labels import class_index
 
     train = [r for r in data.split("train") if r.source == "real"]
     cache = open_or_build(train, cfg.diffusion_lora.resolution, cfg.paths.cache_dir, progress=is_main_process())
-    images = {"pixels": torch.from_numpy(cache.pixels[cache.rows_of(train)].copy()),
-              "labels": torch.tensor([class_index(r.label) for r in train]), "source_sides": source_image_sides(train)}
+    images = TrainingImages(torch.from_numpy(cache.pixels[cache.rows_of(train)].copy()),
+                            torch.tensor([class_index(r.label) for r in train]), source_image_sides(train))
     lora_folder = train_diffusion_lora(cfg, images, output_dir, logger=logger)
     if is_main_process():
         write_json_atomic(lora_folder / TRAINING_SPLIT_FILE, {"fingerprint": manifest.fingerprint(train),

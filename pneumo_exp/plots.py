@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -11,17 +10,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from pneumo_exp.core.files import atomic_file  # noqa: E402
 from pneumo_exp.labels import CLASSES  # noqa: E402
 
 
 def _save(figure, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png.tmp", delete=False) as handle:
-        figure.savefig(handle, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    os.replace(handle.name, path)
-    return path
+    try:
+        with atomic_file(path, "wb") as handle:
+            figure.savefig(handle, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(figure)
+    return Path(path)
 
 
 def confusion_matrix_png(matrix: list[list[int]], path: str | os.PathLike, title: str) -> Path:

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import os
 import re
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from omegaconf import DictConfig, OmegaConf
+
+from pneumo_exp.core.files import write_atomic, write_json_atomic
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,77 +31,10 @@ def git_version() -> dict[str, Any]:
         return {"sha": None, "dirty": None}
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
-    return path
-
-
-def finite_or_none(payload: Any) -> Any:
-    """The payload with every NaN or infinity replaced by None, so that it can be written as strict JSON."""
-    if isinstance(payload, float):
-        return payload if math.isfinite(payload) else None
-    if isinstance(payload, dict):
-        return {key: finite_or_none(value) for key, value in payload.items()}
-    if isinstance(payload, (list, tuple)):
-        return [finite_or_none(value) for value in payload]
-    return payload
-
-
-def json_line(row: dict) -> str:
-    """One strict-JSON line of a `.jsonl` history (non-finite numbers as null), newline included."""
-    return json.dumps(finite_or_none(row), allow_nan=False) + "\n"
-
-
-def read_json_lines(path: str | os.PathLike) -> list[dict]:
-    """The rows of a `.jsonl` history, null values read back as NaN; a line cut short by a writer still running
-    (or any line that is not a JSON object) is skipped."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append({key: math.nan if value is None else value for key, value in row.items()})
-    return rows
-
-
-def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
-    """Strict JSON (RFC 8259): non-finite numbers are written as null."""
-    return write_text_atomic(path, json.dumps(finite_or_none(payload), indent=2, sort_keys=False,
-                                              allow_nan=False) + "\n")
-
-
 def write_run_info(cfg: DictConfig, output_dir: str | os.PathLike) -> None:
     output_dir = Path(output_dir)
-    write_text_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     write_json_atomic(output_dir / "git.json", git_version())
-
-
-def build_folder_once(folder: str | os.PathLike, marker: str, build: Callable[[Path], None]) -> Path:
-    """Make `folder` with `build(staging)` unless `folder/marker` exists; the staging folder is renamed into place,
-    so a crash leaves nothing half-built and, of two processes building the same thing, the first rename wins."""
-    folder = Path(folder)
-    if (folder / marker).is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", suffix=".tmp", dir=folder.parent))
-    try:
-        build(staging)
-        os.rename(staging, folder)
-    except OSError:
-        if not (folder / marker).is_file():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
 
 
 # Config keys (and their sub-keys) that never change what a job computes: they neither name a sweep's job folder,

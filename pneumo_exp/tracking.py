@@ -15,7 +15,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pneumo_exp.config import LoggerMode
-from pneumo_exp.rundir import json_line, write_text_atomic
+from pneumo_exp.core.files import write_atomic
+from pneumo_exp.core.history import HistoryFile
 
 BEST_EPOCH_SUMMARIES = {"val/f1_macro": "max", "val/acc": "max", "val/recall_macro": "max", "val/loss": "min"}
 
@@ -28,8 +29,7 @@ class RunLogger:
     def __init__(self, cfg: DictConfig, output_dir: str | os.PathLike, job_type: str, run_name: str,
                  enabled: bool = True):
         self.output_dir = Path(output_dir)
-        self.metrics_path = self.output_dir / "metrics.jsonl"
-        self.enabled = enabled
+        self.history = HistoryFile(self.output_dir / "metrics.jsonl", enabled)
         self.run = None
         if enabled and LoggerMode(cfg.logger.mode) != LoggerMode.disabled:
             self.run = self._start_wandb(cfg, job_type, run_name)
@@ -39,7 +39,7 @@ class RunLogger:
 
         id_file = self.output_dir / "wandb_id.txt"
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
-        write_text_atomic(id_file, run_id + "\n")
+        write_atomic(id_file, run_id + "\n")
         config = OmegaConf.to_container(cfg, resolve=True)
         run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
                          job_type=job_type, name=run_name, tags=list(cfg.tags), config=config,
@@ -56,16 +56,12 @@ class RunLogger:
 
     def rewrite_history(self, history: list[dict]) -> None:
         """On resume: the file holds exactly the epochs the checkpoint completed."""
-        if self.enabled:
-            write_text_atomic(self.metrics_path, "".join(map(json_line, history)))
+        self.history.restart(history)
 
     def log_epoch(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        with self.metrics_path.open("a") as handle:
-            handle.write(json_line(row))
-        if self.run is not None:
-            self.run.log({k: v for k, v in numeric_items(row).items() if not math.isnan(v)})
+        if self.history.enabled:
+            self.history.append(row)
+            self.log_metrics(row)
 
     def log_metrics(self, row: dict) -> None:
         """W&B only, for stages that keep their own metrics file (the diffusion stage)."""

@@ -22,8 +22,9 @@ KERMANY_NAMES = {"NORMAL": "IM-{patient:04d}-0001.jpeg", "BACTERIA": "person{pat
 
 def tiny_model_configs(target: Path, model_cache: Path) -> Path:
     """The layout of ../shared/models (configs and tokenizer files, no weights), from the tiny presets."""
-    from pneumo_exp.classify.model import backbone_source, character_tokenizer
-    from pneumo_exp.diffusion.pipeline import pipeline_source
+    from pneumo_exp.classify.model import backbone_source
+    from pneumo_exp.core.presets import character_tokenizer
+    from pneumo_exp.diffusion.stable_diffusion import pipeline_source
 
     cfg = compose(["clip_lora=tiny_vit", "diffusion_lora=tiny"])
     clip, sd = Path(backbone_source(cfg.clip_lora, model_cache)), Path(pipeline_source(cfg.diffusion_lora, model_cache))

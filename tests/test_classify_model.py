@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from pneumo_exp.classify.checkpoint import CheckpointError, load_weights, save_weights
+from pneumo_exp.classify.checkpoint import load_weights, save_weights
+from pneumo_exp.core.checkpoint import CheckpointError
 from pneumo_exp.classify.model import build_classifier, trainable_parameters
 from pneumo_exp.config import ClassifierMode
 from pneumo_exp.labels import CLASSES

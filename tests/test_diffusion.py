@@ -15,11 +15,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from conftest import RecordedRows
 from pneumo_exp.data.cache import load_pixels
 from pneumo_exp.data.manifest import read_csv
 from pneumo_exp.data.phantom import phantom_records
 from pneumo_exp.diffusion.generate import generate_synthetic, synthetic_counts
-from pneumo_exp.diffusion.pipeline import (
+from pneumo_exp.diffusion.stable_diffusion import (
     LORA_WEIGHT_NAME,
     LoraFileError,
     load_components,
@@ -30,6 +31,7 @@ from pneumo_exp.diffusion.pipeline import (
 )
 from pneumo_exp.diffusion.settings import DiffusionTrainingConfig, training_settings
 from pneumo_exp.diffusion.train import (
+    TrainingImages,
     add_lora,
     diffusion_loss,
     encode_prompts,
@@ -46,10 +48,10 @@ PROMPT = "a pediatric chest X-ray, viral pneumonia"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def phantom_batch(per_class: int = 4, size: int = 64) -> dict:
+def phantom_batch(per_class: int = 4, size: int = 64) -> TrainingImages:
     records = phantom_records(patients_per_class=per_class // 2, test_patients_per_class=0, images_per_patient=2)
-    return {"pixels": torch.from_numpy(np.stack([load_pixels(r, size) for r in records])),
-            "labels": torch.tensor([class_index(r.label) for r in records])}
+    return TrainingImages(torch.from_numpy(np.stack([load_pixels(r, size) for r in records])),
+                          torch.tensor([class_index(r.label) for r in records]))
 
 
 def with_training(cfg, **training):
@@ -144,13 +146,13 @@ def test_lora_loss_falls_and_only_the_lora_changes(make_cfg):
     before_base, before_lora = base_weights(components), lora_weights(components.unet)
     assert before_lora and all(not p.requires_grad for p in components.vae.parameters())
     data = phantom_batch(per_class=2)
-    states = encode_prompts(components, OmegaConf.to_container(cfg.diffusion_lora.prompts), "cpu")[data["labels"]]
+    states = encode_prompts(components, OmegaConf.to_container(cfg.diffusion_lora.prompts), "cpu")[data.labels]
     optimizer = torch.optim.AdamW(lora_parameters(components.unet), lr=1e-2)
     components.unet.train()
     losses = []
     for _ in range(30):  # the same crops, noise and timesteps every step: only the LoRA can lower the loss
         generator = torch.Generator().manual_seed(0)
-        images = random_crops(data["pixels"], 64, 0.9, generator)
+        images = random_crops(data.pixels, 64, 0.9, generator)
         loss = diffusion_loss(components, components.unet, images, states, generator, min_snr_gamma=5.0)
         loss.backward()
         optimizer.step()
@@ -176,8 +178,8 @@ def trained(model_cache, tmp_path_factory):
     source = pipeline_source(cfg.diffusion_lora, cfg.paths.cache_dir)
     components = load_components(source)
     initial = base_weights(components)
-    rows = []
-    lora = train_diffusion_lora(cfg, phantom_batch(), output, logger=rows.append, components=components)
+    rows = RecordedRows()
+    lora = train_diffusion_lora(cfg, phantom_batch(), output, logger=rows, components=components)
     return {"cfg": cfg, "source": source, "components": components, "initial": initial, "lora": lora,
             "rows": rows, "output": output}
 
@@ -186,7 +188,7 @@ def trained(model_cache, tmp_path_factory):
 def test_training_writes_lora_grids_metrics_and_keeps_the_base_model(trained):
     lora, output = trained["lora"], trained["output"]
     info = json.loads((lora / "lora_info.json").read_text())
-    from pneumo_exp.diffusion.pipeline import sha256_file
+    from pneumo_exp.core.files import sha256_file
 
     assert info["sha256"] == sha256_file(lora / LORA_WEIGHT_NAME)
     assert (info["r"], info["alpha"], info["steps"], info["images"]) == (4, 16.0, 8, 12)
@@ -262,8 +264,8 @@ def test_gradient_accumulation_counts_optimizer_steps(model_cache, tmp_path):
 
     cfg = with_training(compose([f"paths.output_dir={tmp_path}", f"paths.cache_dir={model_cache}", "logger=none"]),
                         epochs=2, batch_size=2, grad_accum_steps=2, log_every=1, validation_every=0)
-    rows = []
-    train_diffusion_lora(cfg, phantom_batch(), tmp_path, logger=rows.append)
+    rows = RecordedRows()
+    train_diffusion_lora(cfg, phantom_batch(), tmp_path, logger=rows)
     steps = [row for row in rows if "diffusion/loss" in row]
     assert [(row["diffusion/epoch"], row["diffusion/step"]) for row in steps] == [(1, 1), (1, 2), (1, 3),
                                                                                    (2, 4), (2, 5), (2, 6)]
@@ -401,7 +403,7 @@ def test_missing_or_corrupt_lora_is_named_in_the_error(trained, tmp_path):
 def test_quality_ranks_copies_fresh_and_shifted_images():
     from torch import nn
 
-    from pneumo_exp.diffusion.quality import quality_report
+    from pneumo_exp.evaluation.quality import quality_report
 
     torch.manual_seed(0)
     encoder = nn.Sequential(nn.Conv2d(1, 8, 4, 4), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())  # 32 features

@@ -4,6 +4,7 @@ stage, one non-finite-loss stop for every rank, and the quality stage in batches
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, compose, stop_in_diffusion_epoch_two
+from conftest import REPO, RecordedRows, compose, stop_in_diffusion_epoch_two
 from pneumo_exp.data.cache import load_pixels
 from pneumo_exp.data.manifest import Record
 from pneumo_exp.data.phantom import phantom_records
-from pneumo_exp.diffusion.pipeline import pipeline_source
+from pneumo_exp.diffusion.stable_diffusion import pipeline_source
 from pneumo_exp.diffusion.settings import DiffusionTrainingConfig
-from pneumo_exp.diffusion.train import source_image_sides, train_diffusion_lora
+from pneumo_exp.diffusion.train import TrainingImages, source_image_sides, train_diffusion_lora
 from pneumo_exp.errors import UserError
 from pneumo_exp.labels import class_index
 
@@ -32,10 +33,10 @@ TIMING_KEYS = ("diffusion/step_seconds", "diffusion/images_per_second")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def phantom_batch(size: int = 64) -> dict:
+def phantom_batch(size: int = 64) -> TrainingImages:
     records = phantom_records(patients_per_class=2, test_patients_per_class=0, images_per_patient=2)
-    return {"pixels": torch.from_numpy(np.stack([load_pixels(r, size) for r in records])),
-            "labels": torch.tensor([class_index(r.label) for r in records])}
+    return TrainingImages(torch.from_numpy(np.stack([load_pixels(r, size) for r in records])),
+                          torch.tensor([class_index(r.label) for r in records]))
 
 
 def config(output: Path, cache: Path, *overrides: str, **training):
@@ -58,7 +59,7 @@ def test_a_resolution_other_than_the_models_is_refused_unless_allowed(model_cach
     native_source = pipeline_source(compose([f"paths.cache_dir={model_cache}"]).diffusion_lora, model_cache)
     cfg = config(tmp_path, model_cache, f"diffusion_lora.pretrained={native_source}",
                  "diffusion_lora.resolution=32", max_train_steps=1)
-    data = {**phantom_batch(32), "source_sides": [20] * 12}
+    data = dataclasses.replace(phantom_batch(32), source_sides=[20] * 12)
     with pytest.raises(UserError, match=r"diffusion_lora.resolution=32 is not the native resolution.*\(64 px") as refused:
         train_diffusion_lora(cfg, data, tmp_path)
     assert refused.value.where == "diffusion_lora.resolution"
@@ -116,10 +117,10 @@ def test_cached_latents_and_checkpointing_train_as_the_plain_loop(model_cache, t
     runs = {}
     for name, training in {"plain": {}, "cached": {"cache_latents": True},
                            "checkpointed": {"gradient_checkpointing": True}}.items():
-        rows = []
+        rows = RecordedRows()
         cfg = config(tmp_path / name, model_cache, max_train_steps=5, crop_min_side=1.0, **training)
         with caplog.at_level(logging.INFO, logger="pneumo_exp.diffusion.train"):
-            lora = train_diffusion_lora(cfg, data, tmp_path / name, logger=rows.append)
+            lora = train_diffusion_lora(cfg, data, tmp_path / name, logger=rows)
         runs[name] = rows, load_file(lora / "pytorch_lora_weights.safetensors")
     assert "5 optimizer steps (max_train_steps=5" in caplog.text
     plain_rows, plain_lora = runs["plain"]
@@ -165,7 +166,7 @@ def test_resume_with_cached_latents_continues_exactly(model_cache, tmp_path):
 
 @pytest.mark.slow
 def test_no_unet_outlives_its_training_or_synthesis_stage(model_cache, tmp_path, monkeypatch):
-    from pneumo_exp.diffusion import generate, pipeline, train
+    from pneumo_exp.diffusion import generate, stable_diffusion, train
 
     alive = []
 
@@ -177,7 +178,7 @@ def test_no_unet_outlives_its_training_or_synthesis_stage(model_cache, tmp_path,
         return wrapped
 
     monkeypatch.setattr(train, "load_components", spy(train.load_components, lambda parts: parts.unet))
-    monkeypatch.setattr(pipeline, "load_pipeline", spy(pipeline.load_pipeline, lambda pipe: pipe.unet))
+    monkeypatch.setattr(stable_diffusion, "load_pipeline", spy(stable_diffusion.load_pipeline, lambda pipe: pipe.unet))
     cfg = config(tmp_path, model_cache, max_train_steps=2, validation_every=1, precision="bf16")
     lora = train_diffusion_lora(cfg, phantom_batch(), tmp_path)  # mixed precision: accelerate wraps forward
     assert len(alive) == 1 and alive[0]() is None, "the trained UNet is still alive after its stage"
@@ -206,8 +207,8 @@ output, cache = sys.argv[1], sys.argv[2]
 cfg = compose([f"paths.output_dir={output}", f"paths.cache_dir={cache}", "logger=none", "trainer.cpu=true",
                "diffusion_lora.training.max_train_steps=2", "diffusion_lora.training.validation_every=0"])
 records = phantom_records(patients_per_class=2, test_patients_per_class=0, images_per_patient=2)
-data = {"pixels": torch.from_numpy(__import__("numpy").stack([load_pixels(r, 64) for r in records])),
-        "labels": torch.tensor([class_index(r.label) for r in records])}
+data = train.TrainingImages(torch.from_numpy(__import__("numpy").stack([load_pixels(r, 64) for r in records])),
+                            torch.tensor([class_index(r.label) for r in records]))
 try:
     train.train_diffusion_lora(cfg, data, output)
 except train.NonFiniteLossError as error:
@@ -239,7 +240,7 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(model_cache, tmp_path):
 def test_quality_features_in_batches_equal_one_pass_and_respect_the_batch_size():
     from torch import nn
 
-    from pneumo_exp.diffusion.quality import quality_report
+    from pneumo_exp.evaluation.quality import quality_report
 
     torch.manual_seed(0)
     encoder = nn.Sequential(nn.Conv2d(1, 8, 4, 4), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
@@ -263,7 +264,7 @@ def test_quality_stage_batches_on_the_device_and_scores_only_the_synthetic_class
     from pneumo_exp.classify import predict, train as classify_train
     from pneumo_exp.classify.model import build_classifier
     from pneumo_exp.data.prepare import PreparedData, prepare_data
-    from pneumo_exp.diffusion import quality_stage
+    from pneumo_exp.evaluation import quality_stage
 
     cfg = make_cfg("dataset.patients_per_class=6", "dataset.test_patients_per_class=2", "trainer.eval_batch_size=4")
     data = prepare_data(cfg.dataset, cfg.paths.cache_dir)

@@ -15,10 +15,13 @@ import pytest
 import torch
 
 from conftest import REPO
-from pneumo_exp.classify.checkpoint import CheckpointError, load_training_state, restore_rng, rng_state
+from pneumo_exp.classify.checkpoint import load_training_state
+from pneumo_exp.core.checkpoint import CheckpointError
+from pneumo_exp.core.files import write_json_atomic
+from pneumo_exp.core.seeds import restore_rng, rng_state
 from pneumo_exp.errors import UserError
 from pneumo_exp.pipeline import check_plan, finished_before, run
-from pneumo_exp.rundir import folder_value, job_folder_name, write_json_atomic, write_run_info
+from pneumo_exp.rundir import folder_value, job_folder_name, write_run_info
 from pneumo_exp.validate import SettingError
 
 QUICK = ["dataset.patients_per_class=4", "dataset.test_patients_per_class=2", "trainer.epochs=2",
@@ -193,7 +196,7 @@ def test_a_finished_job_is_skipped_only_with_the_same_settings(make_cfg):
 
 
 def test_history_files_are_strict_json_and_read_back_as_nan(tmp_path):
-    from pneumo_exp.rundir import json_line, read_json_lines
+    from pneumo_exp.core.history import json_line, read_json_lines
 
     path = tmp_path / "metrics.jsonl"
     path.write_text(json_line({"epoch": 1, "val/auroc_macro": math.nan, "val/acc": 0.5}) + '{"epoch": 2, "val/a')

@@ -10,7 +10,7 @@ import pytest
 from conftest import empty_folder, write_image
 
 from pneumo_exp.data.folder import folder_records
-from pneumo_exp.data.images import sha256_file
+from pneumo_exp.core.files import sha256_file
 from pneumo_exp.data.kermany import DatasetError
 
 ALIASES = {"bacterial": "BACTERIA", "Viral": "VIRUS"}

@@ -32,7 +32,7 @@ def test_revision_selects_the_snapshot_and_a_wrong_one_names_the_key(tmp_path, m
     from transformers import CLIPModel
 
     from pneumo_exp.classify.model import backbone_source
-    from pneumo_exp.diffusion.pipeline import pipeline_source
+    from pneumo_exp.diffusion.stable_diffusion import pipeline_source
 
     cfg = compose([f"paths.cache_dir={model_cache}", "clip_lora=tiny_vit", "diffusion_lora=tiny"])
     clip_a = Path(backbone_source(cfg.clip_lora, model_cache))
@@ -49,7 +49,7 @@ def test_revision_selects_the_snapshot_and_a_wrong_one_names_the_key(tmp_path, m
     check = textwrap.dedent(f"""
         import json
         from pneumo_exp.classify.model import load_backbone
-        from pneumo_exp.diffusion.pipeline import load_components
+        from pneumo_exp.diffusion.stable_diffusion import load_components
         from pneumo_exp.errors import UserError
         from pneumo_exp.hub import describe_source
 

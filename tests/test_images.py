@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from pneumo_exp.data.images import BadImageError, check_image, decode_grayscale, sha256_file
+from pneumo_exp.core.files import sha256_file
+from pneumo_exp.data.images import BadImageError, check_image, decode_grayscale
 
 GRADIENT = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1))  # 64x64, columns 0..252
 

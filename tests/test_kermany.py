@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import empty_folder, write_image
 
-from pneumo_exp.data.images import sha256_file
+from pneumo_exp.core.files import sha256_file
 from pneumo_exp.data.kermany import (DatasetError, find_layout, kermany_records, label_from_name, patient_key,
                                      split_group)
 from pneumo_exp.data.zip_import import EXTRACTION_MARKER, extract_zip

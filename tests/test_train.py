@@ -15,7 +15,8 @@ import torch
 
 from conftest import REPO
 from pneumo_exp import wandb_offline
-from pneumo_exp.classify.train import NonFiniteLossError, read_history
+from pneumo_exp.core.history import read_json_lines
+from pneumo_exp.core.training import NonFiniteLossError
 from pneumo_exp.pipeline import run
 
 pytestmark = pytest.mark.slow
@@ -35,7 +36,7 @@ def run_dir(cfg) -> Path:
 def test_tiny_classifier_learns_far_above_chance(make_cfg):
     cfg = make_cfg(*LEARN)
     metrics = run(cfg)
-    history = read_history(run_dir(cfg) / "metrics.jsonl")
+    history = read_json_lines(run_dir(cfg) / "metrics.jsonl")
     assert len(history) == cfg.trainer.epochs
     best_val = max(row["val/acc"] for row in history)
     assert best_val >= 0.75, f"validation accuracy {best_val:.3f}: chance is 0.333"
@@ -48,7 +49,7 @@ def test_real_data_recipe_runs_a_few_steps_on_phantom_data(make_cfg):
     cfg = make_cfg("experiment=kermany_cpu", "dataset=phantom", *QUICK, "trainer.max_steps_per_epoch=2")
     assert cfg.trainer.ema_decay > 0 and cfg.clip_lora.name == "small"
     run(cfg)
-    history = read_history(run_dir(cfg) / "metrics.jsonl")
+    history = read_json_lines(run_dir(cfg) / "metrics.jsonl")
     assert [row["epoch"] for row in history] == [1, 2]
     assert {"val_live/f1_macro", "val/f1_macro"} <= set(history[0])
     results = json.loads((run_dir(cfg) / "results.json").read_text())
@@ -86,7 +87,7 @@ def test_gradient_accumulation_balanced_sampler_and_bf16_run(make_cfg, preset):
     cfg = make_cfg(*QUICK, f"clip_lora={preset}", "clip_lora.mode=lora", "trainer.grad_accum_steps=3",
                    "trainer.class_balance=sampler", "trainer.precision=bf16")
     run(cfg)
-    assert len(read_history(run_dir(cfg) / "metrics.jsonl")) == 2
+    assert len(read_json_lines(run_dir(cfg) / "metrics.jsonl")) == 2
 
 
 def test_wandb_offline_run_holds_per_epoch_train_and_val_metrics(make_cfg):
@@ -95,7 +96,7 @@ def test_wandb_offline_run_holds_per_epoch_train_and_val_metrics(make_cfg):
     run_files = wandb_offline.run_files(run_dir(cfg))
     assert len(run_files) == 1
     logged = [row for row in wandb_offline.history(run_files[0]) if "epoch" in row]
-    on_disk = read_history(run_dir(cfg) / "metrics.jsonl")
+    on_disk = read_json_lines(run_dir(cfg) / "metrics.jsonl")
     assert [row["epoch"] for row in logged] == [1, 2]
     for wandb_row, file_row in zip(logged, on_disk):
         for split in ("train", "val"):
@@ -137,7 +138,7 @@ def test_resume_after_a_kill_reaches_the_same_final_metrics(tmp_path, model_cach
     killed = tmp_path / "killed"
     process = cli(*common, f"hydra.run.dir={killed}")
     deadline = time.time() + 300
-    while len(read_history(killed / "metrics.jsonl")) < 2 and process.poll() is None and time.time() < deadline:
+    while len(read_json_lines(killed / "metrics.jsonl")) < 2 and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert process.poll() is None, "the run finished before it could be killed"
     process.send_signal(signal.SIGKILL)
@@ -145,8 +146,8 @@ def test_resume_after_a_kill_reaches_the_same_final_metrics(tmp_path, model_cach
     assert not (killed / "results.json").exists()
     finish(cli(*common, f"hydra.run.dir={killed}", "resume=true"))
 
-    straight = without_timings(read_history(tmp_path / "straight" / "metrics.jsonl"))
-    resumed = without_timings(read_history(killed / "metrics.jsonl"))
+    straight = without_timings(read_json_lines(tmp_path / "straight" / "metrics.jsonl"))
+    resumed = without_timings(read_json_lines(killed / "metrics.jsonl"))
     assert [row["epoch"] for row in resumed] == [1, 2, 3, 4]
     assert resumed == straight
     assert (json.loads((killed / "results.json").read_text())["metrics"]
@@ -187,8 +188,8 @@ def test_accelerate_launch_two_processes_matches_one(tmp_path, model_cache):
                              "trainer.batch_size=4", f"hydra.run.dir={tmp_path / 'two'}"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert launch.returncode == 0, launch.stdout[-2000:] + launch.stderr[-3000:]
-    one = read_history(tmp_path / "one" / "metrics.jsonl")
-    two = read_history(tmp_path / "two" / "metrics.jsonl")
+    one = read_json_lines(tmp_path / "one" / "metrics.jsonl")
+    two = read_json_lines(tmp_path / "two" / "metrics.jsonl")
     assert len(two) == len(one) == 2
     assert len(wandb_offline.run_files(tmp_path / "two")) == 1
     for a, b in zip(one, two):
@@ -199,7 +200,7 @@ def test_accelerate_launch_two_processes_matches_one(tmp_path, model_cache):
 def test_loss_curves_are_unweighted_and_the_objective_is_logged_apart(make_cfg):
     cfg = make_cfg(*QUICK, "trainer.class_balance=weighted_loss")
     run(cfg)
-    for row in read_history(run_dir(cfg) / "metrics.jsonl"):
+    for row in read_json_lines(run_dir(cfg) / "metrics.jsonl"):
         assert {"train/loss", "train/objective", "val/loss", "train/step_seconds",
                 "train/images_per_second"} <= set(row)
 
@@ -210,7 +211,7 @@ def test_bf16_validation_in_results_equals_the_selected_epoch(make_cfg, preset):
     cfg = make_cfg(*QUICK, f"clip_lora={preset}", "trainer.precision=bf16", "trainer.epochs=3")
     run(cfg)
     results = json.loads((run_dir(cfg) / "results.json").read_text())
-    selected = read_history(run_dir(cfg) / "metrics.jsonl")[results["best_epoch"] - 1]
+    selected = read_json_lines(run_dir(cfg) / "metrics.jsonl")[results["best_epoch"] - 1]
     validation = {key: value for key, value in results["metrics"].items() if key.startswith("val/")}
     assert validation and all(key in selected for key in validation)
     assert validation == {key: selected[key] for key in validation}
@@ -245,7 +246,7 @@ def test_evaluation_cap_limits_validation_and_says_when_the_test_split_was_cappe
     results = json.loads((run_dir(cfg) / "results.json").read_text())
     assert results["images"]["val"] == 4 and results["images"]["test"] == 3 * 4 * 3  # 4 test patients x 3 images
     assert set(results["capped"]) == {"val"} and results["capped"]["val"]["evaluated"] == 4
-    for row in read_history(run_dir(cfg) / "metrics.jsonl"):
+    for row in read_json_lines(run_dir(cfg) / "metrics.jsonl"):
         assert sum(map(sum, row["val/confusion_matrix"])) == 4
 
     capped_test = make_cfg(*QUICK, "trainer.max_eval_batches=1", "trainer.eval_batch_size=4",
@@ -282,4 +283,4 @@ def test_without_optimizer_state_resume_restarts_the_optimizer_and_says_so(make_
     with caplog.at_level("WARNING"):
         run(make_cfg(*QUICK, "trainer.save_optimizer_state=false", "resume=true"))
     assert "optimizer state" in caplog.text
-    assert len(read_history(run_dir(cfg) / "metrics.jsonl")) == 2
+    assert len(read_json_lines(run_dir(cfg) / "metrics.jsonl")) == 2

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 
 from pneumo_exp.classify.model import build_classifier, trainable_parameters
 from pneumo_exp.classify.train import (
-    SplitTensors, class_weights, epoch_randomness, make_accelerator, shard_of, train_one_epoch,
+    SplitTensors, class_weights, epoch_randomness, shard_of, train_one_epoch,
 )
-from pneumo_exp.config import ClassBalance
+from pneumo_exp.config import ClassBalance, Precision
+from pneumo_exp.core.training import fresh_accelerator
 from pneumo_exp.data.augment import to_unit_float
 from pneumo_exp.data.phantom import phantom_records, render
 from pneumo_exp.labels import CLASSES, class_index
@@ -30,7 +31,7 @@ def frozen_training(make_cfg, *overrides: str):
     """tiny_vit (no BatchNorm, no dropout) with lr 0 under plain SGD: the weights cannot move during the epoch."""
     cfg = make_cfg("clip_lora=tiny_vit", "trainer.cpu=true", "trainer.augment=false", *overrides)
     classifier, _ = build_classifier(cfg.clip_lora, cfg.paths.cache_dir, seed=cfg.seed)
-    accelerator = make_accelerator(cfg)
+    accelerator = fresh_accelerator(Precision(cfg.trainer.precision).value, cfg.trainer.cpu)
     optimizer = torch.optim.SGD(trainable_parameters(classifier), lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     model, optimizer = accelerator.prepare(classifier, optimizer)

@@ -7,8 +7,6 @@ from the prompts), LoRA adapters on the image and optionally the text encoder (l
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import re
@@ -22,33 +20,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from pneumo_exp.config import ClassifierMode
+from pneumo_exp.core.presets import MAX_TEXT_TOKENS, character_tokenizer, model_source
 from pneumo_exp.hub import cannot_load
 from pneumo_exp.labels import CLASSES
-from pneumo_exp.rundir import build_folder_once
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 log = logging.getLogger(__name__)
 
-RANDOM_INIT_FORMAT = 1
-MAX_TEXT_TOKENS = 77
 DEFAULT_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's normalisation, used when a checkpoint has none
 DEFAULT_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def _bytes_to_unicode() -> list[str]:
-    """The 256 printable characters GPT-2 style byte-level BPE uses for the 256 byte values."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = [b for b in range(256) if b not in printable]
-    return [chr(c) for c in printable] + [chr(256 + i) for i in range(len(extra))]
-
-
-def character_tokenizer():
-    """A CLIP tokenizer with a byte-level vocabulary and no merges (one token per character), built offline."""
-    from transformers import CLIPTokenizer
-
-    characters = _bytes_to_unicode()
-    tokens = characters + [c + "</w>" for c in characters] + ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={token: index for index, token in enumerate(tokens)}, merges=[])
 
 
 def build_random_clip(architecture: dict, image_size: int, folder: Path) -> None:
@@ -71,17 +51,8 @@ def build_random_clip(architecture: dict, image_size: int, folder: Path) -> None
 
 def backbone_source(clip_cfg: DictConfig, cache_dir: str | os.PathLike) -> str:
     """Where to load CLIP from: the configured hub id or folder, or a random-init preset saved once in the cache."""
-    if clip_cfg.pretrained:
-        return str(clip_cfg.pretrained)
-    if not clip_cfg.architecture:
-        raise ValueError(f"clip_lora={clip_cfg.name}: set either `pretrained` (hub id or local folder) "
-                         f"or `architecture` (a random-init preset)")
-    architecture = OmegaConf.to_container(clip_cfg.architecture, resolve=True)
-    key = hashlib.sha256(json.dumps([RANDOM_INIT_FORMAT, architecture, clip_cfg.image_size],
-                                    sort_keys=True).encode()).hexdigest()[:12]
-    folder = Path(cache_dir) / "models" / f"clip-{clip_cfg.name}-{key}"
-    build = lambda staging: build_random_clip(architecture, clip_cfg.image_size, staging)  # noqa: E731
-    return str(build_folder_once(folder, "config.json", build))
+    return model_source("clip_lora", clip_cfg, clip_cfg.image_size, cache_dir, "clip", "config.json",
+                        build_random_clip)
 
 
 def load_backbone(source: str, revision: str | None = None):

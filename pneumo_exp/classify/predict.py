@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,11 @@ from omegaconf import DictConfig, OmegaConf
 from pneumo_exp.classify.checkpoint import load_weights
 from pneumo_exp.classify.model import build_classifier
 from pneumo_exp.config import ClassifierMode
+from pneumo_exp.core.files import atomic_file
 from pneumo_exp.data.augment import to_unit_float
 from pneumo_exp.data.images import IMAGE_SUFFIXES, decode_grayscale
 from pneumo_exp.data.manifest import Record
+from pneumo_exp.labels import CLASSES
 
 
 def images_under(path: Path) -> list[Path]:
@@ -40,10 +43,18 @@ def load_trained(run_dir: Path, cache_dir: str):
     return classifier.eval(), run_cfg
 
 
+def write_predictions(records: list[Record], probabilities: torch.Tensor, path: Path) -> Path:
+    with atomic_file(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", *[f"prob_{name}" for name in CLASSES], "prediction"])
+        for record, row in zip(records, probabilities.tolist()):
+            writer.writerow([record.path, record.label, *[f"{p:.6f}" for p in row],
+                             CLASSES[int(np.argmax(row))]])
+    return path
+
+
 @torch.no_grad()
 def predict(cfg: DictConfig, output_dir: Path) -> Path:
-    from pneumo_exp.classify.train import write_predictions
-
     if not cfg.predict.run_dir or not cfg.predict.input:
         raise ValueError("predict needs predict.run_dir=<trained run folder> and predict.input=<image or folder>")
     classifier, run_cfg = load_trained(Path(cfg.predict.run_dir), cfg.paths.cache_dir)

@@ -8,13 +8,10 @@ checkpoint, log), then the test split evaluated once with the best weights reloa
 from __future__ import annotations
 
 import contextlib
-import csv
 import gc
 import logging
 import math
 import os
-import random
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,18 +22,17 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from pneumo_exp.classify.checkpoint import (
-    load_training_state,
-    load_weights,
-    restore_rng,
-    save_checkpoint,
-    save_weights,
-    write_folder_atomic,
-)
+from pneumo_exp.classify.checkpoint import load_training_state, load_weights, save_checkpoint, save_weights
 from pneumo_exp.classify.ema import WeightAverage
 from pneumo_exp.classify.metrics import bootstrap_intervals, classification_metrics
 from pneumo_exp.classify.model import build_classifier, trainable_parameters
+from pneumo_exp.classify.predict import write_predictions
 from pneumo_exp.config import ClassBalance, ClassifierMode, Precision
+from pneumo_exp.core.checkpoint import last_checkpoint
+from pneumo_exp.core.files import swap_folder, write_json_atomic
+from pneumo_exp.core.history import read_json_lines
+from pneumo_exp.core.seeds import epoch_seed, rank_seed, restore_rng
+from pneumo_exp.core.training import NonFiniteLossError, fresh_accelerator
 from pneumo_exp.data.augment import random_augment, to_unit_float
 from pneumo_exp.data.cache import open_or_build
 from pneumo_exp.data.manifest import Record
@@ -44,7 +40,6 @@ from pneumo_exp.data.prepare import PreparedData
 from pneumo_exp.errors import UserError
 from pneumo_exp.labels import CLASSES, class_index
 from pneumo_exp.plots import confusion_matrix_png, curves_png
-from pneumo_exp.rundir import read_json_lines, write_json_atomic
 from pneumo_exp.tracking import RunLogger
 
 log = logging.getLogger(__name__)
@@ -52,21 +47,11 @@ SELECTION_METRIC = "val/f1_macro"
 HOST_CHECK_EVERY = 50  # optimizer steps between reads of the finite-loss flag (and progress bar updates)
 
 
-class NonFiniteLossError(UserError, FloatingPointError):
-    """The training loss became nan or inf; raised on every rank at once, before any checkpoint of the epoch."""
-
-
 @dataclass
 class SplitTensors:
     records: list[Record]
     pixels: torch.Tensor  # uint8 (N, R, R)
     labels: torch.Tensor  # int64 (N,)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def load_splits(data: PreparedData, resolution: int, cache_dir: str, progress: bool) -> dict[str, SplitTensors]:
@@ -100,15 +85,15 @@ def epoch_randomness(seed: int, epoch: int, process_index: int, labels: torch.Te
     """The epoch's sample order, the same on every rank, and this rank's own generator for augmentation; torch's
     global generator (dropout, LoRA dropout) is seeded for this rank too. All depend on (seed, epoch, rank) only, so
     a resumed run repeats them; rank 0 draws what a single-process run always drew."""
-    epoch_seed = seed * 100_003 + epoch
-    shared = torch.Generator().manual_seed(epoch_seed)
+    shared_seed = epoch_seed(seed, epoch)
+    shared = torch.Generator().manual_seed(shared_seed)
     order = epoch_order(labels, balance, shared)
     if process_index == 0:
-        torch.manual_seed(epoch_seed)
+        torch.manual_seed(shared_seed)
         return order, shared  # the shared stream, continued past the order
-    rank_seed = int(np.random.SeedSequence([epoch_seed, process_index]).generate_state(1)[0])
-    torch.manual_seed(rank_seed)
-    return order, torch.Generator().manual_seed(rank_seed)
+    own_seed = rank_seed(shared_seed, process_index)
+    torch.manual_seed(own_seed)
+    return order, torch.Generator().manual_seed(own_seed)
 
 
 def shard_of(order: torch.Tensor, process_index: int, num_processes: int) -> torch.Tensor:
@@ -224,27 +209,6 @@ def prefixed(prefix: str, metrics: dict) -> dict:
     return {f"{prefix}/{key}": value for key, value in metrics.items()}
 
 
-def write_predictions(records: list[Record], probabilities: torch.Tensor, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", newline="", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", *[f"prob_{name}" for name in CLASSES], "prediction"])
-        for record, row in zip(records, probabilities.tolist()):
-            writer.writerow([record.path, record.label, *[f"{p:.6f}" for p in row],
-                             CLASSES[int(np.argmax(row))]])
-    os.replace(handle.name, path)
-    return path
-
-
-def make_accelerator(cfg: DictConfig):
-    """A fresh Accelerator per job: jobs of one sweep process may ask for different precisions."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=False)  # keeps the process group of a launched run
-    return Accelerator(mixed_precision=Precision(cfg.trainer.precision).value, cpu=cfg.trainer.cpu)
-
-
 def fit(cfg: DictConfig, splits: dict[str, SplitTensors], output_dir: Path, accelerator, logger: RunLogger) -> None:
     """Train for the configured epochs, writing checkpoints/last and checkpoints/best; resumes when asked."""
     from transformers import get_cosine_schedule_with_warmup
@@ -270,7 +234,7 @@ def fit(cfg: DictConfig, splits: dict[str, SplitTensors], output_dir: Path, acce
     best = {"epoch": 0, "value": -math.inf}
     start_epoch = 1
     if cfg.resume:
-        last = checkpoints / "last" if (checkpoints / "last").exists() else checkpoints / "last.old"
+        last = last_checkpoint(checkpoints / "last")
         if last.exists():
             state = load_training_state(last)
             load_weights(classifier, peft_model, mode, last)
@@ -304,7 +268,7 @@ def fit(cfg: DictConfig, splits: dict[str, SplitTensors], output_dir: Path, acce
             if improved:
                 best = {"epoch": epoch, "value": row[SELECTION_METRIC]}
             if accelerator.is_main_process and improved:
-                write_folder_atomic(checkpoints / "best",
+                swap_folder(checkpoints / "best",
                                     lambda folder: save_weights(classifier, peft_model, mode, folder))
         if accelerator.is_main_process:
             progress = {"epoch": epoch, "history": history, "best": best}
@@ -377,8 +341,10 @@ def release_memory(accelerator) -> None:
 def train_and_evaluate(cfg: DictConfig, data: PreparedData, output_dir: str | os.PathLike,
                        logger: RunLogger) -> dict[str, float]:
     output_dir = Path(output_dir)
-    accelerator = make_accelerator(cfg)
-    seed_everything(cfg.seed)
+    from accelerate.utils import set_seed
+
+    accelerator = fresh_accelerator(Precision(cfg.trainer.precision).value, cfg.trainer.cpu)
+    set_seed(cfg.seed)
     with accelerator.main_process_first():
         splits = load_splits(data, cfg.dataset.resolution, cfg.paths.cache_dir, accelerator.is_main_process)
     splits, capped = cap_evaluation(splits, cfg.trainer, accelerator.num_processes)
@@ -393,7 +359,7 @@ def train_and_evaluate(cfg: DictConfig, data: PreparedData, output_dir: str | os
     results = test_best(cfg, splits, output_dir, accelerator)
     release_memory(accelerator)
     results["capped"] = capped
-    history = read_history(output_dir / "metrics.jsonl")
+    history = read_json_lines(output_dir / "metrics.jsonl")
     results["best_epoch"] = max(history, key=lambda row: row[SELECTION_METRIC])["epoch"] if history else 0
     results["mode"] = mode.value
     results["seed"] = cfg.seed
@@ -410,7 +376,3 @@ def train_and_evaluate(cfg: DictConfig, data: PreparedData, output_dir: str | os
         logger.log_images(figures)
         logger.set_summary({**results["metrics"], "best_epoch": results["best_epoch"]})
     return {key: value for key, value in results["metrics"].items() if isinstance(value, float)}
-
-
-def read_history(path: Path) -> list[dict]:
-    return read_json_lines(path)

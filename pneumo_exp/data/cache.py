@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from pneumo_exp.data import phantom
 from pneumo_exp.data.images import decode_grayscale
 from pneumo_exp.data.manifest import Record
-from pneumo_exp.rundir import build_folder_once
+from pneumo_exp.core.files import build_folder_once
 
 FORMAT_VERSION = 2  # 2: EXIF orientation applied
 

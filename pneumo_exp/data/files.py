@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path, PurePath
 
-from pneumo_exp.data.images import (IMAGE_SUFFIXES, MIN_IMAGE_SIDE, BadImageError, check_image, readable_file,
-                                    sha256_file)
+from pneumo_exp.core.files import sha256_file
+from pneumo_exp.data.images import IMAGE_SUFFIXES, MIN_IMAGE_SIDE, BadImageError, check_image, readable_file
 from pneumo_exp.data.manifest import DatasetError, Record
 
 JUNK_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})

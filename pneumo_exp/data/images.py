@@ -1,4 +1,4 @@
-"""Reading image files safely: hashing, validation and decoding to 8-bit grayscale.
+"""Reading image files safely: validation and decoding to 8-bit grayscale.
 
 Every failure raises :class:`BadImageError` with a message that names the file and the problem: a missing or empty
 file, one that is not a regular file (a folder, a FIFO, a device), something that is not an image, a truncated or
@@ -11,7 +11,6 @@ are mapped to the same error, and truncated images are always refused, even when
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 import warnings
@@ -32,20 +31,10 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".jpeg", ".jpg", ".png")
 # What PIL raises on broken input, besides the errors above. Anything else (MemoryError, bugs) propagates.
 _DECODER_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, IndexError, KeyError,
                    TypeError, Image.DecompressionBombError, Image.DecompressionBombWarning)
-_HASH_CHUNK_BYTES = 1 << 20
 
 
 class BadImageError(UserError, ValueError):
     """A file that cannot be used as an image; the message names the file and the problem."""
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of the file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_HASH_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_image(path: str | os.PathLike, max_pixels: int | None = MAX_IMAGE_PIXELS,

@@ -10,11 +10,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import tempfile
 from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from pneumo_exp.core.files import atomic_file
 from pneumo_exp.errors import UserError
 from pneumo_exp.labels import CLASSES
 
@@ -115,15 +115,12 @@ def patient_counts(records: list[Record]) -> dict[str, int]:
 
 def write_csv(records: list[Record], path: str | os.PathLike) -> Path:
     """Write atomically: a reader never sees half a manifest."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", newline="", dir=path.parent, suffix=".tmp", delete=False) as handle:
+    with atomic_file(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         for record in records:
             writer.writerow(asdict(record))
-    os.replace(handle.name, path)
-    return path
+    return Path(path)
 
 
 def read_csv(path: str | os.PathLike) -> list[Record]:

@@ -14,8 +14,8 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path, PurePath
 
+from pneumo_exp.core.files import sha256_file
 from pneumo_exp.data.files import is_junk
-from pneumo_exp.data.images import sha256_file
 from pneumo_exp.data.manifest import DatasetError
 
 log = logging.getLogger(__name__)

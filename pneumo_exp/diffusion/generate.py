@@ -71,14 +71,13 @@ def generate_synthetic(pipeline_source: str, lora_folder: str | os.PathLike, cou
                        precision: str = "no", progress: bool = True, revision: str | None = None) -> list[Record]:
     """Draw `counts[c]` images of each class c with the class prompt; returns their Records (split=train,
     source=synthetic, sha256 of the PNG file). A missing or corrupt LoRA file raises LoraFileError naming it."""
-    import torch
     from accelerate.utils.memory import clear_device_cache
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from pneumo_exp.classify.checkpoint import write_folder_atomic
-    from pneumo_exp.diffusion.pipeline import check_lora_file, image_seed, load_pipeline, sample, sha256_file
-    from pneumo_exp.rundir import write_json_atomic
+    from pneumo_exp.core.files import sha256_file, swap_folder, write_json_atomic
+    from pneumo_exp.core.seeds import image_seed
+    from pneumo_exp.diffusion.stable_diffusion import WEIGHT_DTYPES, check_lora_file, load_pipeline, sample
 
     check_class_keys(dict(counts), "counts")
     counts = {label: int(counts.get(label, 0)) for label in CLASSES}
@@ -92,8 +91,8 @@ def generate_synthetic(pipeline_source: str, lora_folder: str | os.PathLike, cou
     target = Path(output_dir).resolve() / SYNTHETIC_DIR
     total = sum(counts.values())
     lora_sha256 = check_lora_file(lora_folder)[1] if total else ""
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    pipeline = load_pipeline(pipeline_source, lora_folder, device=device, dtype=dtype, revision=revision) \
+    pipeline = load_pipeline(pipeline_source, lora_folder, device=device, dtype=WEIGHT_DTYPES[precision],
+                             revision=revision) \
         if total else None
     records: list[Record] = []
     sidecar: list[dict] = []
@@ -132,7 +131,7 @@ def generate_synthetic(pipeline_source: str, lora_folder: str | os.PathLike, cou
             "steps": steps, "guidance": guidance, "resolution": resolution, "scheduler": "DPMSolverMultistep",
             "precision": precision})
 
-    write_folder_atomic(target, fill)
+    swap_folder(target, fill)
     pipeline = None  # noqa: F841 - the closure above holds it: the stage frees its UNet here
     clear_device_cache(garbage_collection=True)
     return records
@@ -144,7 +143,7 @@ def synthesize_for_run(cfg, lora_folder: str | os.PathLike, real_counts: dict[st
     settings from `diffusion_lora.generation`, prompts and resolution from `diffusion_lora`."""
     from omegaconf import OmegaConf
 
-    from pneumo_exp.diffusion.pipeline import check_resolution, pipeline_source
+    from pneumo_exp.diffusion.stable_diffusion import check_resolution, pipeline_source
     from pneumo_exp.diffusion.settings import generation_settings
 
     settings = generation_settings(cfg.diffusion_lora)

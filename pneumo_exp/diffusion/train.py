@@ -14,15 +14,12 @@ Reads top to bottom: images to model input, LoRA set-up, the loss, checkpoints, 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -30,40 +27,38 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from pneumo_exp.classify.checkpoint import (START_AFRESH, CheckpointError, load_state_file, restore_rng, rng_state,
-                                            write_folder_atomic)
 from pneumo_exp.config import Precision
+from pneumo_exp.core.checkpoint import (last_checkpoint, load_lora_strictly, load_state_file, read_weights,
+                                        save_state_file)
+from pneumo_exp.core.files import atomic_file, sha256_file, swap_folder, write_json_atomic
+from pneumo_exp.core.history import HistoryFile
+from pneumo_exp.core.seeds import derived_seed, image_seed, restore_rng, seeded_generator
+from pneumo_exp.core.training import NonFiniteLossError, fresh_accelerator
 from pneumo_exp.data.augment import resize, to_unit_float
-from pneumo_exp.diffusion.pipeline import (
+from pneumo_exp.diffusion.settings import DiffusionTrainingConfig, training_settings
+from pneumo_exp.diffusion.stable_diffusion import (
     LORA_INFO_NAME,
     LORA_WEIGHT_NAME,
+    WEIGHT_DTYPES,
     SDComponents,
-    grid_image,
-    image_seed,
-    load_components,
     check_resolution,
+    grid_image,
+    load_components,
     pipeline_from_components,
     pipeline_source,
     sample,
-    sha256_file,
     to_vae_input,
 )
-from pneumo_exp.diffusion.settings import DiffusionTrainingConfig, training_settings
 from pneumo_exp.errors import UserError
-from pneumo_exp.labels import CLASSES, class_index
-from pneumo_exp.rundir import json_line, write_json_atomic, write_text_atomic
+from pneumo_exp.labels import CLASSES
+from pneumo_exp.tracking import RunLogger
 
 log = logging.getLogger(__name__)
 
 STAGE_DIR = "diffusion"
 CHECKPOINT_LORA = "lora.safetensors"
 CHECKPOINT_STATE = "training_state.pt"
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MAX_UPSAMPLING = 1.5  # training images enlarged more than this from their source files: a warning
-
-
-class NonFiniteLossError(FloatingPointError):
-    pass
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -74,27 +69,6 @@ class TrainingImages:
     pixels: torch.Tensor  # uint8 (N, R, R), training split only
     labels: torch.Tensor  # int64 (N,), indices into CLASSES
     source_sides: list[int | None] | None = None  # shorter side of each original file; None: rendered at any size
-
-
-def as_training_images(train_images: Any) -> TrainingImages:
-    """Accepts {"pixels" (or "images"): uint8 (N, R, R), "labels": class indices or names, optionally
-    "source_sides" (see `source_image_sides`)} or an object with `.pixels` and `.labels` (the classifier's
-    SplitTensors)."""
-    get = train_images.get if isinstance(train_images, dict) else lambda key: getattr(train_images, key, None)
-    pixels = get("pixels") if get("pixels") is not None else get("images")
-    labels = get("labels")
-    if pixels is None or labels is None:
-        raise ValueError("train_images needs uint8 `pixels` (N, R, R) and `labels` (N,)")
-    pixels = torch.as_tensor(np.asarray(pixels)) if not isinstance(pixels, torch.Tensor) else pixels
-    if pixels.dtype != torch.uint8 or pixels.ndim != 3 or pixels.shape[1] != pixels.shape[2]:
-        raise ValueError(f"train_images pixels must be uint8 (N, R, R), got {tuple(pixels.shape)} {pixels.dtype}")
-    if not isinstance(labels, torch.Tensor):
-        labels = torch.tensor([class_index(x) if isinstance(x, str) else int(x) for x in labels], dtype=torch.long)
-    if len(labels) != len(pixels) or len(pixels) == 0:
-        raise ValueError(f"train_images: {len(pixels)} images but {len(labels)} labels (need the same, > 0)")
-    if labels.min() < 0 or labels.max() >= len(CLASSES):
-        raise ValueError(f"train_images labels must index {list(CLASSES)}")
-    return TrainingImages(pixels, labels.long(), get("source_sides"))
 
 
 def source_image_sides(records) -> list[int | None]:
@@ -241,33 +215,16 @@ def save_checkpoint(folder: Path, unet, optimizer, scheduler, progress: dict) ->
     def fill(staging: Path) -> None:
         weights = {k: v.detach().float().contiguous().cpu() for k, v in get_peft_model_state_dict(unet).items()}
         save_file(weights, staging / CHECKPOINT_LORA)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                    **progress}, staging / CHECKPOINT_STATE)
+        save_state_file(staging / CHECKPOINT_STATE, optimizer, scheduler, progress)
 
-    write_folder_atomic(folder, fill)
+    swap_folder(folder, fill)
 
 
 def load_checkpoint(folder: Path, unet) -> dict:
     """Restore the LoRA weights strictly (every tensor must fit) and return the saved training state."""
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    weights_file, state_file = folder / CHECKPOINT_LORA, folder / CHECKPOINT_STATE
-    if not weights_file.is_file():
-        raise CheckpointError("cannot resume: the LoRA checkpoint is missing", where=str(weights_file),
-                              fix=START_AFRESH)
-    state = load_state_file(state_file)
-    try:
-        weights = load_file(weights_file)
-    except Exception as error:
-        raise CheckpointError(f"cannot resume: the LoRA checkpoint is damaged or truncated ({error})",
-                              where=str(weights_file), fix=START_AFRESH) from None
-    result = set_peft_model_state_dict(unet, weights)
-    missing = [k for k in result.missing_keys if "lora_" in k]
-    if result.unexpected_keys or missing:
-        raise CheckpointError(f"cannot resume: the LoRA does not fit the UNet (unexpected "
-                              f"{result.unexpected_keys[:3]}, missing {missing[:3]})", where=str(weights_file),
-                              fix=START_AFRESH)
+    weights = read_weights(folder / CHECKPOINT_LORA)
+    state = load_state_file(folder / CHECKPOINT_STATE)
+    load_lora_strictly(unet, weights, str(folder / CHECKPOINT_LORA))
     return state
 
 
@@ -286,43 +243,8 @@ def save_lora(folder: Path, unet, info: dict) -> Path:
         write_json_atomic(staging / LORA_INFO_NAME,
                           {"file": LORA_WEIGHT_NAME, "sha256": sha256_file(staging / LORA_WEIGHT_NAME), **info})
 
-    write_folder_atomic(folder, fill)
+    swap_folder(folder, fill)
     return folder
-
-
-# ----------------------------------------------------------------------------------------- logging
-
-
-def _emitter(logger) -> Callable[[dict], None]:
-    """A RunLogger (its log_metrics: W&B only, this stage keeps its own metrics file), any callable taking a dict,
-    or None."""
-    if logger is None:
-        return lambda row: None
-    if hasattr(logger, "log_metrics"):
-        return logger.log_metrics
-    if callable(logger):
-        return logger
-    raise TypeError(f"logger must be a RunLogger, a callable or None, got {type(logger).__name__}")
-
-
-class MetricsFile:
-    """`diffusion/metrics.jsonl`: step and epoch rows, written by the main process only and forwarded to the
-    logger; rewritten to the checkpoint's history on resume."""
-
-    def __init__(self, path: Path, forward: Callable[[dict], None], enabled: bool):
-        self.path, self.forward, self.enabled, self.history = path, forward, enabled, []
-
-    def restart(self, history: list[dict]) -> None:
-        self.history = list(history)
-        if self.enabled:
-            write_text_atomic(self.path, "".join(map(json_line, self.history)))
-
-    def log(self, row: dict) -> None:
-        self.history.append(row)
-        if self.enabled:
-            with self.path.open("a") as handle:
-                handle.write(json_line(row))
-            self.forward(row)
 
 
 def save_validation_grid(components: SDComponents, unet, settings: DiffusionTrainingConfig, prompts: dict,
@@ -337,31 +259,21 @@ def save_validation_grid(components: SDComponents, unet, settings: DiffusionTrai
                               settings.validation_inference_steps, settings.validation_guidance_scale, resolution)
                 for label in CLASSES}
     unet.train(was_training)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(path.name + ".tmp")
-    grid_image(rows).save(staging, format="PNG")
-    os.replace(staging, path)
+    with atomic_file(path, "wb") as handle:
+        grid_image(rows).save(handle, format="PNG")
     return path
 
 
 # -------------------------------------------------------------------------------------------- loop
 
 
-def _derived_seed(*parts: int) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:7], "big")
-
-
-def _generator(*parts: int) -> torch.Generator:
-    return torch.Generator().manual_seed(_derived_seed(*parts))
-
-
-def train_diffusion_lora(cfg: DictConfig, train_images: Any, output_dir: str | os.PathLike, logger=None,
-                         components: SDComponents | None = None) -> Path:
+def train_diffusion_lora(cfg: DictConfig, train_images: TrainingImages, output_dir: str | os.PathLike,
+                         logger: RunLogger | None = None, components: SDComponents | None = None) -> Path:
     """Train the LoRA and return the folder of the saved LoRA (`output_dir/diffusion/lora`).
 
-    `train_images`: the training split only (see `as_training_images`). `logger`: a RunLogger, a callable taking a
-    dict, or None. `components`: already loaded base components to train in place (default: loaded from the
-    configured source); afterwards they hold the trained LoRA, in eval mode. Resumes from
+    `train_images`: the training split only. `logger`: gets every metrics row (`log_metrics`) and validation grid
+    (`log_images`) on the main process. `components`: already loaded base components to train in place (default:
+    loaded from the configured source); afterwards they hold the trained LoRA, in eval mode. Resumes from
     `output_dir/diffusion/checkpoints/last` when `cfg.resume` is true. Whatever the stage loaded (UNet, optimizer,
     accelerator state) is freed when it returns.
     """
@@ -373,10 +285,8 @@ def train_diffusion_lora(cfg: DictConfig, train_images: Any, output_dir: str | o
         clear_device_cache(garbage_collection=True)  # the prepared UNet and the Accelerator hold each other
 
 
-def _train(cfg: DictConfig, train_images: Any, output_dir: str | os.PathLike, logger,
+def _train(cfg: DictConfig, data: TrainingImages, output_dir: str | os.PathLike, logger: RunLogger | None,
            components: SDComponents | None) -> Path:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
 
@@ -386,7 +296,6 @@ def _train(cfg: DictConfig, train_images: Any, output_dir: str | os.PathLike, lo
     resolution = int(diffusion_cfg.resolution)
     prompts = OmegaConf.to_container(diffusion_cfg.prompts) if OmegaConf.is_config(diffusion_cfg.prompts) \
         else dict(diffusion_cfg.prompts)
-    data = as_training_images(train_images)
     if settings.cache_latents and settings.crop_min_side < 1:
         raise UserError("cached latents take no random crops", where="diffusion_lora.training.crop_min_side",
                         fix="set diffusion_lora.training.crop_min_side=1 with cache_latents=true, or turn "
@@ -404,10 +313,8 @@ def _train(cfg: DictConfig, train_images: Any, output_dir: str | os.PathLike, lo
     stage_dir = Path(output_dir) / STAGE_DIR
     checkpoint_dir = stage_dir / "checkpoints" / "last"
 
-    trainer_cfg = cfg.get("trainer", None) or {}
-    precision = settings.precision or Precision(trainer_cfg.get("precision", "no")).value
-    AcceleratorState._reset_state(reset_partial_state=False)  # as the classifier does: a precision of our own
-    accelerator = Accelerator(mixed_precision=precision, cpu=bool(trainer_cfg.get("cpu", False)))
+    precision = settings.precision or Precision(cfg.trainer.precision).value
+    accelerator = fresh_accelerator(precision, cfg.trainer.cpu)
     weight_dtype = WEIGHT_DTYPES[precision]
     components = components or load_components(source, diffusion_cfg.get("revision"), dtype=weight_dtype)
     torch.manual_seed(seed)  # the LoRA's gaussian initialisation
@@ -436,21 +343,26 @@ def _train(cfg: DictConfig, train_images: Any, output_dir: str | os.PathLike, lo
     is_main = accelerator.is_main_process
     if is_main:
         stage_dir.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsFile(stage_dir / "metrics.jsonl", _emitter(logger), enabled=is_main)
+    history = HistoryFile(stage_dir / "metrics.jsonl", enabled=is_main)
+
+    def log_row(row: dict) -> None:
+        history.append(row)
+        if is_main and logger is not None:
+            logger.log_metrics(row)
+
     global_step, start_epoch = 0, 1
-    if not checkpoint_dir.is_dir() and checkpoint_dir.with_name("last.old").is_dir():
-        checkpoint_dir = checkpoint_dir.with_name("last.old")  # a crash between the two renames of a save
-    if cfg.get("resume", False) and checkpoint_dir.is_dir():
+    checkpoint_dir = last_checkpoint(checkpoint_dir)
+    if cfg.resume and checkpoint_dir.is_dir():
         state = load_checkpoint(checkpoint_dir, raw_unet)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"])
         global_step, start_epoch = state["global_step"], state["epoch"] + 1
-        metrics.restart(state["history"])
+        history.restart(state["history"])
         log.info("diffusion LoRA resumed from %s after epoch %d (step %d)", checkpoint_dir, state["epoch"],
                  global_step)
     else:
-        metrics.restart([])
+        history.restart([])
     log.info("diffusion LoRA: %d images, %s (batch %d x accumulation %d x %d processes), r=%s alpha=%s%s",
              len(data.labels), step_plan(total_steps, epochs, steps_per_epoch, settings.max_train_steps),
              settings.batch_size, settings.grad_accum_steps, accelerator.num_processes, diffusion_cfg.lora.r,
@@ -465,7 +377,7 @@ def _train(cfg: DictConfig, train_images: Any, output_dir: str | os.PathLike, lo
             path = save_validation_grid(components, raw_unet, settings, prompts, seed, resolution,
                                         stage_dir / "samples" / f"step_{global_step:05d}.png", accelerator,
                                         validation_images)
-            if hasattr(logger, "log_images"):
+            if logger is not None:
                 logger.log_images({"diffusion/samples": path})
 
     def batch_latents(indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -478,13 +390,13 @@ def _train(cfg: DictConfig, train_images: Any, output_dir: str | os.PathLike, lo
     for epoch in range(start_epoch, epochs + 1):
         if global_step >= total_steps:
             break
-        torch.manual_seed(_derived_seed(seed, epoch, accelerator.process_index))  # LoRA dropout
-        order = torch.randperm(len(data.labels), generator=_generator(seed, epoch))  # shared by every process
+        torch.manual_seed(derived_seed(seed, epoch, accelerator.process_index))  # LoRA dropout
+        order = torch.randperm(len(data.labels), generator=seeded_generator(seed, epoch))  # shared by every process
         shard = order[accelerator.process_index::accelerator.num_processes][:per_process]
         batches = list(shard.split(settings.batch_size))
         steps = [batches[i:i + settings.grad_accum_steps] for i in range(0, len(batches), settings.grad_accum_steps)]
         steps = steps[: total_steps - global_step]
-        generator = _generator(seed, epoch, accelerator.process_index, 1)  # crops, noise, timesteps: per process
+        draws = seeded_generator(seed, epoch, accelerator.process_index, 1)  # crops, noise, timesteps: per process
         epoch_losses, window, window_images, window_start = [], [], 0, time.perf_counter()
         bar = tqdm(steps, desc=f"diffusion LoRA epoch {epoch}/{epochs}", unit="step", leave=False,
                    disable=not is_main, mininterval=1.0)
@@ -494,12 +406,13 @@ def _train(cfg: DictConfig, train_images: Any, output_dir: str | os.PathLike, lo
                 states = class_states[data.labels[indices].to(class_states.device)]
                 last = position == len(micro_batches) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(unet):
-                    loss = latent_loss(components, unet, batch_latents(indices, generator), states, generator,
+                    loss = latent_loss(components, unet, batch_latents(indices, draws), states, draws,
                                        settings.min_snr_gamma, settings.noise_offset)
                     if not bool(torch.isfinite(accelerator.gather(loss.detach().view(1))).all()):  # stop every rank
                         raise NonFiniteLossError(
                             f"diffusion loss became non-finite at step {global_step + 1} (this process: "
-                            f"{loss.item()}): lower diffusion_lora.training.lr or use precision bf16 instead of fp16")
+                            f"{loss.item()})", "diffusion_lora.training.lr, diffusion_lora.training.precision",
+                            "lower diffusion_lora.training.lr or use precision bf16 instead of fp16")
                     accelerator.backward(loss / len(micro_batches))
                 step_loss += loss.item() / len(micro_batches)
                 window_images += len(indices) * accelerator.num_processes
@@ -514,22 +427,21 @@ def _train(cfg: DictConfig, train_images: Any, output_dir: str | os.PathLike, lo
             bar.set_postfix(loss=f"{step_loss:.4f}")
             if len(window) >= settings.log_every or step_index == len(steps) - 1:
                 seconds = time.perf_counter() - window_start
-                metrics.log({"diffusion/step": global_step, "diffusion/epoch": epoch,
-                             "diffusion/loss": mean_over_processes(window),
-                             "diffusion/lr": scheduler.get_last_lr()[0],
-                             "diffusion/step_seconds": seconds / len(window),
-                             "diffusion/images_per_second": window_images / seconds})
+                log_row({"diffusion/step": global_step, "diffusion/epoch": epoch,
+                         "diffusion/loss": mean_over_processes(window), "diffusion/lr": scheduler.get_last_lr()[0],
+                         "diffusion/step_seconds": seconds / len(window),
+                         "diffusion/images_per_second": window_images / seconds})
                 window, window_images = [], 0
             if settings.validation_every > 0 and global_step % settings.validation_every == 0:
                 validate()
             if not window:
                 window_start = time.perf_counter()  # the next window's time leaves out logging and grids
-        metrics.log({"diffusion/step": global_step, "diffusion/epoch": epoch,
-                     "diffusion/epoch_loss": mean_over_processes(epoch_losses)})
+        log_row({"diffusion/step": global_step, "diffusion/epoch": epoch,
+                 "diffusion/epoch_loss": mean_over_processes(epoch_losses)})
         accelerator.wait_for_everyone()
         if is_main:
             save_checkpoint(stage_dir / "checkpoints" / "last", raw_unet, optimizer, scheduler,
-                            {"epoch": epoch, "global_step": global_step, "history": metrics.history})
+                            {"epoch": epoch, "global_step": global_step, "history": history.rows})
 
     accelerator.wait_for_everyone()
     raw_unet.eval()

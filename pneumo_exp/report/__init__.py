@@ -22,12 +22,11 @@ outside the output folder.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from pneumo_exp.core.files import write_atomic
 from pneumo_exp.errors import UserError
 from pneumo_exp.report.collect import collect_runs
 from pneumo_exp.report.compare import compare_pairs
@@ -37,22 +36,6 @@ from pneumo_exp.report.tables import (csv_text, epochs_document, failures_markdo
                                       report_markdown)
 
 BAR_METRICS = ("test/acc", "test/f1_macro")
-
-
-def write_atomic(path: Path, data: str | bytes) -> Path:
-    """Write to a temporary file beside path, then rename it over path: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-    return path
 
 
 def write_report(root: str | os.PathLike, output_dir: str | os.PathLike, reference: bool = True,

@@ -15,7 +15,8 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from pneumo_exp.rundir import RESULT_NEUTRAL_KEYS, read_json_lines
+from pneumo_exp.core.history import read_json_lines
+from pneumo_exp.rundir import RESULT_NEUTRAL_KEYS
 
 # Override keys (and their sub-keys) that never change what a job computes, so never split a configuration.
 NOT_A_SETTING = RESULT_NEUTRAL_KEYS

@@ -8,7 +8,6 @@ replication and leave it as the mean of the three channels, as uint8.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -16,16 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
+from pneumo_exp.core.files import sha256_file
+from pneumo_exp.core.presets import MAX_TEXT_TOKENS, character_tokenizer, model_source
 from pneumo_exp.errors import UserError
 from pneumo_exp.hub import cannot_load
-from pneumo_exp.rundir import build_folder_once
 
-RANDOM_INIT_FORMAT = 1
-MAX_TEXT_TOKENS = 77
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
 LORA_INFO_NAME = "lora_info.json"
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # by trainer.precision
 
 
 class LoraFileError(UserError, RuntimeError):
@@ -37,19 +35,8 @@ class LoraFileError(UserError, RuntimeError):
 
 def pipeline_source(diffusion_cfg, cache_dir: str | os.PathLike) -> str:
     """The configured hub id or folder, or the random-init preset saved once under `cache_dir/models`."""
-    if diffusion_cfg.pretrained:
-        return str(diffusion_cfg.pretrained)
-    if not diffusion_cfg.architecture:
-        raise ValueError(f"diffusion_lora={diffusion_cfg.name}: set either `pretrained` (hub id or local folder) "
-                         f"or `architecture` (a random-init preset)")
-    architecture = OmegaConf.to_container(diffusion_cfg.architecture, resolve=True) \
-        if OmegaConf.is_config(diffusion_cfg.architecture) else dict(diffusion_cfg.architecture)
-    resolution = int(diffusion_cfg.resolution)
-    key = hashlib.sha256(json.dumps([RANDOM_INIT_FORMAT, architecture, resolution],
-                                    sort_keys=True).encode()).hexdigest()[:12]
-    folder = Path(cache_dir) / "models" / f"sd-{diffusion_cfg.name}-{key}"
-    build = lambda staging: build_tiny_pipeline(architecture, resolution, staging)  # noqa: E731
-    return str(build_folder_once(folder, "model_index.json", build))
+    return model_source("diffusion_lora", diffusion_cfg, int(diffusion_cfg.resolution), cache_dir, "sd",
+                        "model_index.json", build_tiny_pipeline)
 
 
 def _group_count(channels: list[int]) -> int:
@@ -62,8 +49,6 @@ def build_tiny_pipeline(architecture: dict, resolution: int, folder: Path) -> No
     DDPM scheduler) as a folder that `StableDiffusionPipeline.from_pretrained` loads."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from pneumo_exp.classify.model import character_tokenizer
 
     _quiet_libraries()
     unet_channels = list(architecture.get("unet_channels", [32, 64]))
@@ -223,14 +208,6 @@ def load_pipeline(source: str, lora: str | os.PathLike | None = None, device: st
 # ------------------------------------------------------------------------------------------ LoRA
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def lora_weights_file(lora: str | os.PathLike) -> Path:
     """The LoRA weights file: `lora` itself, or the diffusers-named file inside the folder `lora`."""
     path = Path(lora)
@@ -302,11 +279,6 @@ def to_grayscale_uint8(images: np.ndarray) -> np.ndarray:
     """float (B, H, W, 3) in [0, 1] (the pipeline's `output_type="np"`) -> uint8 (B, H, W)."""
     gray = np.clip(images.astype(np.float64).mean(axis=-1), 0.0, 1.0)
     return np.round(gray * 255.0).astype(np.uint8)
-
-
-def image_seed(seed: int, label: str, index: int) -> int:
-    """A per-image seed that depends on (seed, class, index) only, never on batching or counts."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{label}:{index}".encode()).digest()[:7], "big")
 
 
 @torch.no_grad()

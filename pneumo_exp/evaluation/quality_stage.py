@@ -22,9 +22,9 @@ from torch import nn
 from pneumo_exp.data.cache import open_or_build
 from pneumo_exp.data.manifest import Record
 from pneumo_exp.data.prepare import PreparedData
-from pneumo_exp.diffusion.quality import quality_report
+from pneumo_exp.core.files import atomic_file, write_json_atomic
+from pneumo_exp.evaluation.quality import quality_report
 from pneumo_exp.labels import CLASSES
-from pneumo_exp.rundir import write_json_atomic
 
 COPY_FRACTION = 0.25  # a synthetic image this much closer to a real one than real images are to each other
 
@@ -100,7 +100,7 @@ def classification_accuracy_score(cfg: DictConfig, data: PreparedData, output_di
 
 def run_quality(cfg: DictConfig, data: PreparedData, output_dir: Path, logger) -> dict:
     from pneumo_exp.classify.predict import load_trained
-    from pneumo_exp.diffusion.pipeline import grid_image
+    from pneumo_exp.diffusion.stable_diffusion import grid_image
 
     resolution = cfg.dataset.resolution
     real = pixels_by_class(data, "real", resolution, cfg.paths.cache_dir)
@@ -132,9 +132,8 @@ def run_quality(cfg: DictConfig, data: PreparedData, output_dir: Path, logger) -
             rows[f"{label} real"] = real[label][:6]
             rows[f"{label} synth"] = synthetic[label][:6]
     grid_path = output_dir / "synthetic_vs_real.png"
-    staging = grid_path.with_suffix(".png.tmp")
-    grid_image(rows).save(staging, format="PNG")
-    staging.replace(grid_path)
+    with atomic_file(grid_path, "wb") as handle:
+        grid_image(rows).save(handle, format="PNG")
     logger.log_images({"synthetic_vs_real": grid_path})
     logger.set_summary({f"quality/{label}/{key}": value for label, row in report.items()
                         for key, value in row.items() if isinstance(value, (int, float))})

@@ -1,0 +1,6 @@
+"""Evaluation across stages: the `quality` stage, which judges the diffusion stage's synthetic images in the feature
+space of the classifier the classify stage trained (so it may import both).
+
+quality.py        per-class FID / KID in a caller-given feature space and nearest-real-neighbour distances
+quality_stage.py  the stage: quality.json, synthetic_vs_real.png and the classification accuracy score
+"""
