@@ -38,7 +38,8 @@ from pneumo_exp.classify.train import (  # noqa: E402
 )
 from pneumo_exp.config import Precision  # noqa: E402
 from pneumo_exp.core.training import fresh_accelerator  # noqa: E402
-from pneumo_exp.data.augment import AugmentSettings, random_augment, to_unit_float  # noqa: E402
+from pneumo_exp.config import AugmentSettings  # noqa: E402
+from pneumo_exp.data.augment import random_augment, to_unit_float  # noqa: E402
 from pneumo_exp.data.images import decode_grayscale  # noqa: E402
 from pneumo_exp.data.phantom import phantom_records, render  # noqa: E402
 from pneumo_exp.labels import CLASSES, class_index  # noqa: E402

@@ -86,7 +86,7 @@ def remove_unused_run_folder(folder: Path, job_name: str) -> None:
 
 def objective(cfg: DictConfig, metrics: dict | None):
     """What a sweeper optimises: `sweep_objective` (a metric name) as a float, else the metrics dict."""
-    if not cfg.get("sweep_objective"):
+    if not cfg.sweep_objective:
         return metrics
     if metrics is None:
         return float("nan")

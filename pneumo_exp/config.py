@@ -1,7 +1,8 @@
-"""Typed schemas for the config groups, registered in Hydra's ConfigStore.
+"""Every schema of the config, registered in Hydra's ConfigStore, and the one conversion to typed objects.
 
-Each YAML file of a typed group starts with ``defaults: [<group>_schema, _self_]``, so a misspelt key or a value of
-the wrong type fails when the config is composed, naming the key.
+`conf/config.yaml` starts with ``job_schema`` and each YAML file of a group with ``defaults: [<group>_schema,
+_self_]``, so a misspelt key or a value of the wrong type fails when the config is composed, naming the key. A job
+converts the composed config once (`job_config`) and the stages take the typed objects.
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-from pneumo_exp.data.augment import AugmentSettings
-from pneumo_exp.diffusion.settings import DiffusionGenerationConfig, DiffusionTrainingConfig
 from pneumo_exp.labels import CLASSES
 
 
@@ -78,14 +77,6 @@ class ImageTower(str, Enum):
     conv = "conv"
 
 
-def default_prompts() -> dict[str, list[str]]:
-    return {
-        "NORMAL": ["An image of normal chest X-ray", "a chest radiograph with clear lungs"],
-        "BACTERIA": ["An image of bacteria chest X-ray", "a chest radiograph with lobar consolidation"],
-        "VIRUS": ["An image of virus chest X-ray", "a chest radiograph with diffuse interstitial opacities"],
-    }
-
-
 @dataclass
 class ClipConfig:
     name: str = MISSING
@@ -99,7 +90,53 @@ class ClipConfig:
     train_text_encoder: bool = False  # the text side trains too: LoRA on it (lora) or all its weights (full)
     center_class_embeddings: bool = False  # subtract the class mean: keeps random-init text towers apart
     gradient_checkpointing: bool = False  # recompute the transformer layers in backward: less memory, more time
-    prompts: dict[str, list[str]] = field(default_factory=default_prompts)
+    prompts: dict[str, list[str]] = MISSING  # class -> prompt templates: conf/clip_lora/prompts/
+
+
+class Precision(str, Enum):
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@dataclass
+class DiffusionTrainingConfig:
+    epochs: int = 5
+    max_train_steps: Optional[int] = None  # optimizer steps; when set, it ends training (and overrides epochs)
+    batch_size: int = 4  # per process and micro-batch
+    grad_accum_steps: int = 1  # optimizer step every N micro-batches: effective batch = batch x N x processes
+    lr: float = 1.0e-4
+    weight_decay: float = 1.0e-2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1.0e-8
+    warmup_ratio: float = 0.05  # share of optimizer steps with linear warm-up, then cosine decay to zero
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    min_snr_gamma: Optional[float] = None  # e.g. 5.0: min-SNR-gamma loss weighting; null = plain MSE
+    noise_offset: float = 0.0
+    crop_min_side: float = 0.9  # random square crops of side in [crop_min_side, 1] x image side; 1 = no crop
+    cache_latents: bool = False  # VAE posteriors computed once per image before training (needs crop_min_side=1)
+    gradient_checkpointing: bool = False  # UNet activations recomputed in the backward pass: less memory, slower
+    precision: Optional[str] = None  # no | bf16 | fp16 (LoRA parameters stay fp32); null: trainer.precision
+    seed: Optional[int] = None  # null: the run's top-level seed
+    log_every: int = 10  # optimizer steps between loss rows in diffusion/metrics.jsonl (and W&B)
+    validation_every: int = 500  # optimizer steps between validation grids (and one at the end); 0 = none
+    validation_images_per_class: Optional[int] = None  # null: 4 on a GPU, 1 on the CPU
+    validation_inference_steps: int = 20
+    validation_guidance_scale: float = 7.5
+
+    def validation_images(self, device_type: str) -> int:
+        if self.validation_images_per_class is not None:
+            return self.validation_images_per_class
+        return 1 if device_type == "cpu" else 4
+
+
+@dataclass
+class DiffusionGenerationConfig:
+    num_inference_steps: int = 25  # DPM-Solver++ multistep
+    guidance_scale: float = 7.5
+    batch_size: int = 8
+    seed: Optional[int] = None  # null: the run's top-level seed
+    precision: str = "no"  # no | fp16 | bf16: the dtype of the pipeline's weights while sampling
 
 
 @dataclass
@@ -112,11 +149,7 @@ class DiffusionConfig:
     allow_non_native_resolution: bool = False  # true: train at a resolution other than the base model's
     lora: LoraSpec = field(default_factory=lambda: LoraSpec(r=4, alpha=16.0, dropout=0.1,
                                                              target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    prompts: dict[str, str] = field(default_factory=lambda: {
-        "NORMAL": "a pediatric chest X-ray, normal lungs",
-        "BACTERIA": "a pediatric chest X-ray, bacterial pneumonia",
-        "VIRUS": "a pediatric chest X-ray, viral pneumonia",
-    })
+    prompts: dict[str, str] = MISSING  # class -> generation prompt: conf/diffusion_lora/prompts/
     training: DiffusionTrainingConfig = field(default_factory=DiffusionTrainingConfig)
     generation: DiffusionGenerationConfig = field(default_factory=DiffusionGenerationConfig)
     trained_lora: Optional[str] = None  # a LoRA folder from an earlier run: synthesize without the diffusion stage
@@ -144,10 +177,14 @@ class ClassBalance(str, Enum):
     sampler = "sampler"  # draw training images with probability inverse to their class size
 
 
-class Precision(str, Enum):
-    no = "no"
-    bf16 = "bf16"
-    fp16 = "fp16"
+@dataclass
+class AugmentSettings:
+    """`trainer.augment_settings`: ranges of the random transforms of `pneumo_exp.data.augment`."""
+    crop_scale: tuple[float, float] = (0.75, 1.0)  # area of the view relative to the image; above 1 zooms out
+    max_rotation_degrees: float = 7.0
+    brightness: float = 0.1  # additive shift, uniform in [-b, b], on [0, 1] pixels
+    contrast: float = 0.15  # multiplicative factor, uniform in [1 - c, 1 + c]
+    max_gamma: float = 1.0  # pixels ** gamma with log(gamma) uniform in [-log g, log g]; 1 turns it off
 
 
 @dataclass
@@ -167,6 +204,7 @@ class TrainerConfig:
     cap_test: bool = False  # the cap applies to the test split too (its metrics are then no result)
     save_optimizer_state: bool = True  # false: checkpoints/last holds no optimizer state (resume restarts it)
     bootstrap_samples: int = 1000
+    selection_metric: str = "val/f1_macro"  # the validation metric that picks the best epoch (higher is better)
     cpu: bool = False  # force the CPU even where a GPU is present
 
 
@@ -192,7 +230,61 @@ class LoggerConfig:
     group: str = "${experiment_name}"
 
 
+@dataclass
+class PathsConfig:
+    output_dir: str = MISSING
+    cache_dir: str = MISSING
+
+
+@dataclass
+class PredictConfig:
+    run_dir: Optional[str] = None
+    input: Optional[str] = None
+    output: Optional[str] = None
+
+
+@dataclass
+class ReportConfig:
+    input: Optional[str] = None
+    output: Optional[str] = None
+    pairs: Optional[list[list[str]]] = None
+    bootstrap_samples: int = 2000
+    published: Any = None  # the reference rows of every report (conf/report/default.yaml)
+
+
+@dataclass
+class QualityConfig:
+    copy_fraction: float = 0.25  # a synthetic image this much closer to a real one than real images are to each other
+    kid_subset_size: int = 50
+    kid_subsets: int = 100
+
+
+@dataclass
+class JobConfig:
+    """The whole config of a job (`conf/config.yaml`), as the stages take it."""
+    task: str = "run"
+    stages: list[str] = field(default_factory=lambda: ["data", "classify"])
+    experiment_name: str = "default"
+    seed: int = 0
+    tags: list[str] = field(default_factory=list)
+    resume: bool = False
+    sweep_name: str = MISSING
+    sweep_objective: Optional[str] = None
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    dataset: DatasetConfig = MISSING
+    clip_lora: ClipConfig = MISSING
+    diffusion_lora: DiffusionConfig = MISSING
+    augmentation: AugmentationConfig = MISSING
+    optim: OptimConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    paths: PathsConfig = MISSING
+    report: ReportConfig = MISSING
+
+
 SCHEMAS = {
+    (None, "job_schema"): JobConfig,
     ("dataset", "phantom_schema"): PhantomDatasetConfig,
     ("dataset", "kermany_schema"): KermanyDatasetConfig,
     ("dataset", "folder_schema"): FolderDatasetConfig,
@@ -211,8 +303,17 @@ def register_schemas() -> None:
         store.store(group=group, name=name, node=schema)
 
 
-def check_class_keys(mapping: dict, key: str) -> None:
-    """Per-class settings must name exactly the known classes."""
-    unknown = set(mapping) - set(CLASSES)
-    if unknown:
-        raise ValueError(f"{key}: unknown class(es) {sorted(unknown)}; expected names from {list(CLASSES)}")
+def job_config(cfg: DictConfig) -> JobConfig:
+    """The composed config as typed objects, interpolations resolved: done once, when a job starts."""
+    return OmegaConf.to_object(cfg)
+
+
+def plain(value: Any) -> Any:
+    """Typed settings, a mapping or a config node as plain dicts and lists (interpolations resolved)."""
+    return OmegaConf.to_container(value if OmegaConf.is_config(value) else OmegaConf.create(value), resolve=True)
+
+
+def clip_config(values: Any) -> ClipConfig:
+    """`clip_lora` settings stored by a run (a mapping or config node) as typed settings; keys added to the schema
+    since the run take their defaults."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ClipConfig), values))

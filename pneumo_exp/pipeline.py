@@ -12,7 +12,10 @@ import logging
 from pathlib import Path
 
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 
+
+from pneumo_exp.config import JobConfig, job_config
 from pneumo_exp.data import manifest
 from pneumo_exp.data.manifest import LeakageError
 from pneumo_exp.data.prepare import PreparedData, prepare_data
@@ -22,37 +25,15 @@ from pneumo_exp.rundir import (changed_settings, is_main_process, job_folder_nam
                                write_run_info)
 from pneumo_exp.summary import format_summary
 from pneumo_exp.tracking import RunLogger
-from pneumo_exp.validate import SettingError, check_settings
+from pneumo_exp.validate import SettingError, check_plan
 
 log = logging.getLogger(__name__)
-
-KNOWN_STAGES = ("data", "diffusion", "synthesize", "classify", "quality")
-
-
-TASKS = ("run", "summary", "predict", "report")
-
-
-def check_plan(cfg: DictConfig) -> None:
-    """Refuse a job that cannot finish before it spends any time: the task, the stages and every numeric setting."""
-    if cfg.task not in TASKS:
-        raise SettingError(f"unknown task {cfg.task!r}", where="task", fix=f"use one of {', '.join(TASKS)}")
-    unknown = [stage for stage in cfg.stages if stage not in KNOWN_STAGES]
-    if unknown:
-        raise SettingError(f"unknown stage(s) {unknown}", where="stages", fix=f"use stages from {list(KNOWN_STAGES)}")
-    if "synthesize" in cfg.stages and "diffusion" not in cfg.stages and not cfg.diffusion_lora.trained_lora:
-        raise SettingError("synthesize needs a LoRA", where="stages",
-                           fix="add the diffusion stage or set diffusion_lora.trained_lora=<folder of a trained LoRA>")
-    if "quality" in cfg.stages and "classify" not in cfg.stages:
-        raise SettingError("quality measures images in the feature space of the classifier the same run trains",
-                           where="stages", fix="add the classify stage")
-    check_settings(cfg)
-
 
 START_AFRESH = ("start a new run (another hydra.run.dir or sweep_name), or delete the folder to run this job "
                 "again from the start")
 
 
-def check_resumable(cfg: DictConfig, output_dir: Path) -> None:
+def check_resumable(cfg: JobConfig, output_dir: Path) -> None:
     """resume=true continues the same experiment: any setting that shapes the result must be unchanged."""
     stored_file = output_dir / "config.yaml"
     if not cfg.resume or not stored_file.is_file():
@@ -63,7 +44,7 @@ def check_resumable(cfg: DictConfig, output_dir: Path) -> None:
                            where=str(stored_file), fix="resume with the same settings, or " + START_AFRESH)
 
 
-def finished_before(cfg: DictConfig, output_dir: Path) -> bool:
+def finished_before(cfg: JobConfig, output_dir: Path) -> bool:
     """A finished job (results.json) is skipped only when it ran with the same settings as this one."""
     if cfg.task != "run" or not (output_dir / "results.json").is_file():
         return False
@@ -78,10 +59,14 @@ def finished_before(cfg: DictConfig, output_dir: Path) -> bool:
     return True
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
+def run(composed: DictConfig) -> dict[str, float]:
     """Returns the run's metrics (empty until a training stage runs), so sweepers can optimise them."""
+    check_plan(composed)
+    try:
+        cfg = job_config(composed)
+    except MissingMandatoryValue as error:
+        raise SettingError("no value given", where=error.full_key, fix=f"set {error.full_key}=...") from None
     output_dir = Path(cfg.paths.output_dir)
-    check_plan(cfg)
     check_resumable(cfg, output_dir)
     if finished_before(cfg, output_dir):
         finished = output_dir / "results.json"
@@ -95,16 +80,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
         print(f"predictions written to {predict(cfg, output_dir)}", flush=True)
         return {}
     if cfg.task == "report":
-        from omegaconf import OmegaConf
-
         from pneumo_exp.report import main_report
 
         if not cfg.report.input:
             raise SettingError("report needs a folder to read", where="report.input",
                                fix="give report.input=<a sweep folder, or any folder holding run folders>")
         target = Path(cfg.report.output or Path(cfg.report.input) / "report")
-        pairs = OmegaConf.to_container(cfg.report.pairs) if cfg.report.pairs is not None else None
-        print(main_report(cfg.report.input, target, pairs, cfg.report.bootstrap_samples), flush=True)
+        print(main_report(cfg.report.input, target, cfg.report.pairs, cfg.report.bootstrap_samples), flush=True)
         print(f"report written to {target}", flush=True)
         return {}
 
@@ -127,7 +109,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def run_training_stages(cfg: DictConfig, data: PreparedData, output_dir: Path, logger: RunLogger) -> dict:
+def run_training_stages(cfg: JobConfig, data: PreparedData, output_dir: Path, logger: RunLogger) -> dict:
     if is_main_process():
         from pneumo_exp.core.files import remove_stale_staging
 
@@ -155,7 +137,7 @@ def run_training_stages(cfg: DictConfig, data: PreparedData, output_dir: Path, l
     return metrics
 
 
-def record_loaded_models(cfg: DictConfig, output_dir: Path) -> None:
+def record_loaded_models(cfg: JobConfig, output_dir: Path) -> None:
     """models.json: the hub commit or local folder hash of each base model the stages loaded."""
     from pneumo_exp.hub import record_model
 
@@ -171,7 +153,7 @@ def record_loaded_models(cfg: DictConfig, output_dir: Path) -> None:
                      cfg.clip_lora.revision, marker="config.json")
 
 
-def train_diffusion(cfg: DictConfig, data: PreparedData, output_dir: Path, logger: RunLogger) -> str:
+def train_diffusion(cfg: JobConfig, data: PreparedData, output_dir: Path, logger: RunLogger) -> str:
     """The diffusion LoRA, trained on real training images only, cached at the diffusion resolution."""
     import torch
 
@@ -214,7 +196,7 @@ def check_lora_training_split(lora_folder: str, data: PreparedData) -> None:
                            "diffusion_lora.trained_lora at a LoRA trained on this split")
 
 
-def add_synthetic(cfg: DictConfig, data: PreparedData, lora_folder: str, output_dir: Path) -> PreparedData:
+def add_synthetic(cfg: JobConfig, data: PreparedData, lora_folder: str, output_dir: Path) -> PreparedData:
     """Synthetic images join the training split, never validation or test; the manifest is rewritten."""
     from collections import Counter
 
@@ -235,7 +217,7 @@ def add_synthetic(cfg: DictConfig, data: PreparedData, lora_folder: str, output_
     return PreparedData(records=records, skipped=data.skipped, notes=data.notes)
 
 
-def run_name(cfg: DictConfig) -> str:
+def run_name(cfg: JobConfig) -> str:
     """The overrides that shape this job's result (as in a sweep's job folder name), or the experiment name."""
     from hydra.core.hydra_config import HydraConfig
 

@@ -12,9 +12,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
 
-from pneumo_exp.config import LoggerMode
+from pneumo_exp.config import JobConfig, LoggerMode, plain
 from pneumo_exp.core.files import write_atomic
 from pneumo_exp.core.history import HistoryFile
 
@@ -26,7 +25,7 @@ def numeric_items(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 class RunLogger:
-    def __init__(self, cfg: DictConfig, output_dir: str | os.PathLike, job_type: str, run_name: str,
+    def __init__(self, cfg: JobConfig, output_dir: str | os.PathLike, job_type: str, run_name: str,
                  enabled: bool = True):
         self.output_dir = Path(output_dir)
         self.history = HistoryFile(self.output_dir / "metrics.jsonl", enabled)
@@ -34,13 +33,13 @@ class RunLogger:
         if enabled and LoggerMode(cfg.logger.mode) != LoggerMode.disabled:
             self.run = self._start_wandb(cfg, job_type, run_name)
 
-    def _start_wandb(self, cfg: DictConfig, job_type: str, run_name: str):
+    def _start_wandb(self, cfg: JobConfig, job_type: str, run_name: str):
         import wandb
 
         id_file = self.output_dir / "wandb_id.txt"
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         write_atomic(id_file, run_id + "\n")
-        config = OmegaConf.to_container(cfg, resolve=True)
+        config = plain(cfg)
         run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
                          job_type=job_type, name=run_name, tags=list(cfg.tags), config=config,
                          dir=str(self.output_dir), mode=LoggerMode(cfg.logger.mode).value, id=run_id, resume="allow",

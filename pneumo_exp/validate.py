@@ -12,6 +12,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from pneumo_exp.errors import UserError
+from pneumo_exp.labels import CLASSES
 
 
 class SettingError(UserError, ValueError):
@@ -61,13 +62,9 @@ RULES: list[tuple[str, tuple[Callable[[Any], bool], str]]] = [
     ("dataset.max_extract_bytes", at_least(1)),
     ("dataset.max_compression_ratio", at_least(1)),
     ("clip_lora.image_size", resolution()),
-    ("clip_lora.lora.r", at_least(1)),
-    ("clip_lora.lora.alpha", above(0)),
-    ("clip_lora.lora.dropout", share()),
     ("diffusion_lora.resolution", resolution(multiple=8)),
-    ("diffusion_lora.lora.r", at_least(1)),
-    ("diffusion_lora.lora.alpha", above(0)),
-    ("diffusion_lora.lora.dropout", share()),
+    *((f"{group}.lora.{name}", rule) for group in ("clip_lora", "diffusion_lora")
+      for name, rule in (("r", at_least(1)), ("alpha", above(0)), ("dropout", share()))),
     ("diffusion_lora.training.max_train_steps", at_least(1)),
     ("diffusion_lora.training.batch_size", at_least(1)),
     ("diffusion_lora.training.grad_accum_steps", at_least(1)),
@@ -85,9 +82,37 @@ RULES: list[tuple[str, tuple[Callable[[Any], bool], str]]] = [
     ("diffusion_lora.generation.guidance_scale", at_least(0)),
     ("diffusion_lora.generation.batch_size", at_least(1)),
     ("augmentation.ratio", at_least(0)),
+    ("report.bootstrap_samples", at_least(1)),
+    ("quality.copy_fraction", above(0)),
+    ("quality.kid_subset_size", at_least(2)),
+    ("quality.kid_subsets", at_least(1)),
 ]
+PRECISIONS = ("no", "fp16", "bf16")
+OPTIONAL_PRECISIONS = ("diffusion_lora.training.precision", "diffusion_lora.generation.precision")
 PER_CLASS_RULES = [("augmentation.per_class_ratio", at_least(0)), ("augmentation.per_class_count", at_least(0))]
 BETAS = ("optim.betas", "diffusion_lora.training.betas")
+
+
+KNOWN_STAGES = ("data", "diffusion", "synthesize", "classify", "quality")
+
+
+TASKS = ("run", "summary", "predict", "report")
+
+
+def check_plan(cfg: DictConfig) -> None:
+    """Refuse a job that cannot finish before it spends any time: the task, the stages and every numeric setting."""
+    if cfg.task not in TASKS:
+        raise SettingError(f"unknown task {cfg.task!r}", where="task", fix=f"use one of {', '.join(TASKS)}")
+    unknown = [stage for stage in cfg.stages if stage not in KNOWN_STAGES]
+    if unknown:
+        raise SettingError(f"unknown stage(s) {unknown}", where="stages", fix=f"use stages from {list(KNOWN_STAGES)}")
+    if "synthesize" in cfg.stages and "diffusion" not in cfg.stages and not cfg.diffusion_lora.trained_lora:
+        raise SettingError("synthesize needs a LoRA", where="stages",
+                           fix="add the diffusion stage or set diffusion_lora.trained_lora=<folder of a trained LoRA>")
+    if "quality" in cfg.stages and "classify" not in cfg.stages:
+        raise SettingError("quality measures images in the feature space of the classifier the same run trains",
+                           where="stages", fix="add the classify stage")
+    check_settings(cfg)
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -102,6 +127,9 @@ def check_settings(cfg: DictConfig) -> None:
         betas = OmegaConf.select(cfg, key, default=None)
         if betas is not None and (len(betas) != 2 or not all(0 <= beta < 1 for beta in betas)):
             raise SettingError(f"bad value {list(betas)}", where=key, fix="give two values in [0, 1), e.g. [0.9, 0.999]")
+    for key in OPTIONAL_PRECISIONS:
+        check(key, OmegaConf.select(cfg, key, default=None), lambda value: value in PRECISIONS,
+              f"use one of {', '.join(PRECISIONS)}")
     training = OmegaConf.select(cfg, "diffusion_lora.training", default=None)
     if training is not None and training.get("max_train_steps") is None:
         check("diffusion_lora.training.epochs", training.get("epochs"), *at_least(1))
@@ -125,3 +153,10 @@ def check_augment_ranges(cfg: DictConfig) -> None:
     if settings.max_gamma < 1:
         raise SettingError(f"bad value {settings.max_gamma}", where="trainer.augment_settings.max_gamma",
                            fix="use 1 (off) or more, e.g. 1.5 for gammas between 1/1.5 and 1.5")
+
+
+def check_class_keys(mapping: dict, key: str) -> None:
+    """Per-class settings must name exactly the known classes."""
+    unknown = set(mapping) - set(CLASSES)
+    if unknown:
+        raise ValueError(f"{key}: unknown class(es) {sorted(unknown)}; expected names from {list(CLASSES)}")

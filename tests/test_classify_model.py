@@ -257,8 +257,9 @@ def test_a_run_config_from_before_gradient_checkpointing_still_builds(model_cach
 
     from conftest import compose
     from pneumo_exp.classify.model import build_classifier
+    from pneumo_exp.config import clip_config
 
     clip_cfg = OmegaConf.to_container(compose(["clip_lora=tiny"]).clip_lora, resolve=True)
     del clip_cfg["gradient_checkpointing"]
-    classifier, _ = build_classifier(OmegaConf.create(clip_cfg), model_cache)
+    classifier, _ = build_classifier(clip_config(clip_cfg), model_cache)
     assert classifier is not None

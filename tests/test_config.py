@@ -27,7 +27,7 @@ def test_every_group_option_composes(group, option):
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes(experiment):
-    from pneumo_exp.pipeline import check_plan
+    from pneumo_exp.validate import check_plan
 
     cfg = compose([f"experiment={experiment}"])
     assert cfg.experiment_name

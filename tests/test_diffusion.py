@@ -29,7 +29,7 @@ from pneumo_exp.diffusion.stable_diffusion import (
     pipeline_source,
     sample,
 )
-from pneumo_exp.diffusion.settings import DiffusionTrainingConfig, training_settings
+from pneumo_exp.config import DiffusionTrainingConfig, job_config
 from pneumo_exp.diffusion.train import (
     TrainingImages,
     add_lora,
@@ -120,7 +120,7 @@ def test_settings_come_from_the_config_and_unknown_keys_fail_at_composition(make
     from hydra.errors import ConfigCompositionException
 
     cfg = make_cfg()
-    settings = training_settings(cfg.diffusion_lora)
+    settings = job_config(cfg).diffusion_lora.training
     assert isinstance(settings, DiffusionTrainingConfig)
     assert (settings.epochs, settings.lr) == (cfg.diffusion_lora.training.epochs, cfg.diffusion_lora.training.lr)
     with pytest.raises(ConfigCompositionException, match="stepz"):

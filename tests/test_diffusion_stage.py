@@ -22,7 +22,7 @@ from pneumo_exp.data.cache import load_pixels
 from pneumo_exp.data.manifest import Record
 from pneumo_exp.data.phantom import phantom_records
 from pneumo_exp.diffusion.stable_diffusion import pipeline_source
-from pneumo_exp.diffusion.settings import DiffusionTrainingConfig
+from pneumo_exp.config import DiffusionTrainingConfig
 from pneumo_exp.diffusion.train import TrainingImages, source_image_sides, train_diffusion_lora
 from pneumo_exp.errors import UserError
 from pneumo_exp.labels import class_index

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pneumo_exp.classify.ema import WeightAverage
-from pneumo_exp.pipeline import check_plan
+from pneumo_exp.validate import check_plan
 
 
 def model() -> torch.nn.Module:

@@ -20,7 +20,8 @@ from pneumo_exp.core.checkpoint import CheckpointError
 from pneumo_exp.core.files import write_json_atomic
 from pneumo_exp.core.seeds import restore_rng, rng_state
 from pneumo_exp.errors import UserError
-from pneumo_exp.pipeline import check_plan, finished_before, run
+from pneumo_exp.pipeline import finished_before, run
+from pneumo_exp.validate import check_plan
 from pneumo_exp.rundir import folder_value, job_folder_name, write_run_info
 from pneumo_exp.validate import SettingError
 

@@ -16,10 +16,9 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from pneumo_exp.config import ClassifierMode
+from pneumo_exp.config import ClassifierMode, ClipConfig, plain
 from pneumo_exp.core.presets import MAX_TEXT_TOKENS, character_tokenizer, model_source
 from pneumo_exp.hub import cannot_load
 from pneumo_exp.labels import CLASSES
@@ -49,7 +48,7 @@ def build_random_clip(architecture: dict, image_size: int, folder: Path) -> None
                        image_mean=list(DEFAULT_MEAN), image_std=list(DEFAULT_STD)).save_pretrained(folder)
 
 
-def backbone_source(clip_cfg: DictConfig, cache_dir: str | os.PathLike) -> str:
+def backbone_source(clip_cfg: ClipConfig, cache_dir: str | os.PathLike) -> str:
     """Where to load CLIP from: the configured hub id or folder, or a random-init preset saved once in the cache."""
     return model_source("clip_lora", clip_cfg, clip_cfg.image_size, cache_dir, "clip", "config.json",
                         build_random_clip)
@@ -169,7 +168,7 @@ def attach_conv_tower(clip, conv: dict, seed: int) -> None:
         clip.visual_projection.reset_parameters()
 
 
-def enable_gradient_checkpointing(clip, clip_cfg: DictConfig) -> None:
+def enable_gradient_checkpointing(clip, clip_cfg: ClipConfig) -> None:
     """transformers' checkpointing of the encoder layers (non-reentrant: works with frozen inputs under LoRA)."""
     if hasattr(clip, "activation_checkpointing_enable"):  # transformers >= 5.24 renamed gradient_checkpointing_enable
         clip.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -180,15 +179,15 @@ def enable_gradient_checkpointing(clip, clip_cfg: DictConfig) -> None:
                  clip_cfg.name)
 
 
-def build_classifier(clip_cfg: DictConfig, cache_dir: str | os.PathLike, seed: int = 0):
+def build_classifier(clip_cfg: ClipConfig, cache_dir: str | os.PathLike, seed: int = 0):
     """The classifier with the configured mode applied; returns (classifier, peft_model or None). `seed` draws the
     weights a from-scratch image tower starts from (pretrained and random-init ViT bases are the same for all)."""
-    clip, tokenizer, (mean, std) = load_backbone(backbone_source(clip_cfg, cache_dir), clip_cfg.get("revision"))
+    clip, tokenizer, (mean, std) = load_backbone(backbone_source(clip_cfg, cache_dir), clip_cfg.revision)
     if clip_cfg.image_tower == "conv":
         attach_conv_tower(clip, clip_cfg.architecture["conv"], seed)
-    prompt_ids, prompt_mask, templates = tokenize_prompts(tokenizer, OmegaConf.to_container(clip_cfg.prompts),
+    prompt_ids, prompt_mask, templates = tokenize_prompts(tokenizer, plain(clip_cfg.prompts),
                                                           clip.config.text_config.max_position_embeddings)
-    if clip_cfg.get("gradient_checkpointing", False):  # absent from configs of runs made before the option
+    if clip_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(clip, clip_cfg)
     mode = ClassifierMode(clip_cfg.mode)
     clip.requires_grad_(mode == ClassifierMode.full)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from pneumo_exp.classify.checkpoint import load_weights
 from pneumo_exp.classify.model import build_classifier
-from pneumo_exp.config import ClassifierMode
+from pneumo_exp.config import ClassifierMode, JobConfig, clip_config
 from pneumo_exp.core.files import atomic_file
 from pneumo_exp.data.augment import to_unit_float
 from pneumo_exp.data.images import IMAGE_SUFFIXES, decode_grayscale
@@ -36,7 +36,7 @@ def load_trained(run_dir: Path, cache_dir: str):
     if not config_file.is_file():
         raise FileNotFoundError(f"predict.run_dir={run_dir}: no config.yaml; give the folder of a finished run")
     run_cfg = OmegaConf.load(config_file)
-    classifier, peft_model = build_classifier(run_cfg.clip_lora, cache_dir, seed=run_cfg.seed)
+    classifier, peft_model = build_classifier(clip_config(run_cfg.clip_lora), cache_dir, seed=run_cfg.seed)
     mode = ClassifierMode(run_cfg.clip_lora.mode)
     if mode != ClassifierMode.zero_shot:
         load_weights(classifier, peft_model, mode, run_dir / "checkpoints" / "best")
@@ -54,7 +54,7 @@ def write_predictions(records: list[Record], probabilities: torch.Tensor, path: 
 
 
 @torch.no_grad()
-def predict(cfg: DictConfig, output_dir: Path) -> Path:
+def predict(cfg: JobConfig, output_dir: Path) -> Path:
     if not cfg.predict.run_dir or not cfg.predict.input:
         raise ValueError("predict needs predict.run_dir=<trained run folder> and predict.input=<image or folder>")
     classifier, run_cfg = load_trained(Path(cfg.predict.run_dir), cfg.paths.cache_dir)

@@ -1,4 +1,4 @@
-"""The classifier stage: train CLIP on cached tensors, keep the best epoch by validation macro F1, test it once.
+"""The classifier stage: train CLIP on cached tensors, keep the best epoch by `trainer.selection_metric`, test it once.
 
 Reads top to bottom: tensors from the cache, model, optimiser and schedule, resume, epochs (train, validate,
 checkpoint, log), then the test split evaluated once with the best weights reloaded from disk. With
@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from pneumo_exp.classify.checkpoint import load_training_state, load_weights, save_checkpoint, save_weights
@@ -27,7 +26,7 @@ from pneumo_exp.classify.ema import WeightAverage
 from pneumo_exp.classify.metrics import bootstrap_intervals, classification_metrics
 from pneumo_exp.classify.model import build_classifier, trainable_parameters
 from pneumo_exp.classify.predict import write_predictions
-from pneumo_exp.config import ClassBalance, ClassifierMode, Precision
+from pneumo_exp.config import ClassBalance, ClassifierMode, JobConfig, Precision, TrainerConfig
 from pneumo_exp.core.checkpoint import last_checkpoint
 from pneumo_exp.core.files import swap_folder, write_json_atomic
 from pneumo_exp.core.history import read_json_lines
@@ -43,7 +42,6 @@ from pneumo_exp.plots import confusion_matrix_png, curves_png
 from pneumo_exp.tracking import RunLogger
 
 log = logging.getLogger(__name__)
-SELECTION_METRIC = "val/f1_macro"
 HOST_CHECK_EVERY = 50  # optimizer steps between reads of the finite-loss flag (and progress bar updates)
 
 
@@ -102,7 +100,7 @@ def shard_of(order: torch.Tensor, process_index: int, num_processes: int) -> tor
     return order[process_index::num_processes][:per_process]
 
 
-def optimizer_steps(shard: torch.Tensor, trainer: DictConfig) -> list[list[torch.Tensor]]:
+def optimizer_steps(shard: torch.Tensor, trainer: TrainerConfig) -> list[list[torch.Tensor]]:
     """The shard cut into batches, grouped into the micro-batches of each optimizer step."""
     batches = list(shard.split(trainer.batch_size))
     accumulation = trainer.grad_accum_steps
@@ -121,7 +119,7 @@ def stop_if_non_finite(first_non_finite_step: torch.Tensor, epoch: int, accelera
                                  "instead of fp16, or check the input images")
 
 
-def train_one_epoch(model, optimizer, scheduler, train: SplitTensors, cfg: DictConfig, epoch: int, accelerator,
+def train_one_epoch(model, optimizer, scheduler, train: SplitTensors, cfg: JobConfig, epoch: int, accelerator,
                     loss_weights: torch.Tensor | None, average: WeightAverage | None) -> dict:
     """One epoch; `loss` is the plain cross-entropy (comparable with `val/loss`), `objective` the loss optimised
     (class-weighted with `loss_weights`). Nothing is read back to the host during the epoch except the finite-loss
@@ -198,7 +196,7 @@ def predict_probabilities(model, pixels: torch.Tensor, batch_size: int, accelera
     return probabilities
 
 
-def evaluate(model, split: SplitTensors, cfg: DictConfig, accelerator, desc: str) -> tuple[dict, torch.Tensor]:
+def evaluate(model, split: SplitTensors, cfg: JobConfig, accelerator, desc: str) -> tuple[dict, torch.Tensor]:
     probabilities = predict_probabilities(model, split.pixels, cfg.trainer.eval_batch_size, accelerator, desc)
     metrics = classification_metrics(probabilities, split.labels)
     metrics["loss"] = F.nll_loss(probabilities.clamp(min=1e-12).log(), split.labels).item()
@@ -209,7 +207,7 @@ def prefixed(prefix: str, metrics: dict) -> dict:
     return {f"{prefix}/{key}": value for key, value in metrics.items()}
 
 
-def fit(cfg: DictConfig, splits: dict[str, SplitTensors], output_dir: Path, accelerator, logger: RunLogger) -> None:
+def fit(cfg: JobConfig, splits: dict[str, SplitTensors], output_dir: Path, accelerator, logger: RunLogger) -> None:
     """Train for the configured epochs, writing checkpoints/last and checkpoints/best; resumes when asked."""
     from transformers import get_cosine_schedule_with_warmup
 
@@ -264,9 +262,9 @@ def fit(cfg: DictConfig, splits: dict[str, SplitTensors], output_dir: Path, acce
             val_metrics, _ = evaluate(model, splits["val"], cfg, accelerator, f"epoch {epoch} val")
             row.update(prefixed("val", val_metrics))
             history.append(row)
-            improved = row[SELECTION_METRIC] > best["value"]
+            improved = row[cfg.trainer.selection_metric] > best["value"]
             if improved:
-                best = {"epoch": epoch, "value": row[SELECTION_METRIC]}
+                best = {"epoch": epoch, "value": row[cfg.trainer.selection_metric]}
             if accelerator.is_main_process and improved:
                 swap_folder(checkpoints / "best",
                                     lambda folder: save_weights(classifier, peft_model, mode, folder))
@@ -284,7 +282,7 @@ def fit(cfg: DictConfig, splits: dict[str, SplitTensors], output_dir: Path, acce
                      row["val/f1_macro"], "  (best)" if improved else "")
 
 
-def test_best(cfg: DictConfig, splits: dict[str, SplitTensors], output_dir: Path, accelerator) -> dict:
+def test_best(cfg: JobConfig, splits: dict[str, SplitTensors], output_dir: Path, accelerator) -> dict:
     """Reload the best weights from disk into a fresh model and evaluate validation and test once."""
     mode = ClassifierMode(cfg.clip_lora.mode)
     classifier, peft_model = build_classifier(cfg.clip_lora, cfg.paths.cache_dir, seed=cfg.seed)
@@ -309,7 +307,7 @@ def test_best(cfg: DictConfig, splits: dict[str, SplitTensors], output_dir: Path
     return results
 
 
-def cap_evaluation(splits: dict[str, SplitTensors], trainer: DictConfig,
+def cap_evaluation(splits: dict[str, SplitTensors], trainer: TrainerConfig,
                    num_processes: int) -> tuple[dict[str, SplitTensors], dict]:
     """`trainer.max_eval_batches` per process of validation (and of test with `trainer.cap_test`): a fixed random
     subset, the same in training and in test_best. Returns the splits and {split: {evaluated, available}}."""
@@ -338,7 +336,7 @@ def release_memory(accelerator) -> None:
         torch.cuda.empty_cache()
 
 
-def train_and_evaluate(cfg: DictConfig, data: PreparedData, output_dir: str | os.PathLike,
+def train_and_evaluate(cfg: JobConfig, data: PreparedData, output_dir: str | os.PathLike,
                        logger: RunLogger) -> dict[str, float]:
     output_dir = Path(output_dir)
     from accelerate.utils import set_seed
@@ -360,7 +358,7 @@ def train_and_evaluate(cfg: DictConfig, data: PreparedData, output_dir: str | os
     release_memory(accelerator)
     results["capped"] = capped
     history = read_json_lines(output_dir / "metrics.jsonl")
-    results["best_epoch"] = max(history, key=lambda row: row[SELECTION_METRIC])["epoch"] if history else 0
+    results["best_epoch"] = max(history, key=lambda row: row[cfg.trainer.selection_metric])["epoch"] if history else 0
     results["mode"] = mode.value
     results["seed"] = cfg.seed
     results["train_images"] = {"real": sum(r.source == "real" for r in splits["train"].records),

@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from omegaconf import OmegaConf
 
+from pneumo_exp.config import plain
 from pneumo_exp.core.files import build_folder_once
 
 RANDOM_INIT_FORMAT = 1  # part of every preset's cache key: bump it when a builder changes what it writes
@@ -44,8 +44,7 @@ def model_source(group: str, model_cfg, size: int, cache_dir: str | os.PathLike,
     if not model_cfg.architecture:
         raise ValueError(f"{group}={model_cfg.name}: set either `pretrained` (hub id or local folder) "
                          f"or `architecture` (a random-init preset)")
-    architecture = OmegaConf.to_container(model_cfg.architecture, resolve=True) \
-        if OmegaConf.is_config(model_cfg.architecture) else dict(model_cfg.architecture)
+    architecture = plain(model_cfg.architecture)
     key = hashlib.sha256(json.dumps([RANDOM_INIT_FORMAT, architecture, size], sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(cache_dir) / "models" / f"{prefix}-{model_cfg.name}-{key}"
     return str(build_folder_once(folder, marker, lambda staging: build(architecture, size, staging)))

@@ -2,26 +2,18 @@
 and gamma.
 
 One affine warp per image (zoom, shift and rotation together) keeps it a single `grid_sample` call; what a zoom out
-or a rotation uncovers is black, as at the edge of a radiograph. `AugmentSettings` is also the schema of
-`trainer.augment_settings`.
+or a rotation uncovers is black, as at the edge of a radiograph. The ranges are `trainer.augment_settings`
+(`pneumo_exp.config.AugmentSettings`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class AugmentSettings:
-    crop_scale: tuple[float, float] = (0.75, 1.0)  # area of the view relative to the image; above 1 zooms out
-    max_rotation_degrees: float = 7.0
-    brightness: float = 0.1  # additive shift, uniform in [-b, b], on [0, 1] pixels
-    contrast: float = 0.15  # multiplicative factor, uniform in [1 - c, 1 + c]
-    max_gamma: float = 1.0  # pixels ** gamma with log(gamma) uniform in [-log g, log g]; 1 turns it off
+from pneumo_exp.config import AugmentSettings
 
 
 def to_unit_float(pixels: torch.Tensor) -> torch.Tensor:
@@ -48,7 +40,7 @@ def scale_contrast(images: torch.Tensor, factor: torch.Tensor | float) -> torch.
 
 
 def random_augment(images: torch.Tensor, settings: AugmentSettings, generator: torch.Generator) -> torch.Tensor:
-    """images: float (B, 1, H, W) in [0, 1]; returns the same shape. `settings` may also be the DictConfig."""
+    """images: float (B, 1, H, W) in [0, 1]; returns the same shape."""
     batch = images.shape[0]
 
     def uniform(low: float, high: float) -> torch.Tensor:  # drawn on the CPU generator, used on the images' device

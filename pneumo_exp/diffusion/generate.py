@@ -17,24 +17,20 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo_exp.config import AugmentationStrategy, check_class_keys
+from pneumo_exp.config import AugmentationConfig, AugmentationStrategy, JobConfig, plain
 from pneumo_exp.data.manifest import Record, write_csv
 from pneumo_exp.labels import CLASSES
+from pneumo_exp.validate import check_class_keys
 
 SYNTHETIC_DIR = "synthetic"
 SIDECAR_COLUMNS = ("path", "label", "index", "seed", "prompt", "lora_sha256", "steps", "guidance", "resolution")
-
-
-def _get(cfg, name: str, default):
-    value = cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
-    return default if value is None else value
 
 
 def _round_half_up(value: float) -> int:
     return int(math.floor(value + 0.5))
 
 
-def synthetic_counts(real_counts: dict[str, int], augmentation_cfg) -> dict[str, int]:
+def synthetic_counts(real_counts: dict[str, int], augmentation_cfg: AugmentationConfig) -> dict[str, int]:
     """Synthetic images per class (every class present, in CLASSES order) for the training split's real counts.
 
     none: 0. balance: every class up to the largest. ratio: round(ratio x real), `per_class_ratio` overriding
@@ -44,20 +40,20 @@ def synthetic_counts(real_counts: dict[str, int], augmentation_cfg) -> dict[str,
     real = {label: int(real_counts.get(label, 0)) for label in CLASSES}
     if any(n < 0 for n in real.values()):
         raise ValueError(f"real_counts must be >= 0, got {real}")
-    strategy = AugmentationStrategy(_get(augmentation_cfg, "strategy", "none"))
+    strategy = AugmentationStrategy(augmentation_cfg.strategy)
     if strategy == AugmentationStrategy.none:
         return {label: 0 for label in CLASSES}
     if strategy == AugmentationStrategy.balance:
         largest = max(real.values())
         return {label: largest - real[label] for label in CLASSES}
     if strategy == AugmentationStrategy.ratio:
-        overrides = dict(_get(augmentation_cfg, "per_class_ratio", {}))
+        overrides = dict(augmentation_cfg.per_class_ratio)
         check_class_keys(overrides, "augmentation.per_class_ratio")
-        ratios = {label: float(overrides.get(label, _get(augmentation_cfg, "ratio", 0.0))) for label in CLASSES}
+        ratios = {label: float(overrides.get(label, augmentation_cfg.ratio)) for label in CLASSES}
         if any(r < 0 or not math.isfinite(r) for r in ratios.values()):
             raise ValueError(f"augmentation: ratios must be finite and >= 0, got {ratios}")
         return {label: _round_half_up(ratios[label] * real[label]) for label in CLASSES}
-    counts = dict(_get(augmentation_cfg, "per_class_count", {}))
+    counts = dict(augmentation_cfg.per_class_count)
     check_class_keys(counts, "augmentation.per_class_count")
     result = {label: int(counts.get(label, 0)) for label in CLASSES}
     if any(n < 0 for n in result.values()):
@@ -137,24 +133,20 @@ def generate_synthetic(pipeline_source: str, lora_folder: str | os.PathLike, cou
     return records
 
 
-def synthesize_for_run(cfg, lora_folder: str | os.PathLike, real_counts: dict[str, int],
+def synthesize_for_run(cfg: JobConfig, lora_folder: str | os.PathLike, real_counts: dict[str, int],
                        output_dir: str | os.PathLike, progress: bool = True) -> list[Record]:
     """The stage as a run does it: counts from `cfg.augmentation` and the training split's real counts, sampling
     settings from `diffusion_lora.generation`, prompts and resolution from `diffusion_lora`."""
-    from omegaconf import OmegaConf
-
     from pneumo_exp.diffusion.stable_diffusion import check_resolution, pipeline_source
-    from pneumo_exp.diffusion.settings import generation_settings
 
-    settings = generation_settings(cfg.diffusion_lora)
+    settings = cfg.diffusion_lora.generation
     source = pipeline_source(cfg.diffusion_lora, cfg.paths.cache_dir)
     check_resolution(cfg.diffusion_lora, source)
-    prompts = OmegaConf.to_container(cfg.diffusion_lora.prompts) if OmegaConf.is_config(cfg.diffusion_lora.prompts) \
-        else dict(cfg.diffusion_lora.prompts)
+    prompts = plain(cfg.diffusion_lora.prompts)
     return generate_synthetic(
         source, lora_folder,
         synthetic_counts(real_counts, cfg.augmentation), prompts, output_dir,
         seed=int(cfg.seed if settings.seed is None else settings.seed), steps=settings.num_inference_steps,
         guidance=settings.guidance_scale, batch_size=settings.batch_size, resolution=int(cfg.diffusion_lora.resolution),
-        device="cpu" if cfg.get("trainer", {}).get("cpu", False) else None, precision=settings.precision,
-        progress=progress, revision=cfg.diffusion_lora.get("revision"))
+        device="cpu" if cfg.trainer.cpu else None, precision=settings.precision,
+        progress=progress, revision=cfg.diffusion_lora.revision)

@@ -138,8 +138,8 @@ def native_resolution(source: str, revision: str | None = None) -> int:
 def check_resolution(diffusion_cfg, source: str) -> int:
     """The base model's native resolution; a different `diffusion_lora.resolution` is refused unless
     `diffusion_lora.allow_non_native_resolution` (the original study ran the 768 px SD2 at 512 px)."""
-    native, resolution = native_resolution(source, diffusion_cfg.get("revision")), int(diffusion_cfg.resolution)
-    if resolution != native and not diffusion_cfg.get("allow_non_native_resolution", False):
+    native, resolution = native_resolution(source, diffusion_cfg.revision), int(diffusion_cfg.resolution)
+    if resolution != native and not diffusion_cfg.allow_non_native_resolution:
         raise UserError(f"diffusion_lora.resolution={resolution} is not the native resolution of {source} "
                         f"({native} px: UNet sample_size x VAE scale factor)", where="diffusion_lora.resolution",
                         fix=f"set diffusion_lora.resolution={native}, or diffusion_lora.allow_non_native_resolution"

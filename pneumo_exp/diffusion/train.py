@@ -18,16 +18,15 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from pneumo_exp.config import Precision
+from pneumo_exp.config import DiffusionTrainingConfig, JobConfig, Precision, plain
 from pneumo_exp.core.checkpoint import (last_checkpoint, load_lora_strictly, load_state_file, read_weights,
                                         save_state_file)
 from pneumo_exp.core.files import atomic_file, sha256_file, swap_folder, write_json_atomic
@@ -35,7 +34,6 @@ from pneumo_exp.core.history import HistoryFile
 from pneumo_exp.core.seeds import derived_seed, image_seed, restore_rng, seeded_generator
 from pneumo_exp.core.training import NonFiniteLossError, fresh_accelerator
 from pneumo_exp.data.augment import resize, to_unit_float
-from pneumo_exp.diffusion.settings import DiffusionTrainingConfig, training_settings
 from pneumo_exp.diffusion.stable_diffusion import (
     LORA_INFO_NAME,
     LORA_WEIGHT_NAME,
@@ -267,7 +265,7 @@ def save_validation_grid(components: SDComponents, unet, settings: DiffusionTrai
 # -------------------------------------------------------------------------------------------- loop
 
 
-def train_diffusion_lora(cfg: DictConfig, train_images: TrainingImages, output_dir: str | os.PathLike,
+def train_diffusion_lora(cfg: JobConfig, train_images: TrainingImages, output_dir: str | os.PathLike,
                          logger: RunLogger | None = None, components: SDComponents | None = None) -> Path:
     """Train the LoRA and return the folder of the saved LoRA (`output_dir/diffusion/lora`).
 
@@ -285,17 +283,16 @@ def train_diffusion_lora(cfg: DictConfig, train_images: TrainingImages, output_d
         clear_device_cache(garbage_collection=True)  # the prepared UNet and the Accelerator hold each other
 
 
-def _train(cfg: DictConfig, data: TrainingImages, output_dir: str | os.PathLike, logger: RunLogger | None,
+def _train(cfg: JobConfig, data: TrainingImages, output_dir: str | os.PathLike, logger: RunLogger | None,
            components: SDComponents | None) -> Path:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
 
     diffusion_cfg = cfg.diffusion_lora
-    settings = training_settings(diffusion_cfg)
+    settings = diffusion_cfg.training
     seed = int(cfg.seed if settings.seed is None else settings.seed)
     resolution = int(diffusion_cfg.resolution)
-    prompts = OmegaConf.to_container(diffusion_cfg.prompts) if OmegaConf.is_config(diffusion_cfg.prompts) \
-        else dict(diffusion_cfg.prompts)
+    prompts = plain(diffusion_cfg.prompts)
     if settings.cache_latents and settings.crop_min_side < 1:
         raise UserError("cached latents take no random crops", where="diffusion_lora.training.crop_min_side",
                         fix="set diffusion_lora.training.crop_min_side=1 with cache_latents=true, or turn "
@@ -316,7 +313,7 @@ def _train(cfg: DictConfig, data: TrainingImages, output_dir: str | os.PathLike,
     precision = settings.precision or Precision(cfg.trainer.precision).value
     accelerator = fresh_accelerator(precision, cfg.trainer.cpu)
     weight_dtype = WEIGHT_DTYPES[precision]
-    components = components or load_components(source, diffusion_cfg.get("revision"), dtype=weight_dtype)
+    components = components or load_components(source, diffusion_cfg.revision, dtype=weight_dtype)
     torch.manual_seed(seed)  # the LoRA's gaussian initialisation
     add_lora(components, diffusion_cfg.lora)
     for module in (components.vae, components.text_encoder, components.unet):  # frozen weights in weight_dtype
@@ -367,7 +364,7 @@ def _train(cfg: DictConfig, data: TrainingImages, output_dir: str | os.PathLike,
              len(data.labels), step_plan(total_steps, epochs, steps_per_epoch, settings.max_train_steps),
              settings.batch_size, settings.grad_accum_steps, accelerator.num_processes, diffusion_cfg.lora.r,
              diffusion_cfg.lora.alpha, ", latents cached" if latent_cache is not None else "")
-    validation_images = settings.validation_images(accelerator.device.type)
+    validation_images = DiffusionTrainingConfig.validation_images(settings, accelerator.device.type)
 
     def mean_over_processes(values: list[float]) -> float:
         return accelerator.reduce(torch.tensor(float(np.mean(values)), device=accelerator.device), "mean").item()
@@ -454,7 +451,7 @@ def _train(cfg: DictConfig, data: TrainingImages, output_dir: str | os.PathLike,
             "base": source, "resolution": resolution, "native_resolution": native, "upsampling": enlarged,
             "prompts": prompts, "r": int(spec.r), "alpha": float(spec.alpha), "dropout": float(spec.dropout),
             "target_modules": list(spec.target_modules), "steps": global_step, "images": len(data.labels),
-            "seed": seed, "training": asdict(settings)})
+            "seed": seed, "training": plain(settings)})
     accelerator.wait_for_everyone()
     accelerator.free_memory()
     return lora_folder

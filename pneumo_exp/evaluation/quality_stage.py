@@ -16,18 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import nn
 
+from pneumo_exp.config import JobConfig
 from pneumo_exp.data.cache import open_or_build
 from pneumo_exp.data.manifest import Record
 from pneumo_exp.data.prepare import PreparedData
 from pneumo_exp.core.files import atomic_file, write_json_atomic
 from pneumo_exp.evaluation.quality import quality_report
 from pneumo_exp.labels import CLASSES
-
-COPY_FRACTION = 0.25  # a synthetic image this much closer to a real one than real images are to each other
-
 
 class ImageEmbedding(nn.Module):
     """The trained classifier's unit-norm image embedding, as a feature extractor: images in on the CPU, computed
@@ -79,7 +76,7 @@ def accuracy_score_training_sets(data: PreparedData, seed: int) -> dict[str, lis
     return {"synthetic_only": synthetic_only, "real_matched": real_matched}
 
 
-def classification_accuracy_score(cfg: DictConfig, data: PreparedData, output_dir: Path) -> dict:
+def classification_accuracy_score(cfg: JobConfig, data: PreparedData, output_dir: Path) -> dict:
     """Test metrics of the run's classifier recipe trained on the synthetic images (plus the real images of the
     classes that have none), and on matched real ones."""
     from pneumo_exp.classify.train import train_and_evaluate
@@ -98,7 +95,7 @@ def classification_accuracy_score(cfg: DictConfig, data: PreparedData, output_di
     return scores
 
 
-def run_quality(cfg: DictConfig, data: PreparedData, output_dir: Path, logger) -> dict:
+def run_quality(cfg: JobConfig, data: PreparedData, output_dir: Path, logger) -> dict:
     from pneumo_exp.classify.predict import load_trained
     from pneumo_exp.diffusion.stable_diffusion import grid_image
 
@@ -114,14 +111,15 @@ def run_quality(cfg: DictConfig, data: PreparedData, output_dir: Path, logger) -
     encoder = ImageEmbedding(classifier.to(PartialState().device))
     dimension = classifier.clip.config.projection_dim
     report = quality_report(real, synthetic, encoder, dimension, image_size=resolution, seed=cfg.seed,
-                            batch_size=int(cfg.trainer.eval_batch_size), copy_fraction=COPY_FRACTION)
+                            batch_size=cfg.trainer.eval_batch_size, copy_fraction=cfg.quality.copy_fraction,
+                            kid_subset_size=cfg.quality.kid_subset_size, kid_subsets=cfg.quality.kid_subsets)
     del classifier, encoder
     clear_device_cache(garbage_collection=True)
     scores = {}
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # two more trainings on one rank would wait for the others
         scores = classification_accuracy_score(cfg, data, output_dir)
     write_json_atomic(output_dir / "quality.json", {"feature_space": f"classifier image embedding ({dimension}-d)",
-                                                    "copy_threshold": f"{COPY_FRACTION} x median real-real "
+                                                    "copy_threshold": f"{cfg.quality.copy_fraction} x median real-real "
                                                                       f"nearest-neighbour distance",
                                                     "synthetic_classes": synthetic_classes(data),
                                                     "per_class": report,
