@@ -69,3 +69,12 @@ def test_sd2_presets_name_maintained_mirrors(option):
 def test_no_config_names_a_withdrawn_hub_id():
     for path in [*CONF_DIR.rglob("*.yaml"), *(REPO / "experiments").rglob("*.yaml")]:
         assert "stabilityai/stable-diffusion-2" not in path.read_text(), path
+
+
+def test_config_module_imports_no_stage():
+    import ast
+
+    tree = ast.parse((REPO / "pneumo_exp" / "config.py").read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert {name for name in imported if name.startswith("pneumo_exp")} == {"pneumo_exp.labels"}

@@ -30,8 +30,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from pneumo_exp.config import PhantomDatasetConfig
 from pneumo_exp.data.manifest import DatasetError, Record
 from pneumo_exp.labels import CLASSES
+
+PHANTOM = PhantomDatasetConfig()  # the defaults of `dataset=phantom`
 
 PHANTOM_PREFIX = "phantom:"
 GENERATOR_VERSION = "v1"
@@ -675,8 +678,10 @@ def _match_mean(image: np.ndarray, target: float) -> np.ndarray:
 # ------------------------------------------------------------------------------------ dataset
 
 
-def phantom_records(patients_per_class: int = 24, test_patients_per_class: int = 8, images_per_patient: int = 3,
-                    difficulty: float = 0.5, seed: int = 0) -> list[Record]:
+def phantom_records(patients_per_class: int = PHANTOM.patients_per_class,
+                    test_patients_per_class: int = PHANTOM.test_patients_per_class,
+                    images_per_patient: int = PHANTOM.images_per_patient, difficulty: float = PHANTOM.difficulty,
+                    seed: int = PHANTOM.seed) -> list[Record]:
     """The phantom dataset's manifest: per class, ``patients_per_class`` train patients then
     ``test_patients_per_class`` test patients, each with ``images_per_patient`` images."""
     for name, value, least in (("patients_per_class", patients_per_class, 1),
