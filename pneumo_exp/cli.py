@@ -12,8 +12,9 @@ from omegaconf import DictConfig
 
 from pneumo_exp.config import register_schemas
 from pneumo_exp.errors import UserError
+from pneumo_exp.validate import TASKS
 
-COMMANDS = ("run", "summary", "predict", "report")
+COMMANDS = TASKS  # the first word of the command line may name the task
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # the repository's conf/ (editable install)
 
 

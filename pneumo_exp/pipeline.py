@@ -2,7 +2,8 @@
 
 data (manifest, splits, summary) -> diffusion (LoRA on the training split) -> synthesize (synthetic training
 images, per `augmentation`) -> classify (train, validate, test once) -> quality (synthetic vs real images in the
-trained classifier's feature space). One W&B run covers the whole job.
+trained classifier's feature space). One W&B run covers the whole job. The composed config is checked
+(`validate.check_plan`) and converted to typed objects (`config.job_config`) once, when the job starts.
 """
 
 from __future__ import annotations

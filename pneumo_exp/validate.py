@@ -1,4 +1,5 @@
-"""Every numeric setting checked when a job starts, before any work, naming the key that is out of range.
+"""Every check of the config, in one place: the plan (task and stages) and every setting, when a job starts and
+before any work, naming the key that is out of range; and the per-class keys of counts and ratios.
 
 Composition (the typed schemas in `config.py`) already refuses unknown keys and wrong types; this refuses values
 of the right type that no run can use (`trainer.epochs=0`, `optim.lr=-1`, a diffusion resolution that is not a
@@ -17,7 +18,6 @@ from pneumo_exp.labels import CLASSES
 
 class SettingError(UserError, ValueError):
     """A config value that no run can use; `where` is its key."""
-
 
 
 def at_least(low: float) -> tuple[Callable[[Any], bool], str]:

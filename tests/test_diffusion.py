@@ -354,8 +354,8 @@ def test_a_run_synthesizes_what_its_augmentation_preset_asks_for(trained, tmp_pa
     from pneumo_exp.diffusion.generate import synthesize_for_run
 
     cfg = trained["cfg"].copy()
-    cfg.augmentation = {**OmegaConf.to_container(cfg.augmentation), "strategy": "fixed",
-                        "per_class_count": {"BACTERIA": 2}}
+    cfg.augmentation.strategy = "fixed"
+    cfg.augmentation.per_class_count = {"BACTERIA": 2}
     cfg.diffusion_lora.generation.num_inference_steps = 2
     cfg.diffusion_lora.generation.batch_size = 2
     records = synthesize_for_run(cfg, trained["lora"], REAL, tmp_path, progress=False)
