@@ -9,7 +9,9 @@ import subprocess
 from pathlib import Path
 from typing import Any, Iterable
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
+
+from pneumo_exp.config import JobConfig
 
 from pneumo_exp.core.files import write_atomic, write_json_atomic
 
@@ -31,7 +33,7 @@ def git_version() -> dict[str, Any]:
         return {"sha": None, "dirty": None}
 
 
-def write_run_info(cfg: DictConfig, output_dir: str | os.PathLike) -> None:
+def write_run_info(cfg: JobConfig, output_dir: str | os.PathLike) -> None:
     output_dir = Path(output_dir)
     write_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     write_json_atomic(output_dir / "git.json", git_version())
@@ -56,7 +58,7 @@ def _dotted(node: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def changed_settings(cfg: DictConfig, stored_file: Path) -> list[str]:
+def changed_settings(cfg: JobConfig, stored_file: Path) -> list[str]:
     """The keys that shape the result on which `cfg` differs from the config stored in `stored_file`. Only keys
     both configs hold count: a setting added to the schema after the stored run started is not a change the user
     made (its default reproduces the old behaviour)."""

@@ -12,7 +12,6 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-
 from pneumo_exp.config import JobConfig, LoggerMode, plain
 from pneumo_exp.core.files import write_atomic
 from pneumo_exp.core.history import HistoryFile

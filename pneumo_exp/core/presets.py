@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 from typing import Callable
 
-
 from pneumo_exp.config import plain
 from pneumo_exp.core.files import build_folder_once
 

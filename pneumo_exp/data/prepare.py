@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import DictConfig
+from pneumo_exp.config import DatasetConfig
 
 from pneumo_exp.data import kermany, manifest, phantom
 from pneumo_exp.data.folder import TREE_PATIENTS_NOTE, folder_records
@@ -23,7 +23,7 @@ class PreparedData:
         return [r for r in self.records if r.split == name]
 
 
-def source_records(cfg: DictConfig, cache_dir: str) -> tuple[list[Record], list[str]]:
+def source_records(cfg: DatasetConfig, cache_dir: str) -> tuple[list[Record], list[str]]:
     """The dataset's own records, before a validation split is carved."""
     if cfg.kind == "phantom":
         return phantom.phantom_records(patients_per_class=cfg.patients_per_class,
@@ -48,7 +48,7 @@ def source_records(cfg: DictConfig, cache_dir: str) -> tuple[list[Record], list[
     raise DatasetError(f"unknown dataset kind {cfg.kind!r}", "dataset.kind", "use dataset=phantom, kermany or folder")
 
 
-def prepare_data(cfg: DictConfig, cache_dir: str, output_dir: str | Path | None = None) -> PreparedData:
+def prepare_data(cfg: DatasetConfig, cache_dir: str, output_dir: str | Path | None = None) -> PreparedData:
     """Records with a patient-grouped validation split, checked for leakage; writes manifest.csv if asked."""
     records, skipped = source_records(cfg, cache_dir)
     if not records:
@@ -68,7 +68,7 @@ def prepare_data(cfg: DictConfig, cache_dir: str, output_dir: str | Path | None 
     return data
 
 
-def dataset_notes(cfg: DictConfig, records: list[Record]) -> list[str]:
+def dataset_notes(cfg: DatasetConfig, records: list[Record]) -> list[str]:
     if cfg.kind == "kermany":
         return kermany.split_notes(records)
     if cfg.kind == "folder" and cfg.root is not None:
