@@ -27,11 +27,12 @@ from pneumo_exp.classify.metrics import bootstrap_intervals, classification_metr
 from pneumo_exp.classify.model import build_classifier, trainable_parameters
 from pneumo_exp.classify.predict import write_predictions
 from pneumo_exp.config import ClassBalance, ClassifierMode, JobConfig, Precision, TrainerConfig
-from pneumo_exp.core.checkpoint import last_checkpoint
+from pneumo_exp.core.checkpoint import last_checkpoint, restore_training
 from pneumo_exp.core.files import swap_folder, write_json_atomic
 from pneumo_exp.core.history import read_json_lines
-from pneumo_exp.core.seeds import epoch_seed, rank_seed, restore_rng
-from pneumo_exp.core.training import NonFiniteLossError, fresh_accelerator
+from pneumo_exp.core.seeds import epoch_seed, rank_seed
+from pneumo_exp.core.training import (NonFiniteLossError, fresh_accelerator, optimizer_step, optimizer_steps,
+                                      optimizer_steps_per_epoch, progress_bar, shard_of)
 from pneumo_exp.data.augment import random_augment, to_unit_float
 from pneumo_exp.data.cache import open_or_build
 from pneumo_exp.data.manifest import Record
@@ -94,21 +95,6 @@ def epoch_randomness(seed: int, epoch: int, process_index: int, labels: torch.Te
     return order, torch.Generator().manual_seed(own_seed)
 
 
-def shard_of(order: torch.Tensor, process_index: int, num_processes: int) -> torch.Tensor:
-    """This rank's images of the epoch: ranks take turns and all get the same count (DDP steps in lockstep)."""
-    per_process = len(order) // num_processes
-    return order[process_index::num_processes][:per_process]
-
-
-def optimizer_steps(shard: torch.Tensor, trainer: TrainerConfig) -> list[list[torch.Tensor]]:
-    """The shard cut into batches, grouped into the micro-batches of each optimizer step."""
-    batches = list(shard.split(trainer.batch_size))
-    accumulation = trainer.grad_accum_steps
-    if trainer.max_steps_per_epoch:
-        batches = batches[: trainer.max_steps_per_epoch * accumulation]
-    return [batches[i:i + accumulation] for i in range(0, len(batches), accumulation)]
-
-
 def stop_if_non_finite(first_non_finite_step: torch.Tensor, epoch: int, accelerator) -> None:
     """One read of every rank's flag (step number of its first non-finite loss, 0 for none): all stop together."""
     steps = accelerator.gather(first_non_finite_step.view(1))
@@ -125,40 +111,39 @@ def train_one_epoch(model, optimizer, scheduler, train: SplitTensors, cfg: JobCo
     (class-weighted with `loss_weights`). Nothing is read back to the host during the epoch except the finite-loss
     flag every HOST_CHECK_EVERY steps and after the last step."""
     model.train()
+    trainer = cfg.trainer
     order, generator = epoch_randomness(cfg.seed, epoch, accelerator.process_index, train.labels,
-                                        ClassBalance(cfg.trainer.class_balance))
-    steps = optimizer_steps(shard_of(order, accelerator.process_index, accelerator.num_processes), cfg.trainer)
-    settings = cfg.trainer.augment_settings
+                                        ClassBalance(trainer.class_balance))
+    steps = optimizer_steps(shard_of(order, accelerator.process_index, accelerator.num_processes),
+                            trainer.batch_size, trainer.grad_accum_steps, trainer.max_steps_per_epoch)
+    augment_settings = trainer.augment_settings
     probabilities, targets = [], []
     loss_sums = torch.zeros(2, device=accelerator.device)  # cross-entropy and objective, summed over images
     first_non_finite_step = torch.zeros((), dtype=torch.long, device=accelerator.device)
-    images_seen = 0
-    bar = tqdm(steps, desc=f"epoch {epoch}/{cfg.trainer.epochs} train", unit="step", leave=False,
-               disable=not accelerator.is_main_process, mininterval=1.0)
+    images_seen, step_number = 0, 0
+
+    def objective_of(indices: torch.Tensor) -> torch.Tensor:
+        nonlocal loss_sums, first_non_finite_step, images_seen
+        images = to_unit_float(train.pixels[indices]).to(accelerator.device)
+        if trainer.augment:
+            images = random_augment(images, augment_settings, generator)
+        labels = train.labels[indices].to(accelerator.device)
+        logits = model(images).float()
+        objective = F.cross_entropy(logits, labels, weight=loss_weights)
+        non_finite = ~torch.isfinite(objective.detach()) & (first_non_finite_step == 0)
+        first_non_finite_step = torch.where(non_finite, step_number, first_non_finite_step)
+        loss_sums += torch.stack([F.cross_entropy(logits.detach(), labels, reduction="sum"),
+                                  objective.detach() * len(indices)])
+        probabilities.append(logits.detach().softmax(-1))
+        targets.append(labels)
+        images_seen += len(indices)
+        return objective
+
+    bar = progress_bar(steps, f"epoch {epoch}/{trainer.epochs} train", accelerator)
     start = time.perf_counter()
     for step_number, micro_batches in enumerate(bar, start=1):
-        for position, indices in enumerate(micro_batches):
-            images = to_unit_float(train.pixels[indices]).to(accelerator.device)
-            if cfg.trainer.augment:
-                images = random_augment(images, settings, generator)
-            labels = train.labels[indices].to(accelerator.device)
-            last_micro_batch = position == len(micro_batches) - 1
-            with contextlib.nullcontext() if last_micro_batch else accelerator.no_sync(model):
-                logits = model(images).float()
-                objective = F.cross_entropy(logits, labels, weight=loss_weights)
-                accelerator.backward(objective / len(micro_batches))
-            non_finite = ~torch.isfinite(objective.detach()) & (first_non_finite_step == 0)
-            first_non_finite_step = torch.where(non_finite, step_number, first_non_finite_step)
-            loss_sums += torch.stack([F.cross_entropy(logits.detach(), labels, reduction="sum"),
-                                      objective.detach() * len(indices)])
-            probabilities.append(logits.detach().softmax(-1))
-            targets.append(labels)
-            images_seen += len(indices)
-        if cfg.trainer.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.trainer.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(accelerator, model, optimizer, scheduler, micro_batches, objective_of, model.parameters(),
+                       trainer.max_grad_norm)
         if average is not None and not accelerator.optimizer_step_was_skipped:  # fp16 skips inf/nan steps
             average.update(accelerator.unwrap_model(model))
         if step_number % HOST_CHECK_EVERY == 0 or step_number == len(steps):
@@ -216,10 +201,9 @@ def fit(cfg: JobConfig, splits: dict[str, SplitTensors], output_dir: Path, accel
     classifier, peft_model = build_classifier(cfg.clip_lora, cfg.paths.cache_dir, seed=cfg.seed)
     optimizer = torch.optim.AdamW(trainable_parameters(classifier), lr=cfg.optim.lr,
                                   weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas))
-    batches = math.ceil(len(splits["train"].labels) // accelerator.num_processes / cfg.trainer.batch_size)
-    if cfg.trainer.max_steps_per_epoch:
-        batches = min(batches, cfg.trainer.max_steps_per_epoch * cfg.trainer.grad_accum_steps)
-    total_steps = math.ceil(batches / cfg.trainer.grad_accum_steps) * cfg.trainer.epochs
+    total_steps = cfg.trainer.epochs * optimizer_steps_per_epoch(
+        len(splits["train"].labels), accelerator.num_processes, cfg.trainer.batch_size, cfg.trainer.grad_accum_steps,
+        cfg.trainer.max_steps_per_epoch)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.optim.warmup_ratio * total_steps), total_steps)
     model, optimizer = accelerator.prepare(classifier, optimizer)
     average = WeightAverage(classifier, cfg.trainer.ema_decay) if cfg.trainer.ema_decay > 0 else None
@@ -236,13 +220,7 @@ def fit(cfg: JobConfig, splits: dict[str, SplitTensors], output_dir: Path, accel
         if last.exists():
             state = load_training_state(last)
             load_weights(classifier, peft_model, mode, last)
-            if state["optimizer"] is None:
-                log.warning("%s holds no optimizer state (trainer.save_optimizer_state=false): the optimizer "
-                            "restarts its moments; weights, schedule and random streams resume", last)
-            else:
-                optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            restore_rng(state["rng"])
+            restore_training(state, optimizer, scheduler, last)
             if average is not None:
                 average.load_state_dict(state["weight_average"])
             history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1

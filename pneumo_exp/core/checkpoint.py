@@ -4,6 +4,7 @@ progress, made of tensors, numbers, strings, lists and dicts only, so that they 
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import warnings
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import torch
 
-from pneumo_exp.core.seeds import rng_state
+from pneumo_exp.core.seeds import restore_rng, rng_state
 from pneumo_exp.errors import UserError
+
+log = logging.getLogger(__name__)
 
 START_AFRESH = "run again with resume=false (trains from epoch 1 in the same folder), or delete the run folder"
 
@@ -71,6 +74,17 @@ def load_state_file(path: str | os.PathLike) -> dict:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"cannot resume: the training state is damaged or truncated ({reason})",
                               where=str(path), fix=START_AFRESH) from None
+
+
+def restore_training(state: dict, optimizer, scheduler, where: str | os.PathLike) -> None:
+    """Optimizer moments (when the state holds them), schedule and random generators as the checkpoint left them."""
+    if state["optimizer"] is None:
+        log.warning("%s holds no optimizer state (trainer.save_optimizer_state=false): the optimizer "
+                    "restarts its moments; weights, schedule and random streams resume", where)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    restore_rng(state["rng"])
 
 
 def last_checkpoint(folder: str | os.PathLike) -> Path:

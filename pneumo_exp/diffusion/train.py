@@ -13,7 +13,6 @@ Reads top to bottom: images to model input, LoRA set-up, the loss, checkpoints, 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -24,15 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from pneumo_exp.config import DiffusionTrainingConfig, JobConfig, Precision, plain
+from pneumo_exp.config import DiffusionConfig, DiffusionTrainingConfig, JobConfig, Precision, plain
 from pneumo_exp.core.checkpoint import (last_checkpoint, load_lora_strictly, load_state_file, read_weights,
-                                        save_state_file)
+                                        restore_training, save_state_file)
 from pneumo_exp.core.files import atomic_file, sha256_file, swap_folder, write_json_atomic
 from pneumo_exp.core.history import HistoryFile
-from pneumo_exp.core.seeds import derived_seed, image_seed, restore_rng, seeded_generator
-from pneumo_exp.core.training import NonFiniteLossError, fresh_accelerator
+from pneumo_exp.core.seeds import derived_seed, image_seed, seeded_generator
+from pneumo_exp.core.training import (NonFiniteLossError, fresh_accelerator, optimizer_step, optimizer_steps,
+                                      optimizer_steps_per_epoch, progress_bar, shard_of)
 from pneumo_exp.data.augment import resize, to_unit_float
 from pneumo_exp.diffusion.stable_diffusion import (
     LORA_INFO_NAME,
@@ -283,10 +282,41 @@ def train_diffusion_lora(cfg: JobConfig, train_images: TrainingImages, output_di
         clear_device_cache(garbage_collection=True)  # the prepared UNet and the Accelerator hold each other
 
 
+def warn_about_upsampling(data: TrainingImages, resolution: int) -> dict | None:
+    """Training images enlarged to the diffusion resolution teach the LoRA interpolation blur: a warning. Returns
+    `upsampling` of the source files (recorded in lora_info.json)."""
+    enlarged = upsampling(data.source_sides, resolution)
+    if enlarged and enlarged["factor"] > MAX_UPSAMPLING:
+        log.warning("diffusion LoRA: the source images (median shorter side %s px) are upsampled %.3gx to "
+                    "diffusion_lora.resolution=%d: the LoRA learns interpolation blur; use larger source images",
+                    enlarged["source_side_median"], enlarged["factor"], resolution)
+    if data.pixels.shape[-1] < resolution:
+        log.warning("diffusion LoRA: training images are %d px, below diffusion_lora.resolution=%d: they are "
+                    "upsampled (cache them at the diffusion resolution instead)", data.pixels.shape[-1], resolution)
+    return enlarged
+
+
+def components_to_train(components: SDComponents | None, source: str, diffusion_cfg: DiffusionConfig,
+                        settings: DiffusionTrainingConfig, seed: int, weight_dtype: torch.dtype,
+                        device) -> SDComponents:
+    """The base components (loaded unless given) with a fresh LoRA on the UNet, initialised from `seed`: frozen
+    weights in `weight_dtype` on `device`, the LoRA in fp32."""
+    from diffusers.training_utils import cast_training_params
+
+    components = components or load_components(source, diffusion_cfg.revision, dtype=weight_dtype)
+    torch.manual_seed(seed)  # the LoRA's gaussian initialisation
+    add_lora(components, diffusion_cfg.lora)
+    for module in (components.vae, components.text_encoder, components.unet):
+        module.to(device, **({} if weight_dtype == torch.float32 else {"dtype": weight_dtype}))
+    cast_training_params(components.unet, dtype=torch.float32)
+    if settings.gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+    return components
+
+
 def _train(cfg: JobConfig, data: TrainingImages, output_dir: str | os.PathLike, logger: RunLogger | None,
            components: SDComponents | None) -> Path:
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
 
     diffusion_cfg = cfg.diffusion_lora
     settings = diffusion_cfg.training
@@ -299,35 +329,19 @@ def _train(cfg: JobConfig, data: TrainingImages, output_dir: str | os.PathLike, 
                             "cache_latents off to keep the crops")
     source = components.source if components is not None else pipeline_source(diffusion_cfg, cfg.paths.cache_dir)
     native = check_resolution(diffusion_cfg, source)
-    enlarged = upsampling(data.source_sides, resolution)
-    if enlarged and enlarged["factor"] > MAX_UPSAMPLING:
-        log.warning("diffusion LoRA: the source images (median shorter side %s px) are upsampled %.3gx to "
-                    "diffusion_lora.resolution=%d: the LoRA learns interpolation blur; use larger source images",
-                    enlarged["source_side_median"], enlarged["factor"], resolution)
-    if data.pixels.shape[-1] < resolution:
-        log.warning("diffusion LoRA: training images are %d px, below diffusion_lora.resolution=%d: they are "
-                    "upsampled (cache them at the diffusion resolution instead)", data.pixels.shape[-1], resolution)
+    enlarged = warn_about_upsampling(data, resolution)
     stage_dir = Path(output_dir) / STAGE_DIR
-    checkpoint_dir = stage_dir / "checkpoints" / "last"
 
     precision = settings.precision or Precision(cfg.trainer.precision).value
     accelerator = fresh_accelerator(precision, cfg.trainer.cpu)
-    weight_dtype = WEIGHT_DTYPES[precision]
-    components = components or load_components(source, diffusion_cfg.revision, dtype=weight_dtype)
-    torch.manual_seed(seed)  # the LoRA's gaussian initialisation
-    add_lora(components, diffusion_cfg.lora)
-    for module in (components.vae, components.text_encoder, components.unet):  # frozen weights in weight_dtype
-        module.to(accelerator.device, **({} if weight_dtype == torch.float32 else {"dtype": weight_dtype}))
-    cast_training_params(components.unet, dtype=torch.float32)  # the LoRA trains in fp32
-    if settings.gradient_checkpointing:
-        components.unet.enable_gradient_checkpointing()
+    components = components_to_train(components, source, diffusion_cfg, settings, seed, WEIGHT_DTYPES[precision],
+                                     accelerator.device)
     class_states = encode_prompts(components, prompts, accelerator.device)
     latent_cache = cache_latent_distributions(components, data.pixels, resolution, settings.batch_size,
                                               accelerator.device) if settings.cache_latents else None
 
-    per_process = len(data.labels) // accelerator.num_processes
-    batches_per_epoch = max(1, math.ceil(per_process / settings.batch_size))
-    steps_per_epoch = math.ceil(batches_per_epoch / settings.grad_accum_steps)
+    steps_per_epoch = max(1, optimizer_steps_per_epoch(len(data.labels), accelerator.num_processes,
+                                                       settings.batch_size, settings.grad_accum_steps))
     total_steps = settings.max_train_steps or settings.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
     optimizer = torch.optim.AdamW(lora_parameters(components.unet), lr=settings.lr, betas=tuple(settings.betas),
@@ -348,12 +362,10 @@ def _train(cfg: JobConfig, data: TrainingImages, output_dir: str | os.PathLike, 
             logger.log_metrics(row)
 
     global_step, start_epoch = 0, 1
-    checkpoint_dir = last_checkpoint(checkpoint_dir)
+    checkpoint_dir = last_checkpoint(stage_dir / "checkpoints" / "last")
     if cfg.resume and checkpoint_dir.is_dir():
         state = load_checkpoint(checkpoint_dir, raw_unet)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state["rng"])
+        restore_training(state, optimizer, scheduler, checkpoint_dir)
         global_step, start_epoch = state["global_step"], state["epoch"] + 1
         history.restart(state["history"])
         log.info("diffusion LoRA resumed from %s after epoch %d (step %d)", checkpoint_dir, state["epoch"],
@@ -383,41 +395,34 @@ def _train(cfg: JobConfig, data: TrainingImages, output_dir: str | os.PathLike, 
         images = random_crops(data.pixels[indices], resolution, settings.crop_min_side, generator)
         return sample_latents(components, latent_distributions(components, images, accelerator.device), generator)
 
+    def loss_of(indices: torch.Tensor) -> torch.Tensor:
+        states = class_states[data.labels[indices].to(class_states.device)]
+        loss = latent_loss(components, unet, batch_latents(indices, draws), states, draws, settings.min_snr_gamma,
+                           settings.noise_offset)
+        if not bool(torch.isfinite(accelerator.gather(loss.detach().view(1))).all()):  # stops every rank
+            raise NonFiniteLossError(f"diffusion loss became non-finite at step {global_step + 1} (this process: "
+                                     f"{loss.item()})", "diffusion_lora.training.lr, diffusion_lora.training.precision",
+                                     "lower diffusion_lora.training.lr or use precision bf16 instead of fp16")
+        return loss
+
     unet.train()
     for epoch in range(start_epoch, epochs + 1):
         if global_step >= total_steps:
             break
         torch.manual_seed(derived_seed(seed, epoch, accelerator.process_index))  # LoRA dropout
         order = torch.randperm(len(data.labels), generator=seeded_generator(seed, epoch))  # shared by every process
-        shard = order[accelerator.process_index::accelerator.num_processes][:per_process]
-        batches = list(shard.split(settings.batch_size))
-        steps = [batches[i:i + settings.grad_accum_steps] for i in range(0, len(batches), settings.grad_accum_steps)]
-        steps = steps[: total_steps - global_step]
+        shard = shard_of(order, accelerator.process_index, accelerator.num_processes)
+        steps = optimizer_steps(shard, settings.batch_size, settings.grad_accum_steps)[: total_steps - global_step]
         draws = seeded_generator(seed, epoch, accelerator.process_index, 1)  # crops, noise, timesteps: per process
         epoch_losses, window, window_images, window_start = [], [], 0, time.perf_counter()
-        bar = tqdm(steps, desc=f"diffusion LoRA epoch {epoch}/{epochs}", unit="step", leave=False,
-                   disable=not is_main, mininterval=1.0)
+        bar = progress_bar(steps, f"diffusion LoRA epoch {epoch}/{epochs}", accelerator)
         for step_index, micro_batches in enumerate(bar):
+            losses = optimizer_step(accelerator, unet, optimizer, scheduler, micro_batches, loss_of,
+                                    lora_parameters(raw_unet), settings.max_grad_norm)
             step_loss = 0.0
-            for position, indices in enumerate(micro_batches):
-                states = class_states[data.labels[indices].to(class_states.device)]
-                last = position == len(micro_batches) - 1
-                with contextlib.nullcontext() if last else accelerator.no_sync(unet):
-                    loss = latent_loss(components, unet, batch_latents(indices, draws), states, draws,
-                                       settings.min_snr_gamma, settings.noise_offset)
-                    if not bool(torch.isfinite(accelerator.gather(loss.detach().view(1))).all()):  # stop every rank
-                        raise NonFiniteLossError(
-                            f"diffusion loss became non-finite at step {global_step + 1} (this process: "
-                            f"{loss.item()})", "diffusion_lora.training.lr, diffusion_lora.training.precision",
-                            "lower diffusion_lora.training.lr or use precision bf16 instead of fp16")
-                    accelerator.backward(loss / len(micro_batches))
+            for loss in losses:
                 step_loss += loss.item() / len(micro_batches)
-                window_images += len(indices) * accelerator.num_processes
-            if settings.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(lora_parameters(raw_unet), settings.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            window_images += sum(map(len, micro_batches)) * accelerator.num_processes
             global_step += 1
             epoch_losses.append(step_loss)
             window.append(step_loss)
