@@ -40,7 +40,14 @@ def resolution(multiple: int = 1) -> tuple[Callable[[Any], bool], str]:
     return (lambda value: value >= 16 and value % multiple == 0), f"use 16 pixels or more, a multiple of {multiple}"
 
 
+def one_of(*values: str) -> tuple[Callable[[Any], bool], str]:
+    return (lambda value: value in values), f"use one of {', '.join(values)}"
+
+
+SELECTION_METRICS = ("val/f1_macro", "val/acc", "val/recall_macro", "val/auroc_macro")  # higher is better
+
 RULES: list[tuple[str, tuple[Callable[[Any], bool], str]]] = [
+    ("trainer.selection_metric", one_of(*SELECTION_METRICS)),
     ("trainer.epochs", at_least(1)),
     ("trainer.batch_size", at_least(1)),
     ("trainer.eval_batch_size", at_least(1)),

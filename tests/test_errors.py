@@ -56,6 +56,7 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     ("diffusion_lora.generation.num_inference_steps=0", "diffusion_lora.generation.num_inference_steps"),
     ("diffusion_lora.generation.guidance_scale=-1", "diffusion_lora.generation.guidance_scale"),
     ("optim.betas=[0.9,1.5]", "optim.betas"),
+    ("trainer.selection_metric=val/ece", "trainer.selection_metric"),
 ])
 def test_bad_values_are_refused_naming_the_key(make_cfg, override, key):
     with pytest.raises(SettingError) as refused:
