@@ -22,6 +22,7 @@ class DatasetConfig:
     name: str = MISSING
     kind: str = MISSING  # fixed by the schema below: phantom | kermany | folder
     resolution: int = 128  # side of the square uint8 images kept in the cache
+    intensity: str = "none"  # none | equalize: per-image histogram equalisation before the cache, every split alike
     val_fraction: float = 0.15  # share of training patients moved to validation
     split_seed: int = 0
     limit_per_class: Optional[int] = None  # a short run: whole patients, up to N images per class and split; null = all
@@ -202,6 +203,7 @@ class TrainerConfig:
     max_steps_per_epoch: Optional[int] = None  # cap for smoke tests
     max_eval_batches: Optional[int] = None  # cap of validation batches per process, for smoke tests
     cap_test: bool = False  # the cap applies to the test split too (its metrics are then no result)
+    evaluate_test: bool = True  # false: validation only, the test split is not read (recipe development)
     save_optimizer_state: bool = True  # false: checkpoints/last holds no optimizer state (resume restarts it)
     bootstrap_samples: int = 1000
     selection_metric: str = "val/f1_macro"  # the validation metric that picks the best epoch (higher is better)

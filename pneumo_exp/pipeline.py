@@ -234,7 +234,7 @@ def format_metrics(metrics: dict[str, float]) -> str:
     from pneumo_exp.classify.metrics import HEADLINE as names
 
     lines = [f"{'split':<6}" + "".join(f"{name:>14}" for name in names)]
-    for split in ("val", "test"):
+    for split in [split for split in ("val", "test") if any(key.startswith(f"{split}/") for key in metrics)]:
         lines.append(f"{split:<6}" + "".join(f"{metrics.get(f'{split}/{name}', float('nan')):>14.4f}"
                                              for name in names))
     return "\n".join(lines)

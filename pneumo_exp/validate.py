@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from pneumo_exp.data.images import INTENSITY_METHODS
 from pneumo_exp.errors import UserError
 from pneumo_exp.labels import CLASSES
 
@@ -63,6 +64,7 @@ RULES: list[tuple[str, tuple[Callable[[Any], bool], str]]] = [
     ("optim.weight_decay", at_least(0)),
     ("optim.warmup_ratio", share()),
     ("dataset.resolution", resolution()),
+    ("dataset.intensity", one_of(*INTENSITY_METHODS)),
     ("dataset.val_fraction", share()),
     ("dataset.limit_per_class", at_least(1)),
     ("dataset.min_image_side", at_least(1)),

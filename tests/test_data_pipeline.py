@@ -108,6 +108,21 @@ def test_cache_miss_then_hit_and_content_keys(tmp_path):
     assert not list(tmp_path.glob("images/*.tmp"))
 
 
+def test_intensity_standardisation_has_its_own_cache_and_reaches_every_split(tmp_path):
+    from pneumo_exp.data.cache import load_pixels
+    from pneumo_exp.data.images import standardize_intensity
+
+    rows = records(patients_per_class=2, test_patients_per_class=1, images_per_patient=1)
+    raw = open_or_build(rows, 32, tmp_path, progress=False)
+    equalized = open_or_build(rows, 32, tmp_path, progress=False, intensity="equalize")
+    assert equalized.built and equalized.folder != raw.folder
+    assert {r.split for r in rows} == {"train", "test"}
+    for record in rows:
+        expected = standardize_intensity(load_pixels(record, 32), "equalize")
+        assert np.array_equal(equalized.pixels[equalized.rows_of([record])[0]], expected)
+    assert not np.array_equal(np.asarray(raw.pixels), np.asarray(equalized.pixels))
+
+
 def test_cache_rows_follow_the_requested_records(tmp_path):
     rows = records(patients_per_class=2, test_patients_per_class=0, images_per_patient=1)
     cache = open_or_build(rows, 32, tmp_path, progress=False)

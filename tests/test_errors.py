@@ -57,6 +57,7 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     ("diffusion_lora.generation.guidance_scale=-1", "diffusion_lora.generation.guidance_scale"),
     ("optim.betas=[0.9,1.5]", "optim.betas"),
     ("trainer.selection_metric=val/ece", "trainer.selection_metric"),
+    ("dataset.intensity=clahe", "dataset.intensity"),
 ])
 def test_bad_values_are_refused_naming_the_key(make_cfg, override, key):
     with pytest.raises(SettingError) as refused:

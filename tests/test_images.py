@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from pneumo_exp.core.files import sha256_file
-from pneumo_exp.data.images import BadImageError, check_image, decode_grayscale
+from pneumo_exp.data.images import BadImageError, check_image, decode_grayscale, standardize_intensity
 
 GRADIENT = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1))  # 64x64, columns 0..252
 
@@ -258,3 +258,18 @@ def test_images_below_the_minimum_side_are_refused(tmp_path):
     tiny = save(Image.fromarray(np.zeros((1, 1), dtype=np.uint8)), tmp_path / "tiny.png")
     assert_bad(tiny, "1x1")
     check_image(save(Image.fromarray(np.zeros((32, 32), dtype=np.uint8)), tmp_path / "ok.png"))
+
+
+def test_equalize_undoes_a_monotone_exposure_change():
+    from pneumo_exp.data.phantom import phantom_records, render
+
+    image = render(phantom_records(patients_per_class=1, test_patients_per_class=0, images_per_patient=1)[0].path, 96)
+    darker = np.round(255 * (image / 255) ** 1.5).astype(np.uint8)  # gamma 1.5 and a narrower window
+    flatter = np.round(64 + 0.5 * darker).astype(np.uint8)
+    raw_gap = np.abs(image.astype(int) - flatter).mean()
+    equalized_gap = np.abs(standardize_intensity(image, "equalize").astype(int)
+                           - standardize_intensity(flatter, "equalize")).mean()
+    assert raw_gap > 20 and equalized_gap < 0.25 * raw_gap, (raw_gap, equalized_gap)
+    assert standardize_intensity(image, "none") is image
+    with pytest.raises(ValueError, match="unknown intensity"):
+        standardize_intensity(image, "clahe")

@@ -57,6 +57,22 @@ def test_real_data_recipe_runs_a_few_steps_on_phantom_data(make_cfg):
     assert results["metrics"]["val/ece"] == pytest.approx(validated["val/ece"], abs=1e-6)
 
 
+def test_a_validation_only_run_never_evaluates_the_test_split(make_cfg, monkeypatch):
+    from pneumo_exp.classify import train
+
+    evaluated = []
+    real_evaluate = train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda model, split, cfg, accelerator, desc:
+                        evaluated.append(desc) or real_evaluate(model, split, cfg, accelerator, desc))
+    cfg = make_cfg(*QUICK, "trainer.evaluate_test=false", "dataset.intensity=equalize")
+    metrics = run(cfg)
+    assert evaluated and not [desc for desc in evaluated if desc.startswith("test")], evaluated
+    assert metrics and not [key for key in metrics if key.startswith("test/")]
+    folder = run_dir(cfg)
+    assert (folder / "predictions_val.csv").is_file() and (folder / "confusion_val.png").is_file()
+    assert not (folder / "predictions.csv").exists() and not (folder / "confusion_test.png").exists()
+
+
 def test_run_folder_holds_every_artifact(make_cfg):
     cfg = make_cfg(*QUICK, "clip_lora=tiny_vit")
     run(cfg)

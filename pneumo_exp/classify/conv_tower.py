@@ -2,7 +2,9 @@
 
 It answers the call CLIP makes on its vision tower (pixel_values in, `pooler_output` out), so CLIP's projection,
 text side and scaled-cosine logits stay as they are. BatchNorm makes it learn from scratch in a few dozen steps
-(with GroupNorm every image started at the same embedding for ~200 steps).
+(with GroupNorm every image started at the same embedding for ~200 steps). Weights and activations are kept
+channels-last: on CPU that trains faster than the default layout, most of all under bf16 autocast
+(`bench/bench_precision.py`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class ResidualBlock(nn.Module):
 
 
 class ConvVisionTower(nn.Module):
+    memory_format = torch.channels_last  # of weights and activations; bench/bench_precision.py compares the default
+
     def __init__(self, widths: list[int], blocks_per_stage: int, hidden_size: int):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, stride=2, padding=1, bias=False), norm(widths[0]),
@@ -46,6 +50,7 @@ class ConvVisionTower(nn.Module):
             channels = width
         self.stages = nn.Sequential(*stages)
         self.head = nn.Linear(channels, hidden_size)
+        self.to(memory_format=self.memory_format)
 
     def train(self, mode: bool = True) -> "ConvVisionTower":
         """BatchNorm layers update their statistics only when their own weights train: with the tower frozen or
@@ -57,6 +62,6 @@ class ConvVisionTower(nn.Module):
         return self
 
     def forward(self, pixel_values: torch.Tensor, **_) -> BaseModelOutputWithPooling:
-        features = self.stages(self.stem(pixel_values))
+        features = self.stages(self.stem(pixel_values.contiguous(memory_format=self.memory_format)))
         pooled = self.head(features.mean(dim=(2, 3)))
         return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=pooled)

@@ -14,7 +14,7 @@ from pneumo_exp.classify.model import build_classifier
 from pneumo_exp.config import ClassifierMode, JobConfig, clip_config
 from pneumo_exp.core.files import atomic_file
 from pneumo_exp.data.augment import to_unit_float
-from pneumo_exp.data.images import IMAGE_SUFFIXES, decode_grayscale
+from pneumo_exp.data.images import IMAGE_SUFFIXES, decode_grayscale, standardize_intensity
 from pneumo_exp.data.manifest import Record
 from pneumo_exp.labels import CLASSES
 
@@ -59,11 +59,12 @@ def predict(cfg: JobConfig, output_dir: Path) -> Path:
         raise ValueError("predict needs predict.run_dir=<trained run folder> and predict.input=<image or folder>")
     classifier, run_cfg = load_trained(Path(cfg.predict.run_dir), cfg.paths.cache_dir)
     files = images_under(Path(cfg.predict.input))
-    resolution = run_cfg.dataset.resolution
+    resolution, intensity = run_cfg.dataset.resolution, run_cfg.dataset.get("intensity", "none")
     probabilities = []
     for start in range(0, len(files), cfg.trainer.eval_batch_size):
         batch = files[start:start + cfg.trainer.eval_batch_size]
-        pixels = torch.from_numpy(np.stack([decode_grayscale(f, resolution) for f in batch]))
+        pixels = torch.from_numpy(np.stack([standardize_intensity(decode_grayscale(f, resolution), intensity)
+                                            for f in batch]))
         probabilities.append(classifier(to_unit_float(pixels)).softmax(-1))
     records = [Record(path=str(f), label="", patient_id="", split="test") for f in files]
     target = Path(cfg.predict.output) if cfg.predict.output else output_dir / "predictions.csv"

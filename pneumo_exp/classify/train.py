@@ -53,8 +53,9 @@ class SplitTensors:
     labels: torch.Tensor  # int64 (N,)
 
 
-def load_splits(data: PreparedData, resolution: int, cache_dir: str, progress: bool) -> dict[str, SplitTensors]:
-    cache = open_or_build(data.records, resolution, cache_dir, progress=progress)
+def load_splits(data: PreparedData, resolution: int, cache_dir: str, progress: bool,
+                intensity: str = "none") -> dict[str, SplitTensors]:
+    cache = open_or_build(data.records, resolution, cache_dir, progress=progress, intensity=intensity)
     splits = {}
     for name in ("train", "val", "test"):
         records = data.split(name)
@@ -261,7 +262,8 @@ def fit(cfg: JobConfig, splits: dict[str, SplitTensors], output_dir: Path, accel
 
 
 def test_best(cfg: JobConfig, splits: dict[str, SplitTensors], output_dir: Path, accelerator) -> dict:
-    """Reload the best weights from disk into a fresh model and evaluate validation and test once."""
+    """Reload the best weights from disk into a fresh model and evaluate validation and test once (validation
+    only with `trainer.evaluate_test=false`)."""
     mode = ClassifierMode(cfg.clip_lora.mode)
     classifier, peft_model = build_classifier(cfg.clip_lora, cfg.paths.cache_dir, seed=cfg.seed)
     best_folder = output_dir / "checkpoints" / "best"
@@ -269,7 +271,7 @@ def test_best(cfg: JobConfig, splits: dict[str, SplitTensors], output_dir: Path,
         load_weights(classifier, peft_model, mode, best_folder)
     model = accelerator.prepare(classifier)
     results: dict = {"metrics": {}, "ci95": {}, "confusion_matrix": {}, "images": {}}
-    for name in ("val", "test"):
+    for name in ("val", "test") if cfg.trainer.evaluate_test else ("val",):
         metrics, probabilities = evaluate(model, splits[name], cfg, accelerator, f"{name} (best weights)")
         results["confusion_matrix"][name] = metrics.pop("confusion_matrix")
         results["metrics"].update(prefixed(name, metrics))
@@ -322,7 +324,8 @@ def train_and_evaluate(cfg: JobConfig, data: PreparedData, output_dir: str | os.
     accelerator = fresh_accelerator(Precision(cfg.trainer.precision).value, cfg.trainer.cpu)
     set_seed(cfg.seed)
     with accelerator.main_process_first():
-        splits = load_splits(data, cfg.dataset.resolution, cfg.paths.cache_dir, accelerator.is_main_process)
+        splits = load_splits(data, cfg.dataset.resolution, cfg.paths.cache_dir, accelerator.is_main_process,
+                             cfg.dataset.intensity)
     splits, capped = cap_evaluation(splits, cfg.trainer, accelerator.num_processes)
     for name, sizes in capped.items():
         log.warning("the %s split is capped to %d of %d images (trainer.max_eval_batches)%s", name,
@@ -346,7 +349,7 @@ def train_and_evaluate(cfg: JobConfig, data: PreparedData, output_dir: str | os.
         figures = {f"confusion_{name}": confusion_matrix_png(
             results["confusion_matrix"][name], output_dir / f"confusion_{name}.png",
             f"{name}: acc {results['metrics'][f'{name}/acc']:.3f}, macro F1 "
-            f"{results['metrics'][f'{name}/f1_macro']:.3f}") for name in ("val", "test")}
+            f"{results['metrics'][f'{name}/f1_macro']:.3f}") for name in results["confusion_matrix"]}
         if history:
             figures["curves"] = curves_png(history, output_dir / "curves.png")
         logger.log_images(figures)

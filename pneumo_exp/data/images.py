@@ -27,6 +27,7 @@ from pneumo_exp.errors import UserError
 MAX_IMAGE_PIXELS: int = 40_000_000
 MIN_IMAGE_SIDE: int = 32  # the phantom demo draws 64-128 px, the shared Kermany copies are 224 px
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpeg", ".jpg", ".png")
+INTENSITY_METHODS: tuple[str, ...] = ("none", "equalize")  # dataset.intensity
 
 # What PIL raises on broken input, besides the errors above. Anything else (MemoryError, bugs) propagates.
 _DECODER_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, IndexError, KeyError,
@@ -166,3 +167,14 @@ def _scale_to_uint8(image: Image.Image, path: Path) -> np.ndarray:
         full_scale = 2 ** max(8, int(high).bit_length()) - 1
         scaled = values * (255.0 / full_scale)
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def standardize_intensity(pixels: np.ndarray, method: str) -> np.ndarray:
+    """`dataset.intensity` on one decoded uint8 image: "none" keeps it; "equalize" maps its grey levels through
+    their own cumulative histogram (PIL's ImageOps.equalize), so any monotone exposure or contrast change of the
+    input (gamma, window, gain) gives almost the same output."""
+    if method == "none":
+        return pixels
+    if method == "equalize":
+        return np.asarray(ImageOps.equalize(Image.fromarray(pixels, mode="L")), dtype=np.uint8)
+    raise ValueError(f"unknown intensity method {method!r}; expected one of {INTENSITY_METHODS}")
