@@ -3,7 +3,8 @@
     python bench/bench_kermany.py DATA_DIR [--seeds 0 1 2] [--experiment kermany_cpu] [--out FILE] [overrides ...]
 
 Each seed is one ordinary `pneumo-exp experiment=... seed=N` run in its own process (so peak memory is per run),
-selecting the epoch on the patient-grouped validation split and touching the test split once. The JSON holds each
+selecting the epoch on the patient-grouped validation split and touching the test split once. With the override
+`dataset.val_fraction=0` each seed is the final fit on train + val instead (the recipe's epochs, last epoch kept). The JSON holds each
 run's test metrics with patient-level bootstrap CIs, per-class recall, confusion matrix, wall time and peak RSS,
 and the mean over seeds with a Student-t 95 % CI.
 """
@@ -49,7 +50,7 @@ def run_seed(data: Path, experiment: str, seed: int, folder: Path, overrides: li
     return {"seed": seed, "run_dir": str(folder), "wall_seconds": round(wall, 1),
             "peak_rss_mib": round(peak_kib / 1024, 1), "best_epoch": results["best_epoch"],
             "metrics": {k: results["metrics"][k] for k in HEADLINE},
-            "validation": {k: results["metrics"][k] for k in VALIDATION},
+            "validation": {k: results["metrics"][k] for k in VALIDATION if k in results["metrics"]},
             "ci95": {k: results["ci95"][k] for k in HEADLINE if k in results["ci95"]},
             "confusion_matrix_test": results["confusion_matrix"]["test"]}
 

@@ -73,6 +73,23 @@ def test_a_validation_only_run_never_evaluates_the_test_split(make_cfg, monkeypa
     assert not (folder / "predictions.csv").exists() and not (folder / "confusion_test.png").exists()
 
 
+def test_a_final_fit_without_validation_keeps_and_tests_the_last_epoch(make_cfg):
+    """dataset.val_fraction=0: train + val is fitted for the epochs chosen beforehand; nothing is selected."""
+    cfg = make_cfg(*QUICK, "dataset.val_fraction=0", "trainer.epochs=3", "trainer.ema_decay=0.9")
+    metrics = run(cfg)
+    folder = run_dir(cfg)
+    history = read_json_lines(folder / "metrics.jsonl")
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert not [key for row in history for key in row if key.startswith("val")]
+    results = json.loads((folder / "results.json").read_text())
+    assert results["best_epoch"] == 3 and set(results["images"]) == {"test"}
+    assert metrics["test/acc"] == results["metrics"]["test/acc"] and "val/acc" not in metrics
+    from safetensors.torch import load_file
+
+    kept, last = (load_file(folder / "checkpoints" / name / "clip.safetensors") for name in ("best", "last"))
+    assert kept.keys() == last.keys() and not all(torch.equal(kept[k], last[k]) for k in kept)  # the average
+
+
 def test_run_folder_holds_every_artifact(make_cfg):
     cfg = make_cfg(*QUICK, "clip_lora=tiny_vit")
     run(cfg)

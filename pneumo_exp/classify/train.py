@@ -3,6 +3,8 @@
 Reads top to bottom: tensors from the cache, model, optimiser and schedule, resume, epochs (train, validate,
 checkpoint, log), then the test split evaluated once with the best weights reloaded from disk. With
 `trainer.ema_decay > 0` the weights validated, kept as best and tested are the moving average (`ema.py`).
+With no validation split (`dataset.val_fraction=0`: the final fit on train + val, for an epoch count chosen on
+validation beforehand) nothing is selected: the last epoch's weights are kept and tested.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def load_splits(data: PreparedData, resolution: int, cache_dir: str, progress: b
     splits = {}
     for name in ("train", "val", "test"):
         records = data.split(name)
-        if not records:
+        if not records and name != "val":  # no validation split (dataset.val_fraction=0): the final fit
             raise ValueError(f"the {name} split is empty: nothing to {'train on' if name == 'train' else 'evaluate'}")
         pixels = torch.from_numpy(np.ascontiguousarray(cache.pixels[cache.rows_of(records)]))
         labels = torch.tensor([class_index(r.label) for r in records], dtype=torch.long)
@@ -230,20 +232,23 @@ def fit(cfg: JobConfig, splits: dict[str, SplitTensors], output_dir: Path, accel
             log.warning("resume=true but %s holds no checkpoint: starting from epoch 1", checkpoints)
     logger.rewrite_history(history)  # exactly the epochs done so far: none when starting from epoch 1
 
+    validated = len(splits["val"].labels) > 0  # without a validation split every epoch is kept: the last one wins
     for epoch in range(start_epoch, cfg.trainer.epochs + 1):
         train_metrics = train_one_epoch(model, optimizer, scheduler, splits["train"], cfg, epoch, accelerator,
                                         loss_weights, average)
         row = {"epoch": epoch, "lr": scheduler.get_last_lr()[0], **prefixed("train", train_metrics)}
-        if average is not None:  # the live weights too, to show what the average adds
+        if average is not None and validated:  # the live weights too, to show what the average adds
             live_metrics, _ = evaluate(model, splits["val"], cfg, accelerator, f"epoch {epoch} val (live)")
             row.update({f"val_live/{key}": live_metrics[key] for key in ("acc", "f1_macro", "recall_macro")})
         with average.applied(classifier) if average is not None else contextlib.nullcontext():
-            val_metrics, _ = evaluate(model, splits["val"], cfg, accelerator, f"epoch {epoch} val")
-            row.update(prefixed("val", val_metrics))
+            if validated:
+                val_metrics, _ = evaluate(model, splits["val"], cfg, accelerator, f"epoch {epoch} val")
+                row.update(prefixed("val", val_metrics))
             history.append(row)
-            improved = row[cfg.trainer.selection_metric] > best["value"]
+            value = row[cfg.trainer.selection_metric] if validated else epoch
+            improved = value > best["value"]
             if improved:
-                best = {"epoch": epoch, "value": row[cfg.trainer.selection_metric]}
+                best = {"epoch": epoch, "value": value}
             if accelerator.is_main_process and improved:
                 swap_folder(checkpoints / "best",
                                     lambda folder: save_weights(classifier, peft_model, mode, folder))
@@ -255,15 +260,18 @@ def fit(cfg: JobConfig, splits: dict[str, SplitTensors], output_dir: Path, accel
                             optimizer if cfg.trainer.save_optimizer_state else None, scheduler, progress)
         accelerator.wait_for_everyone()
         logger.log_epoch(row)
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and validated:
             log.info("epoch %d: train acc %.3f f1 %.3f | val acc %.3f recall %.3f f1 %.3f%s", epoch,
                      row["train/acc"], row["train/f1_macro"], row["val/acc"], row["val/recall_macro"],
                      row["val/f1_macro"], "  (best)" if improved else "")
+        elif accelerator.is_main_process:
+            log.info("epoch %d: train acc %.3f f1 %.3f (no validation split: the last epoch is kept)", epoch,
+                     row["train/acc"], row["train/f1_macro"])
 
 
 def test_best(cfg: JobConfig, splits: dict[str, SplitTensors], output_dir: Path, accelerator) -> dict:
     """Reload the best weights from disk into a fresh model and evaluate validation and test once (validation
-    only with `trainer.evaluate_test=false`)."""
+    only with `trainer.evaluate_test=false`; test only without a validation split)."""
     mode = ClassifierMode(cfg.clip_lora.mode)
     classifier, peft_model = build_classifier(cfg.clip_lora, cfg.paths.cache_dir, seed=cfg.seed)
     best_folder = output_dir / "checkpoints" / "best"
@@ -271,7 +279,8 @@ def test_best(cfg: JobConfig, splits: dict[str, SplitTensors], output_dir: Path,
         load_weights(classifier, peft_model, mode, best_folder)
     model = accelerator.prepare(classifier)
     results: dict = {"metrics": {}, "ci95": {}, "confusion_matrix": {}, "images": {}}
-    for name in ("val", "test") if cfg.trainer.evaluate_test else ("val",):
+    for name in [name for name in ("val", "test") if len(splits[name].labels) > 0
+                 and (name == "val" or cfg.trainer.evaluate_test)]:
         metrics, probabilities = evaluate(model, splits[name], cfg, accelerator, f"{name} (best weights)")
         results["confusion_matrix"][name] = metrics.pop("confusion_matrix")
         results["metrics"].update(prefixed(name, metrics))
@@ -308,6 +317,15 @@ def cap_evaluation(splits: dict[str, SplitTensors], trainer: TrainerConfig,
     return splits, capped
 
 
+def kept_epoch(history: list[dict], metric: str) -> int:
+    """The epoch whose weights were kept: the best by `metric`, or the last where nothing was validated."""
+    if not history:
+        return 0
+    if metric not in history[0]:
+        return history[-1]["epoch"]
+    return max(history, key=lambda row: row[metric])["epoch"]
+
+
 def release_memory(accelerator) -> None:
     """Drop what the accelerator keeps of a finished phase (prepared models, optimizers) before the next builds."""
     accelerator.free_memory()
@@ -339,7 +357,7 @@ def train_and_evaluate(cfg: JobConfig, data: PreparedData, output_dir: str | os.
     release_memory(accelerator)
     results["capped"] = capped
     history = read_json_lines(output_dir / "metrics.jsonl")
-    results["best_epoch"] = max(history, key=lambda row: row[cfg.trainer.selection_metric])["epoch"] if history else 0
+    results["best_epoch"] = kept_epoch(history, cfg.trainer.selection_metric)
     results["mode"] = mode.value
     results["seed"] = cfg.seed
     results["train_images"] = {"real": sum(r.source == "real" for r in splits["train"].records),
