@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test summary sweep-demo paper-demo paper paper-cpu bench bench-kermany lock sync clean
+.PHONY: help install demo test summary sweep-demo paper-demo paper paper-cpu bench bench-kermany bench-kermany-final lock sync clean
 
 PAPER_ROWS := original_study,original_no_augmentation,zero_shot,linear_probe,lora,full
 SEEDS ?= 0,1,2
@@ -58,9 +58,14 @@ paper-cpu: install ## the same table with the small from-scratch presets on a CP
 bench: install ## throughput: framework vs plain loops (classifier images/s, diffusion steps/s and images/s)
 	$(BIN)/python bench/bench_classifier.py
 	$(BIN)/python bench/bench_diffusion.py
+	$(BIN)/python bench/bench_precision.py
 
 bench-kermany: install ## the real-data recipe for 3 seeds: make bench-kermany DATA=path/to/chest_xray
 	$(BIN)/python bench/bench_kermany.py $(DATA) --seeds $(subst $(comma), ,$(SEEDS))
+
+bench-kermany-final: install ## the same recipe refitted on train + val (no selection, last epoch kept), 3 seeds
+	$(BIN)/python bench/bench_kermany.py $(DATA) --seeds $(subst $(comma), ,$(SEEDS)) \
+	  --out bench/results/kermany_final_fit.json dataset.val_fraction=0
 
 lock: install ## rewrite requirements/lock.txt from the current .venv
 	{ echo "# Exact versions that install and work together (CPU, Python 3.11). Regenerate: make lock"; \

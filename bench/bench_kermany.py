@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--experiment", default="kermany_cpu")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "kermany.json")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every seed")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides may follow the options
     root = args.out.parent / f"{args.experiment}-runs-{time.strftime('%Y%m%d-%H%M%S')}"
     runs = []
     for seed in args.seeds:
