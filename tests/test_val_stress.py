@@ -24,7 +24,8 @@ def test_stress_table_reproduces_the_runs_validation_and_covers_every_shift(make
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     table = json.loads(out.read_text())[cfg.paths.output_dir]
-    assert list(table) == ["none", "gamma 0.7", "gamma 1.4", "contrast x0.75", "zoom in 15%", "zoom out 15%"]
+    assert list(table) == ["none", "gamma 0.7", "gamma 1.4", "contrast x0.75", "zoom in 15%", "zoom out 15%",
+                           "blur 1px", "sharpen"]
     results = json.loads((tmp_path / "run" / "results.json").read_text())["metrics"]
     assert table["none"]["acc"] == pytest.approx(results["val/acc"], abs=1e-4)
     assert table["none"]["f1_macro"] == pytest.approx(results["val/f1_macro"], abs=1e-4)
