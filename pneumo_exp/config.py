@@ -197,6 +197,7 @@ class TrainerConfig:
     max_grad_norm: float = 1.0  # 0 turns clipping off
     precision: Precision = Precision.no
     class_balance: ClassBalance = ClassBalance.weighted_loss
+    label_smoothing: float = 0.0  # share of each target spread uniformly over the classes; 0 turns it off
     augment: bool = True
     augment_settings: AugmentSettings = field(default_factory=AugmentSettings)  # ranges of the random transforms
     ema_decay: float = 0.0  # >0: validate, keep and test an exponential moving average of the weights; 0 turns it off

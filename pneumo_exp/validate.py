@@ -142,7 +142,7 @@ def check_settings(cfg: DictConfig) -> None:
     training = OmegaConf.select(cfg, "diffusion_lora.training", default=None)
     if training is not None and training.get("max_train_steps") is None:
         check("diffusion_lora.training.epochs", training.get("epochs"), *at_least(1))
-    check_augment_ranges(cfg)
+    check_trainer_ranges(cfg)
 
 
 def check(key: str, value: Any, allowed: Callable[[Any], bool], requirement: str) -> None:
@@ -150,10 +150,13 @@ def check(key: str, value: Any, allowed: Callable[[Any], bool], requirement: str
         raise SettingError(f"bad value {value}", where=key, fix=requirement)
 
 
-def check_augment_ranges(cfg: DictConfig) -> None:
+def check_trainer_ranges(cfg: DictConfig) -> None:
     if not 0 <= cfg.trainer.ema_decay < 1:
         raise SettingError(f"bad value {cfg.trainer.ema_decay}", where="trainer.ema_decay",
                            fix="use 0 (off) or a decay in (0, 1), e.g. 0.998")
+    if not 0 <= cfg.trainer.label_smoothing < 1:
+        raise SettingError(f"bad value {cfg.trainer.label_smoothing}", where="trainer.label_smoothing",
+                           fix="use 0 (off) or a share in (0, 1), e.g. 0.1")
     settings = cfg.trainer.augment_settings
     crop_scale = list(settings.crop_scale)
     if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1]:

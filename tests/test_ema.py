@@ -65,6 +65,7 @@ def test_frozen_parameters_are_left_out_and_state_round_trips():
 
 @pytest.mark.parametrize("override, message", [
     ("trainer.ema_decay=1.0", "trainer.ema_decay"),
+    ("trainer.label_smoothing=1.0", "trainer.label_smoothing"),
     ("trainer.augment_settings.crop_scale=[0.9,0.5]", "trainer.augment_settings.crop_scale"),
     ("trainer.augment_settings.max_gamma=0.5", "trainer.augment_settings.max_gamma"),
 ])

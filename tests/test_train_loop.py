@@ -52,6 +52,18 @@ def test_train_loss_is_the_unweighted_cross_entropy_and_the_weighted_objective_i
     assert metrics["objective"] != pytest.approx(metrics["loss"], rel=1e-3)  # the weights matter on this split
 
 
+def test_label_smoothing_moves_a_share_of_each_target_onto_every_class(make_cfg):
+    train = phantom_split({"NORMAL": 6, "BACTERIA": 6, "VIRUS": 6})
+    cfg, classifier, model, optimizer, scheduler, accelerator = frozen_training(
+        make_cfg, "trainer.class_balance=none", "trainer.label_smoothing=0.3", "trainer.batch_size=32")
+    metrics = train_one_epoch(model, optimizer, scheduler, train, cfg, 1, accelerator, None, None)
+    with torch.no_grad():
+        log_probabilities = classifier.eval()(to_unit_float(train.pixels)).float().log_softmax(-1)
+    targets = 0.7 * F.one_hot(train.labels, len(CLASSES)) + 0.3 / len(CLASSES)
+    assert metrics["objective"] == pytest.approx(-(targets * log_probabilities).sum(-1).mean().item(), rel=1e-5)
+    assert metrics["loss"] == pytest.approx(F.nll_loss(log_probabilities, train.labels).item(), rel=1e-5)
+
+
 def test_epoch_throughput_is_reported_per_step_and_per_image(make_cfg):
     train = phantom_split({"NORMAL": 4, "BACTERIA": 4, "VIRUS": 4})
     cfg, _, model, optimizer, scheduler, accelerator = frozen_training(make_cfg, "trainer.batch_size=4")
