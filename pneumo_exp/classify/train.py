@@ -108,18 +108,11 @@ def stop_if_non_finite(first_non_finite_step: torch.Tensor, epoch: int, accelera
                                  "instead of fp16, or check the input images")
 
 
-def training_objective(logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None,
-                       label_smoothing: float) -> torch.Tensor:
-    """The loss optimised: cross-entropy, class-weighted where `class_weights` is given, against targets that
-    put `label_smoothing` of their mass uniformly on every class."""
-    return F.cross_entropy(logits, labels, weight=class_weights, label_smoothing=label_smoothing)
-
-
 def train_one_epoch(model, optimizer, scheduler, train: SplitTensors, cfg: JobConfig, epoch: int, accelerator,
                     loss_weights: torch.Tensor | None, average: WeightAverage | None) -> dict:
     """One epoch; `loss` is the plain cross-entropy (comparable with `val/loss`), `objective` the loss optimised
-    (class-weighted with `loss_weights`, label-smoothed). Nothing is read back to the host during the epoch except the finite-loss
-    flag every HOST_CHECK_EVERY steps and after the last step."""
+    (class-weighted with `loss_weights`, label-smoothed by `trainer.label_smoothing`). Nothing is read back to the
+    host during the epoch except the finite-loss flag every HOST_CHECK_EVERY steps and after the last step."""
     model.train()
     trainer = cfg.trainer
     order, generator = epoch_randomness(cfg.seed, epoch, accelerator.process_index, train.labels,
@@ -139,7 +132,7 @@ def train_one_epoch(model, optimizer, scheduler, train: SplitTensors, cfg: JobCo
             images = random_augment(images, augment_settings, generator)
         labels = train.labels[indices].to(accelerator.device)
         logits = model(images).float()
-        objective = training_objective(logits, labels, loss_weights, trainer.label_smoothing)
+        objective = F.cross_entropy(logits, labels, weight=loss_weights, label_smoothing=trainer.label_smoothing)
         non_finite = ~torch.isfinite(objective.detach()) & (first_non_finite_step == 0)
         first_non_finite_step = torch.where(non_finite, step_number, first_non_finite_step)
         loss_sums += torch.stack([F.cross_entropy(logits.detach(), labels, reduction="sum"),
