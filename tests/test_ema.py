@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pneumo_exp.classify.ema import WeightAverage
+from pneumo_exp.core.ema import WeightAverage
 from pneumo_exp.validate import check_plan
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pneumo_exp.classify.checkpoint import load_training_state, load_weights, save_checkpoint, save_weights
-from pneumo_exp.classify.ema import WeightAverage
+from pneumo_exp.core.ema import WeightAverage
 from pneumo_exp.classify.metrics import bootstrap_intervals, classification_metrics
 from pneumo_exp.classify.model import build_classifier, trainable_parameters
 from pneumo_exp.classify.predict import write_predictions
