@@ -22,8 +22,8 @@ from pneumo_exp.data.manifest import LeakageError
 from pneumo_exp.data.prepare import PreparedData, prepare_data
 from pneumo_exp.errors import UserError
 from pneumo_exp.core.files import write_atomic, write_json_atomic
-from pneumo_exp.rundir import (changed_settings, is_main_process, job_folder_name, override_key, shapes_result,
-                               write_run_info)
+from pneumo_exp.rundir import (changed_settings, is_main_process, job_folder_name, override_key, process_count,
+                               recorded_processes, shapes_result, write_run_info)
 from pneumo_exp.summary import format_summary
 from pneumo_exp.tracking import RunLogger
 from pneumo_exp.validate import SettingError, check_plan
@@ -54,6 +54,9 @@ def finished_before(cfg: JobConfig, output_dir: Path) -> bool:
         raise UserError("the folder holds results but no config.yaml, so they cannot be matched to this job",
                         where=str(output_dir), fix=START_AFRESH)
     changed = changed_settings(cfg, stored_file)
+    processes = recorded_processes(json.loads((output_dir / "results.json").read_text()))
+    if processes != process_count():
+        changed.append(f"the process count ({processes}, now {process_count()})")
     if changed:
         raise SettingError(f"the folder holds a finished job with other settings for {', '.join(changed)}",
                            where=str(output_dir), fix=START_AFRESH)

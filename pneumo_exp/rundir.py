@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
 import subprocess
+import typing
 from pathlib import Path
 from typing import Any, Iterable
 
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 from pneumo_exp.config import JobConfig
 
@@ -21,6 +23,17 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 def is_main_process() -> bool:
     """Rank 0 of a launched run (torchrun / accelerate launch set RANK), or a plain process."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def process_count() -> int:
+    """The processes of a launched run (torchrun / accelerate launch set WORLD_SIZE), or 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def recorded_processes(results: dict) -> int:
+    """The process count a results.json records; one for results written before it was recorded (a plain launch,
+    the schema's default as for any key an older run lacks)."""
+    return int(results.get("processes", 1))
 
 
 def git_version() -> dict[str, Any]:
@@ -58,14 +71,35 @@ def _dotted(node: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def schema_defaults(stored: dict, schema: type = JobConfig) -> dict:
+    """The defaults of `schema` for a stored config: a group the job schema leaves open takes its own schema's
+    defaults (a dataset's by its kind)."""
+    defaults = OmegaConf.to_container(OmegaConf.structured(schema), enum_to_str=True)
+    hints = typing.get_type_hints(schema)
+    for field in dataclasses.fields(schema):
+        group = hints[field.name]
+        if field.default == MISSING and dataclasses.is_dataclass(group):
+            values = stored.get(field.name) if isinstance(stored.get(field.name), dict) else {}
+            kinds = [sub for sub in group.__subclasses__() if getattr(sub, "kind", None) == values.get("kind")]
+            defaults[field.name] = schema_defaults(values, kinds[0] if kinds else group)
+    return defaults
+
+
+def resolved_settings(stored: dict) -> dict[str, Any]:
+    """A stored config as dotted keys, read against today's schema: a key it lacks (a setting added since the run
+    started) holds its schema default."""
+    merged = OmegaConf.merge(OmegaConf.create(schema_defaults(stored)), OmegaConf.create(stored))
+    return _dotted(OmegaConf.to_container(merged))
+
+
 def changed_settings(cfg: JobConfig, stored_file: Path) -> list[str]:
-    """The keys that shape the result on which `cfg` differs from the config stored in `stored_file`. Only keys
-    both configs hold count: a setting added to the schema after the stored run started is not a change the user
-    made (its default reproduces the old behaviour)."""
-    stored = _dotted(OmegaConf.to_container(OmegaConf.load(stored_file)))
-    current = _dotted(OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(cfg, resolve=True))))
-    return sorted(key for key in stored.keys() & current.keys()
-                  if shapes_result(key) and stored[key] != current[key])
+    """The keys that shape the result on which `cfg` differs from the config stored in `stored_file`, a key
+    either config lacks counting as its schema default."""
+    stored = resolved_settings(OmegaConf.to_container(OmegaConf.load(stored_file)))
+    current = resolved_settings(OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(cfg, resolve=True))))
+    absent = object()
+    return sorted(key for key in stored.keys() | current.keys()
+                  if shapes_result(key) and stored.get(key, absent) != current.get(key, absent))
 
 
 LONG_VALUE = 40

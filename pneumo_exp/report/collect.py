@@ -16,7 +16,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from pneumo_exp.core.history import read_json_lines
-from pneumo_exp.rundir import RESULT_NEUTRAL_KEYS
+from pneumo_exp.rundir import RESULT_NEUTRAL_KEYS, recorded_processes, resolved_settings, shapes_result
 
 # Override keys (and their sub-keys) that never change what a job computes, so never split a configuration.
 NOT_A_SETTING = RESULT_NEUTRAL_KEYS
@@ -56,6 +56,13 @@ class RunRecord:
     @property
     def metrics(self) -> dict:
         return (self.results or {}).get("metrics", {})
+
+    def settings(self, ignore: Iterable[str] = ("seed",)) -> dict[str, Any]:
+        """The resolved settings that shape the result (a key an older run lacks at its schema default) and the
+        process count."""
+        settings = {key: value for key, value in resolved_settings(self.config).items()
+                    if shapes_result(key, (*RESULT_NEUTRAL_KEYS, *ignore))}
+        return settings | {"processes": recorded_processes(self.results or {})}
 
     @property
     def error_line(self) -> str:
@@ -202,10 +209,32 @@ def sort_key(run: RunRecord) -> tuple:
 
 
 def group_runs(runs: Iterable[RunRecord]) -> dict[tuple[str, str], list[RunRecord]]:
-    groups: dict[tuple[str, str], list[RunRecord]] = {}
+    """Runs by configuration: the same overrides and the same resolved settings (see `split_by_settings`)."""
+    by_overrides: dict[tuple[str, str], list[RunRecord]] = {}
     for run in sorted(runs, key=lambda r: (sort_key(r), r.seed if r.seed is not None else -1, str(r.path))):
-        groups.setdefault((run.experiment_name, group_key(run)), []).append(run)
+        by_overrides.setdefault((run.experiment_name, group_key(run)), []).append(run)
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
+    for (experiment, key), members in by_overrides.items():
+        for variant, variant_members in split_by_settings(members).items():
+            groups[(experiment, ",".join(filter(None, (key, variant))))] = variant_members
     return groups
+
+
+def split_by_settings(members: list[RunRecord]) -> dict[str, list[RunRecord]]:
+    """Runs with the same overrides but other resolved settings (an edited recipe file, another code version,
+    another process count) are other configurations, each named by the settings that tell them apart ("" when
+    all agree)."""
+    settings = [{key: setting_text(value) for key, value in run.settings().items()} for run in members]
+    differing = sorted(key for key in set().union(*settings) if len({values.get(key) for values in settings}) > 1)
+    variants: dict[str, list[RunRecord]] = {}
+    for run, values in zip(members, settings):
+        variants.setdefault(",".join(f"{key}={values.get(key)}" for key in differing), []).append(run)
+    return variants
+
+
+def setting_text(value: Any) -> str:
+    """A resolved value as an override writes it: `0.1`, `true`, `null`, `[0.9,0.999]`."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
 def override_parts(key: str) -> list[str]:
