@@ -1,29 +1,33 @@
 """Paired comparisons of two configurations over the seeds both completed: the Student-t CI over seed-matched
-differences, a paired patient-level bootstrap CI over the test split, and McNemar's exact p per seed."""
+differences, a paired patient-level bootstrap CI over the test split, and an exact patient-clustered McNemar p per
+seed and over the seeds together. Test images are paired by the sha256 of their bytes (from each run's manifest.csv),
+so runs that read the dataset from another folder still pair; where they tested different images, the comparison
+says so."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from pneumo_exp.classify.metrics import paired_bootstrap_intervals
 from pneumo_exp.errors import UserError
 from pneumo_exp.labels import CLASSES
 from pneumo_exp.report.collect import (COMPLETED, RunRecord, group_runs, newest_per_seed, override_parts,
                                        parse_override)
-from pneumo_exp.report.statistics import finite, metric_title, summarize
+from pneumo_exp.report.statistics import finite, metric_title, sign_flip_p, summarize
 
 # Pairs of configurations compared when `report.pairs` is not given: (A, B) reports A - B.
 AUGMENTATION_PAIR = ("original_study", "original_no_augmentation")
 DEFAULT_PAIRS = (AUGMENTATION_PAIR, ("linear_probe", "zero_shot"), ("lora", "zero_shot"), ("full", "zero_shot"))
 PAIR_METRICS = ("test/acc", "test/f1_macro")
 NO_DIFFERENCE = "no difference shown"
+PATIENT_LEVEL, IMAGE_LEVEL = "patient", "image"  # the units McNemar's test takes as independent
 
 
 def check_pairs(pairs: Any) -> list[tuple[str, str]]:
@@ -51,45 +55,154 @@ def select_configuration(selector: str, groups: dict[tuple[str, str], list[RunRe
     return [name for name in groups if matches(selector, *name)]
 
 
-def read_test_predictions(folder: Path) -> dict | None:
-    """{"images": {path: (label index, predicted index)}, "patients": {path: patient_id}} from a run's
-    predictions.csv and manifest.csv (patients empty without a manifest); None without readable predictions."""
+@dataclass(frozen=True)
+class TestedImage:
+    path: str
+    label: int
+    prediction: int
+    patient: str | None  # from manifest.csv; None where it does not list the image
+    sha256: str  # of the image's bytes, from manifest.csv; "" where it does not give one
+
+
+@dataclass(frozen=True)
+class SeedPairing:
+    """One seed's two runs matched image by image, or the reason they could not be."""
+    key: str  # what matched the images: "sha256", or "path" where a manifest.csv gives no sha256
+    reason: str = ""  # why the images could not be matched; "" when they were
+    arrays: tuple | None = None  # (targets, predictions_a, predictions_b, patients or None) over the matched images
+    images: tuple[str, ...] = ()  # the matching keys, in the arrays' order: the units of an image-level test
+
+
+def read_test_predictions(folder: Path) -> list[TestedImage] | None:
+    """A run's test images from predictions.csv, each with its patient and sha256 from manifest.csv;
+    None without readable predictions."""
     index = {name: number for number, name in enumerate(CLASSES)}
     try:
         with (folder / "predictions.csv").open(newline="") as handle:
-            images = {row["path"]: (index[row["label"]], index[row["prediction"]]) for row in csv.DictReader(handle)}
+            rows = [(row["path"], index[row["label"]], index[row["prediction"]]) for row in csv.DictReader(handle)]
     except (OSError, KeyError, csv.Error):
         return None
-    patients: dict[str, str] = {}
+    described = manifest_test_rows(folder)
+    return [TestedImage(path, label, prediction, *described.get(path, (None, ""))) for path, label, prediction in rows]
+
+
+def manifest_test_rows(folder: Path) -> dict[str, tuple[str, str]]:
+    """{path: (patient_id, sha256)} of the test rows of a run's manifest.csv; empty without a readable one."""
     with contextlib.suppress(OSError, KeyError, csv.Error):
         with (folder / "manifest.csv").open(newline="") as handle:
-            patients = {row["path"]: row["patient_id"] for row in csv.DictReader(handle) if row["split"] == "test"}
-    return {"images": images, "patients": patients}
+            return {row["path"]: (row["patient_id"], row.get("sha256") or "") for row in csv.DictReader(handle)
+                    if row["split"] == "test"}
+    return {}
+
+
+def matching_keys(images: list[TestedImage], key: str) -> dict[str, TestedImage]:
+    """Each image under its path, or under its sha256 numbered among copies of the same bytes (in patient, then
+    path order, which a moved dataset folder keeps)."""
+    if key == "path":
+        return {image.path: image for image in images}
+    copies: dict[str, int] = {}
+    keyed = {}
+    for image in sorted(images, key=lambda image: (image.patient or "", image.path)):
+        copies[image.sha256] = copies.get(image.sha256, -1) + 1
+        keyed[f"{image.sha256}#{copies[image.sha256]}"] = image
+    return keyed
+
+
+def pair_runs(run_a: RunRecord, run_b: RunRecord, a: str = "A", b: str = "B") -> SeedPairing:
+    """The two runs' test results matched image by image: by sha256 where both manifests give every image's,
+    else by path; patients from A's manifest."""
+    tested_a, tested_b = read_test_predictions(run_a.path), read_test_predictions(run_b.path)
+    for name, tested in ((a, tested_a), (b, tested_b)):
+        if not tested:
+            return SeedPairing("", f"no test predictions.csv from {name}")
+    key = "sha256" if all(image.sha256 for image in tested_a + tested_b) else "path"
+    keyed_a, keyed_b = matching_keys(tested_a, key), matching_keys(tested_b, key)
+    if keyed_a.keys() != keyed_b.keys():
+        shared = len(keyed_a.keys() & keyed_b.keys())
+        return SeedPairing(key, f"{a} tested {len(keyed_a)} images, {b} {len(keyed_b)}, {shared} in both")
+    keys = sorted(keyed_a)
+    relabelled = sum(keyed_a[k].label != keyed_b[k].label for k in keys)
+    if relabelled:
+        return SeedPairing(key, f"{relabelled} images carry another label in {a} than in {b}")
+    patients = [keyed_a[k].patient for k in keys]
+    arrays = (np.array([keyed_a[k].label for k in keys]), np.array([keyed_a[k].prediction for k in keys]),
+              np.array([keyed_b[k].prediction for k in keys]), None if None in patients else np.array(patients))
+    return SeedPairing(key, arrays=arrays, images=tuple(keys))
 
 
 def aligned_predictions(run_a: RunRecord, run_b: RunRecord) -> tuple[np.ndarray, ...] | None:
     """(targets, predictions_a, predictions_b, patients or None) over the test images both runs predicted;
     None when predictions are missing or the two runs were tested on different images."""
-    a, b = read_test_predictions(run_a.path), read_test_predictions(run_b.path)
-    if a is None or b is None or a["images"].keys() != b["images"].keys() or not a["images"]:
-        return None
-    paths = sorted(a["images"])
-    if any(a["images"][path][0] != b["images"][path][0] for path in paths):
-        return None
-    targets = np.array([a["images"][path][0] for path in paths])
-    predictions_a = np.array([a["images"][path][1] for path in paths])
-    predictions_b = np.array([b["images"][path][1] for path in paths])
-    known = all(path in a["patients"] for path in paths)
-    patients = np.array([a["patients"][path] for path in paths]) if known else None
-    return targets, predictions_a, predictions_b, patients
+    return pair_runs(run_a, run_b).arrays
 
 
-def mcnemar(targets: np.ndarray, predictions_a: np.ndarray, predictions_b: np.ndarray) -> dict:
-    """McNemar's exact test: of the images exactly one arm got right, is A's share different from 1/2?"""
+def discordance(targets: np.ndarray, predictions_a: np.ndarray, predictions_b: np.ndarray,
+                units: np.ndarray) -> dict[str, int]:
+    """Per unit (patient, or image): the images only A got right minus those only B got right."""
+    differences = (predictions_a == targets).astype(int) - (predictions_b == targets).astype(int)
+    totals: dict[str, int] = {}
+    for unit, difference in zip(np.asarray(units).astype(str), differences):
+        totals[unit] = totals.get(unit, 0) + int(difference)
+    return totals
+
+
+def mcnemar(targets: np.ndarray, predictions_a: np.ndarray, predictions_b: np.ndarray,
+            units: np.ndarray | None = None) -> dict:
+    """McNemar's test with `units` (patient ids) as the independent units: exact, by flipping the sign of each
+    unit's discordance (`statistics.sign_flip_p`); each image is its own unit without them (McNemar's exact test).
+    a_only, b_only: images only A, only B got right; image_level_p: the exact test taking images as independent."""
     right_a, right_b = predictions_a == targets, predictions_b == targets
-    a_only, b_only = int(np.sum(right_a & ~right_b)), int(np.sum(~right_a & right_b))
-    p = stats.binomtest(a_only, a_only + b_only, 0.5).pvalue if a_only + b_only else 1.0
-    return {"a_only": a_only, "b_only": b_only, "p": float(p)}
+    by_image = discordance(targets, predictions_a, predictions_b, np.arange(len(targets)))
+    by_unit = by_image if units is None else discordance(targets, predictions_a, predictions_b, units)
+    return {"a_only": int(np.sum(right_a & ~right_b)), "b_only": int(np.sum(~right_a & right_b)),
+            "level": IMAGE_LEVEL if units is None else PATIENT_LEVEL, "p": sign_flip_p(by_unit.values()),
+            "image_level_p": sign_flip_p(by_image.values())}
+
+
+def mcnemar_over_seeds(paired: dict[int, SeedPairing], level: str, per_seed: dict[int, dict]) -> dict:
+    """One test of the seeds together: each unit's discordance summed over the seeds and its sign flipped as a whole.
+    The seeds test the same patients, so their p values are not independent and are not combined by Fisher's or
+    Stouffer's method. `per_seed`: each seed's `mcnemar`, for the image counts."""
+    summed: dict[str, int] = {}
+    for pairing in paired.values():
+        for unit, difference in discordance(*pairing.arrays[:3], seed_units(pairing, level)).items():
+            summed[unit] = summed.get(unit, 0) + difference
+    return {"seeds": list(paired), "level": level, "a_only": sum(test["a_only"] for test in per_seed.values()),
+            "b_only": sum(test["b_only"] for test in per_seed.values()), "units": len(summed),
+            "p": sign_flip_p(summed.values())}
+
+
+def seed_units(pairing: SeedPairing, level: str) -> np.ndarray:
+    return pairing.arrays[3] if level == PATIENT_LEVEL else np.array(pairing.images)
+
+
+def pairing_summary(pairings: dict[int, SeedPairing]) -> dict:
+    """key (what matched the images), seeds (those paired), unpaired {seed: reason}, images and patients of the
+    first paired seed's test split (patients None where unknown)."""
+    paired = [pairing for pairing in pairings.values() if not pairing.reason]
+    arrays = paired[0].arrays if paired else None
+    return {"key": next((pairing.key for pairing in paired + list(pairings.values()) if pairing.key), ""),
+            "seeds": [seed for seed, pairing in pairings.items() if not pairing.reason],
+            "unpaired": {seed: pairing.reason for seed, pairing in pairings.items() if pairing.reason},
+            "images": len(arrays[0]) if arrays else 0,
+            "patients": len(set(arrays[3])) if arrays and arrays[3] is not None else None}
+
+
+def pairing_text(comparison: dict) -> str:
+    """What the bootstrap and McNemar compared: the note beside a compared pair's verdict."""
+    pairing = comparison["pairing"]
+    seeds_of: dict[str, list[str]] = {}
+    for seed, reason in pairing["unpaired"].items():
+        seeds_of.setdefault(reason, []).append(str(seed))
+    unpaired = "; ".join(f"seed{'s' if len(seeds) > 1 else ''} {' '.join(seeds)}: {reason}"
+                         for reason, seeds in seeds_of.items())
+    if not pairing["seeds"]:
+        return f"not paired: the verdict rests on the t CI alone ({unpaired})"
+    patients = (f"{pairing['patients']} patients" if pairing["patients"] is not None else
+                "patients unknown (not in manifest.csv): no bootstrap, McNemar image-level")
+    seeds = f" in seeds {' '.join(map(str, pairing['seeds']))}" if unpaired else ""
+    text = f"paired by {pairing['key']}{seeds}: {pairing['images']} images, {patients}"
+    return text + (f"; in the t CI only, not paired: {unpaired}" if unpaired else "")
 
 
 def verdict(a: str, b: str, over_seeds: tuple[float, float] | None,
@@ -108,9 +221,10 @@ def verdict(a: str, b: str, over_seeds: tuple[float, float] | None,
 
 def compare_pair(a: str, b: str, groups: dict[tuple[str, str], list[RunRecord]], samples: int) -> dict:
     """a, b, status (compared | missing | ambiguous), reason, seeds, metrics {name: n, difference, t_low, t_high,
-    bootstrap_low, bootstrap_high, verdict}, bootstrap_seeds, mcnemar {seed: a_only, b_only, p}."""
+    bootstrap_low, bootstrap_high, verdict}, bootstrap_seeds, pairing (`pairing_summary`), mcnemar {seed: `mcnemar`}
+    and mcnemar_all_seeds (`mcnemar_over_seeds`, None without a paired seed)."""
     comparison: dict[str, Any] = {"a": a, "b": b, "status": "missing", "reason": "", "seeds": [], "metrics": {},
-                                  "bootstrap_seeds": [], "mcnemar": {}}
+                                  "bootstrap_seeds": [], "pairing": {}, "mcnemar": {}, "mcnemar_all_seeds": None}
     arms = {}
     for name in (a, b):
         selected = select_configuration(name, groups)
@@ -122,16 +236,19 @@ def compare_pair(a: str, b: str, groups: dict[tuple[str, str], list[RunRecord]],
     seeds = sorted(set(arms[a]) & set(arms[b]))
     if not seeds:
         return comparison | {"reason": f"no seed completed in both {a} and {b}"}
-    paired = {seed: aligned_predictions(arms[a][seed], arms[b][seed]) for seed in seeds}
-    with_patients = [seed for seed, arrays in paired.items() if arrays is not None and arrays[3] is not None]
-    bootstrap = paired_bootstrap_intervals([paired[seed] for seed in with_patients], samples=samples) \
+    pairings = {seed: pair_runs(arms[a][seed], arms[b][seed], a, b) for seed in seeds}
+    paired = {seed: pairing for seed, pairing in pairings.items() if not pairing.reason}
+    with_patients = [seed for seed, pairing in paired.items() if pairing.arrays[3] is not None]
+    bootstrap = paired_bootstrap_intervals([paired[seed].arrays for seed in with_patients], samples=samples) \
         if with_patients else {}
     metrics = {metric: metric_difference(a, b, [(arms[a][seed], arms[b][seed]) for seed in seeds], metric,
                                          bootstrap.get(metric_title(metric), {}).get("ci"))
                for metric in PAIR_METRICS}
+    level = PATIENT_LEVEL if len(with_patients) == len(paired) else IMAGE_LEVEL
+    per_seed = {seed: mcnemar(*pairing.arrays[:3], seed_units(pairing, level)) for seed, pairing in paired.items()}
     return comparison | {"status": "compared", "seeds": seeds, "metrics": metrics, "bootstrap_seeds": with_patients,
-                         "mcnemar": {seed: mcnemar(*arrays[:3]) for seed, arrays in paired.items()
-                                     if arrays is not None}}
+                         "pairing": pairing_summary(pairings), "mcnemar": per_seed,
+                         "mcnemar_all_seeds": mcnemar_over_seeds(paired, level, per_seed) if paired else None}
 
 
 def completed_by_seed(members: list[RunRecord]) -> dict[int, RunRecord]:

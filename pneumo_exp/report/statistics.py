@@ -1,4 +1,5 @@
-"""Statistics over the seeds of each configuration: mean, sample std and the Student-t 95 % CI of the mean."""
+"""Statistics over the seeds of each configuration: mean, sample std and the Student-t 95 % CI of the mean; the
+exact sign-flip test behind the paired comparisons' patient-clustered McNemar."""
 
 from __future__ import annotations
 
@@ -45,6 +46,27 @@ def summarize(values: Iterable[Any]) -> dict[str, Any]:
         half_width = t_quantile_975(n - 1) * stats["std"] / math.sqrt(n)
         stats["ci_low"], stats["ci_high"] = stats["mean"] - half_width, stats["mean"] + half_width
     return stats
+
+
+def sign_flip_p(differences: Iterable[int]) -> float:
+    """Exact two-sided p of the sign-flip (randomisation) test that integer differences are symmetric about 0:
+    P(|sum of e_k d_k| >= |sum of d_k|) over independent fair signs e_k.
+
+    With d_k = (images only A got right) - (images only B got right) of patient k, this is the exact form of the
+    clustered McNemar test of Durkalski et al. (2003), whose statistic (sum d_k)^2 / sum d_k^2 orders the sign
+    patterns as |sum d_k| does; with one image per patient it is McNemar's exact (binomial) test."""
+    differences = np.asarray(list(differences), dtype=int)
+    sizes = np.abs(differences[differences != 0])
+    total = int(sizes.sum())
+    plus_sum = np.zeros(total + 1)  # the distribution of the summed sizes of the patients given a + sign
+    plus_sum[0] = 1.0
+    for size in sizes:
+        shifted = np.zeros_like(plus_sum)
+        shifted[size:] = plus_sum[:-size]
+        plus_sum = (plus_sum + shifted) / 2
+    observed = abs(int(differences.sum()))
+    signed_sums = np.abs(2 * np.arange(total + 1) - total)
+    return float(min(1.0, plus_sum[signed_sums >= observed].sum()))
 
 
 def epoch_means(runs: Sequence[RunRecord], metrics: Sequence[str]) -> list[dict]:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pneumo_exp.report.collect import COMPLETED, FAILED, UNFINISHED, RunRecord
-from pneumo_exp.report.compare import AUGMENTATION_PAIR
+from pneumo_exp.report.compare import AUGMENTATION_PAIR, PATIENT_LEVEL, pairing_text
 from pneumo_exp.report.published import ALWAYS_NORMAL, ORIGINAL_STUDY
 from pneumo_exp.report.statistics import EPOCH_METRICS, metric_title
 
@@ -93,29 +93,40 @@ def augmentation_gain_line(comparison: dict) -> str:
                      f"{interval_text(values['t_low'], values['t_high'])}, patient bootstrap "
                      f"{interval_text(values['bootstrap_low'], values['bootstrap_high'])}): {values['verdict']}")
     seeds = ", ".join(map(str, comparison["seeds"]))
-    return f"{title}, seeds {seeds}): " + "; ".join(parts) + ". See the paired comparisons below."
+    return (f"{title}, seeds {seeds}): " + "; ".join(parts) + f". Test images {pairing_text(comparison)}. "
+            "See the paired comparisons below.")
 
 
 def mcnemar_text(comparison: dict) -> str:
-    return ", ".join(f"seed {seed}: {test['p']:.3g} ({test['a_only']} vs {test['b_only']})"
-                     for seed, test in comparison["mcnemar"].items()) or "—"
+    """The seeds together, then each seed's p; the units named (patients, or images where patients are unknown)."""
+    together = comparison["mcnemar_all_seeds"]
+    if together is None:
+        return "—"
+    level = "patients as units" if together["level"] == PATIENT_LEVEL else "image-level (patients unknown)"
+    seeds = together["seeds"]
+    which = f"seeds {' '.join(map(str, seeds))} together" if len(seeds) > 1 else f"seed {seeds[0]}"
+    text = (f"{level}: {which} p {together['p']:.3g} ({together['a_only']} vs {together['b_only']} images, "
+            f"{together['units']} {'patients' if together['level'] == PATIENT_LEVEL else 'images'})")
+    if len(seeds) > 1:
+        text += "; per seed " + ", ".join(f"{seed}: {test['p']:.3g}" for seed, test in comparison["mcnemar"].items())
+    return text
 
 
 def pairs_markdown(comparisons: Sequence[dict]) -> list[str]:
     if not comparisons:
         return []
     header = ["A", "B", "seeds", "metric", "A − B", "t 95 % CI", "patient bootstrap 95 % CI", "verdict",
-              "McNemar exact p (A only vs B only right)"]
+              "test images", "McNemar exact p (A only vs B only right images)"]
     rows = []
     for c in comparisons:
         if c["status"] != "compared":
-            rows.append([c["a"], c["b"], "—", "", "", "", "", f"{c['status']}: {c['reason']}", ""])
+            rows.append([c["a"], c["b"], "—", "", "", "", "", f"{c['status']}: {c['reason']}", "", ""])
             continue
         for number, (metric, values) in enumerate(c["metrics"].items()):
             rows.append([c["a"], c["b"], " ".join(map(str, c["seeds"])), metric_title(metric),
                          signed(values["difference"]), interval_text(values["t_low"], values["t_high"]),
                          interval_text(values["bootstrap_low"], values["bootstrap_high"]), values["verdict"],
-                         mcnemar_text(c) if number == 0 else ""])
+                         *([pairing_text(c), mcnemar_text(c)] if number == 0 else ["", ""])])
     return ["## Paired comparisons", "",
             "A − B in test metrics over the seeds both completed. t: mean of the per-seed differences with its "
             "Student-t 95 % CI (n−1 dof; needs 2 seeds), the spread from training randomness. Patient bootstrap: "
@@ -123,7 +134,16 @@ def pairs_markdown(comparisons: Sequence[dict]) -> list[str]:
             "together, one resample for both arms and every seed), the spread from which patients were tested. "
             "A difference is claimed only where the t CI (so at least 2 seeds) and the bootstrap CI both exclude 0; "
             "otherwise: no difference shown. "
-            "McNemar: exact two-sided p per seed on the images exactly one arm classified correctly.", "",
+            "Test images: the two arms' test images are matched by the sha256 of their bytes (from each run's "
+            "manifest.csv; by path where it gives none), so runs that read the dataset from another folder still "
+            "pair; where the arms tested different images (another cap or subset), the bootstrap and McNemar are "
+            "left out and the column says the verdict rests on the t CI alone. "
+            "McNemar: exact two-sided p with patients as the units (the sign of each patient's count of images only "
+            "A got right minus those only B got right is flipped, the exact form of Durkalski et al.'s 2003 clustered "
+            "McNemar; McNemar's exact test when each patient has one image), since images of one patient are not "
+            "independent. The seeds share the test patients, so their p values are not independent: one test takes "
+            "the seeds together (each patient's counts summed over the seeds, flipped as a whole) and the per-seed p "
+            "values beside it are not a verdict.", "",
             *markdown_rows(header, rows)]
 
 
@@ -215,15 +235,20 @@ def pairs_csv(comparisons: Sequence[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     columns = ("difference", "t_low", "t_high", "bootstrap_low", "bootstrap_high")
-    writer.writerow(["a", "b", "status", "reason", "seeds", "metric", *columns, "verdict", "bootstrap_seeds",
-                     "mcnemar_p"])
+    writer.writerow(["a", "b", "status", "reason", "seeds", "metric", *columns, "verdict", "pairing",
+                     "bootstrap_seeds", "mcnemar_level", "mcnemar_p_all_seeds", "mcnemar_p",
+                     "mcnemar_image_level_p"])
     for c in comparisons:
         seeds = " ".join(map(str, c["seeds"]))
-        mcnemar_p = " ".join(f"{seed}:{test['p']!r}" for seed, test in c["mcnemar"].items())
+        together = c["mcnemar_all_seeds"] or {}
+        mcnemar = [" ".join(f"{seed}:{test[p]!r}" for seed, test in c["mcnemar"].items())
+                   for p in ("p", "image_level_p")]
         for metric, values in c["metrics"].items() or [("", {})]:
             writer.writerow([c["a"], c["b"], c["status"], c["reason"], seeds, metric,
                              *("" if values.get(k) is None else repr(values[k]) for k in columns),
-                             values.get("verdict", ""), " ".join(map(str, c["bootstrap_seeds"])), mcnemar_p])
+                             values.get("verdict", ""), pairing_text(c) if c["status"] == "compared" else "",
+                             " ".join(map(str, c["bootstrap_seeds"])), together.get("level", ""),
+                             repr(together["p"]) if together else "", *mcnemar])
     return buffer.getvalue()
 
 
