@@ -75,6 +75,18 @@ def class_weights(labels: torch.Tensor) -> torch.Tensor:
     return counts.sum() / (len(CLASSES) * counts.clamp(min=1))
 
 
+def training_objective(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None,
+                       smoothing: float) -> torch.Tensor:
+    """Cross-entropy against the target (1 - smoothing) * one-hot + smoothing / C, uniform over the classes, each
+    image's loss weighted by its class weight: the weighted mean, as `F.cross_entropy(weight=...)` takes it.
+    (PyTorch's own `weight` with `label_smoothing` would weight the smoothing share by class too.)"""
+    losses = F.cross_entropy(logits, labels, label_smoothing=smoothing, reduction="none")
+    if weights is None:
+        return losses.mean()
+    image_weights = weights[labels]
+    return (losses * image_weights).sum() / image_weights.sum()
+
+
 def epoch_order(labels: torch.Tensor, balance: ClassBalance, generator: torch.Generator) -> torch.Tensor:
     if balance == ClassBalance.sampler:
         weights = class_weights(labels)[labels]
@@ -111,8 +123,9 @@ def stop_if_non_finite(first_non_finite_step: torch.Tensor, epoch: int, accelera
 def train_one_epoch(model, optimizer, scheduler, train: SplitTensors, cfg: JobConfig, epoch: int, accelerator,
                     loss_weights: torch.Tensor | None, average: WeightAverage | None) -> dict:
     """One epoch; `loss` is the plain cross-entropy (comparable with `val/loss`), `objective` the loss optimised
-    (class-weighted with `loss_weights`, label-smoothed by `trainer.label_smoothing`). Nothing is read back to the
-    host during the epoch except the finite-loss flag every HOST_CHECK_EVERY steps and after the last step."""
+    (`training_objective`: class-weighted with `loss_weights`, smoothed uniformly by `trainer.label_smoothing`).
+    Nothing is read back to the host during the epoch except the finite-loss flag every HOST_CHECK_EVERY steps and
+    after the last step."""
     model.train()
     trainer = cfg.trainer
     order, generator = epoch_randomness(cfg.seed, epoch, accelerator.process_index, train.labels,
@@ -132,7 +145,7 @@ def train_one_epoch(model, optimizer, scheduler, train: SplitTensors, cfg: JobCo
             images = random_augment(images, augment_settings, generator)
         labels = train.labels[indices].to(accelerator.device)
         logits = model(images).float()
-        objective = F.cross_entropy(logits, labels, weight=loss_weights, label_smoothing=trainer.label_smoothing)
+        objective = training_objective(logits, labels, loss_weights, trainer.label_smoothing)
         non_finite = ~torch.isfinite(objective.detach()) & (first_non_finite_step == 0)
         first_non_finite_step = torch.where(non_finite, step_number, first_non_finite_step)
         loss_sums += torch.stack([F.cross_entropy(logits.detach(), labels, reduction="sum"),
