@@ -26,7 +26,7 @@ from pneumo_exp.rundir import (changed_settings, is_main_process, job_folder_nam
                                recorded_processes, shapes_result, write_run_info)
 from pneumo_exp.summary import format_summary
 from pneumo_exp.tracking import RunLogger
-from pneumo_exp.validate import SettingError, check_plan
+from pneumo_exp.validate import SettingError, check_plan, check_selection_split
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,8 @@ def run(composed: DictConfig) -> dict[str, float]:
         print(format_summary(data, cfg.dataset.name), flush=True)
     if cfg.task == "summary" or list(cfg.stages) == ["data"]:
         return {}
+    if cfg.task == "run" and "classify" in cfg.stages:
+        check_selection_split(cfg, [r.label for r in data.split("val")])
 
     logger = RunLogger(cfg, output_dir, job_type="-".join(cfg.stages), run_name=run_name(cfg),
                        enabled=is_main_process())

@@ -167,6 +167,18 @@ def check_trainer_ranges(cfg: DictConfig) -> None:
                            fix="use 1 (off) or more, e.g. 1.5 for gammas between 1/1.5 and 1.5")
 
 
+def check_selection_split(cfg, validation_labels: list[str]) -> None:
+    """`val/auroc_macro` is undefined (nan) on a validation split missing a class, so no epoch would ever be kept:
+    refused on the split the classifier will validate on, before it trains."""
+    if cfg.trainer.selection_metric != "val/auroc_macro" or cfg.clip_lora.mode == "zero_shot" or not validation_labels:
+        return
+    missing = [label for label in CLASSES if label not in validation_labels]
+    if missing:
+        raise SettingError(f"val/auroc_macro is undefined: the validation split has no {' or '.join(missing)} image",
+                           where="trainer.selection_metric",
+                           fix="use trainer.selection_metric=val/f1_macro, or a validation split with every class")
+
+
 def check_class_keys(mapping: dict, key: str) -> None:
     """Per-class settings must name exactly the known classes."""
     unknown = set(mapping) - set(CLASSES)

@@ -68,3 +68,61 @@ def test_the_epoch_objective_is_the_weighted_mean_of_uniformly_smoothed_losses(m
     image_weights = weights[train.labels]
     expected = (image_weights * per_image).sum() / image_weights.sum()
     assert metrics["objective"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- selection metric
+
+
+def folder_tree(root: Path, validation_classes: tuple[str, ...]) -> Path:
+    shade = iter(range(0, 250, 5))  # every image distinct: no byte-identical copies across splits
+    for split, classes in (("train", CLASSES), ("val", validation_classes), ("test", CLASSES)):
+        for label in classes:
+            for index in range(2):
+                write_image(root / split / label / f"{index}.png", next(shade))
+    return root
+
+
+def refused_auroc_selection(make_cfg, root: Path, *overrides: str) -> str:
+    from pneumo_exp.pipeline import run
+    from pneumo_exp.validate import SettingError
+
+    cfg = make_cfg("dataset=folder", f"dataset.root={root}", "dataset.resolution=64", "clip_lora=tiny_vit",
+                   "clip_lora.image_size=64", "stages=[data,classify]", "trainer.cpu=true",
+                   "trainer.selection_metric=val/auroc_macro", *overrides)
+    with pytest.raises(SettingError) as refused:
+        run(cfg)
+    return str(refused.value)
+
+
+@pytest.mark.parametrize("validation_classes,overrides,missing", [
+    (("NORMAL", "BACTERIA"), (), "VIRUS"),
+    (CLASSES, ("trainer.eval_batch_size=1", "trainer.max_eval_batches=1"), "or"),  # capped to one image
+])
+def test_auroc_selection_without_a_validation_class_is_refused_before_training(make_cfg, tmp_path,
+                                                                               validation_classes, overrides,
+                                                                               missing):
+    message = refused_auroc_selection(make_cfg, folder_tree(tmp_path / "data", validation_classes), *overrides)
+    assert "trainer.selection_metric" in message and missing in message and "val/f1_macro" in message
+    assert "\n" not in message
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_the_selection_check_refuses_only_a_validation_split_missing_a_class():
+    from pneumo_exp.validate import check_selection_split
+
+    cfg = compose(["clip_lora=tiny_vit", "trainer.selection_metric=val/auroc_macro"])
+    check_selection_split(cfg, list(CLASSES))  # every class: fine
+    check_selection_split(cfg, [])  # no validation split (the final fit): nothing is selected
+    with pytest.raises(Exception, match="BACTERIA"):
+        check_selection_split(cfg, ["NORMAL", "VIRUS"])
+    for fine in (["trainer.selection_metric=val/f1_macro"], ["clip_lora.mode=zero_shot",
+                                                              "trainer.selection_metric=val/auroc_macro"]):
+        check_selection_split(compose(["clip_lora=tiny_vit", *fine]), ["NORMAL"])
+
+
+def test_the_refusal_comes_before_any_stage_runs(make_cfg, tmp_path, monkeypatch):
+    import pneumo_exp.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "run_training_stages", lambda *args: pytest.fail("a stage ran"))
+    message = refused_auroc_selection(make_cfg, folder_tree(tmp_path / "data", ("NORMAL", "BACTERIA")))
+    assert "VIRUS" in message

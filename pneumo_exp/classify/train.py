@@ -43,6 +43,7 @@ from pneumo_exp.errors import UserError
 from pneumo_exp.labels import CLASSES, class_index
 from pneumo_exp.plots import confusion_matrix_png, curves_png
 from pneumo_exp.tracking import RunLogger
+from pneumo_exp.validate import check_selection_split
 
 log = logging.getLogger(__name__)
 HOST_CHECK_EVERY = 50  # optimizer steps between reads of the finite-loss flag (and progress bar updates)
@@ -362,6 +363,7 @@ def train_and_evaluate(cfg: JobConfig, data: PreparedData, output_dir: str | os.
         log.warning("the %s split is capped to %d of %d images (trainer.max_eval_batches)%s", name,
                     sizes["evaluated"], sizes["available"],
                     ": its metrics are a smoke test, not a result" if name == "test" else "")
+    check_selection_split(cfg, [r.label for r in splits["val"].records])  # the validation split as capped
     mode = ClassifierMode(cfg.clip_lora.mode)
     if mode != ClassifierMode.zero_shot:
         fit(cfg, splits, output_dir, accelerator, logger)
