@@ -2,7 +2,9 @@
 
 A hub id can move (a rewritten repository, a withdrawn one): each `pretrained` setting has a `revision` beside it
 (a commit hash pins it), and the run folder's `models.json` records the commit the hub cache resolved the id to, or
-the content hash of a local folder, so two runs that loaded different weights can be told apart.
+the content hash of a local folder, so two runs that loaded different weights can be told apart. The commit is read
+when the model is loaded (`note_loaded`, called by every loader right after `from_pretrained`), not when the job
+ends: the hub cache's ref may have moved on in between.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pneumo_exp.errors import UserError
 from pneumo_exp.core.files import write_json_atomic
 
 MODELS_FILE = "models.json"
+LOADED: dict[tuple[str, str | None], dict] = {}  # what this process loaded, by (source, revision), until recorded
 
 
 class ModelSourceError(UserError, FileNotFoundError):
@@ -60,10 +63,17 @@ def describe_source(source: str, revision: str | None, marker: str, cache_dir: s
             "commit": resolved_commit(source, revision, marker, cache_dir)}
 
 
+def note_loaded(source: str, revision: str | None, marker: str) -> None:
+    """Keep what `from_pretrained(source, revision=revision)` has just loaded, for `record_model`."""
+    LOADED[(source, revision)] = describe_source(source, revision, marker)
+
+
 def record_model(output_dir: str | os.PathLike, role: str, source: str, revision: str | None, marker: str) -> dict:
-    """Add (or replace) the entry of `role` in the run folder's models.json; returns the entry."""
+    """Add (or replace) the entry of `role` in the run folder's models.json: what this process loaded from `source`
+    at `revision`, or, if it loaded nothing from there, what the source resolves to now (marked so); returns it."""
     path = Path(output_dir) / MODELS_FILE
     models = json.loads(path.read_text()) if path.is_file() else {}
-    models[role] = describe_source(source, revision, marker)
+    loaded = LOADED.pop((source, revision), None)
+    models[role] = loaded or {**describe_source(source, revision, marker), "not_loaded_by_this_job": True}
     write_json_atomic(path, models)
     return models[role]

@@ -126,3 +126,63 @@ def test_the_refusal_comes_before_any_stage_runs(make_cfg, tmp_path, monkeypatch
     monkeypatch.setattr(pipeline, "run_training_stages", lambda *args: pytest.fail("a stage ran"))
     message = refused_auroc_selection(make_cfg, folder_tree(tmp_path / "data", ("NORMAL", "BACTERIA")))
     assert "VIRUS" in message
+
+
+# ------------------------------------------------------------------------------------------------- models.json
+
+COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
+
+
+def fake_hub(hub: Path, model_cache: Path) -> None:
+    """org/clip and org/sd in the hub cache's layout, each with snapshots A and B (same files), main at A."""
+    from pneumo_exp.classify.model import backbone_source
+    from pneumo_exp.diffusion.stable_diffusion import pipeline_source
+
+    cfg = compose([f"paths.cache_dir={model_cache}", "clip_lora=tiny_vit", "diffusion_lora=tiny"])
+    folders = {"clip": Path(backbone_source(cfg.clip_lora, model_cache)),
+               "sd": Path(pipeline_source(cfg.diffusion_lora, model_cache))}
+    for name, folder in folders.items():
+        repo = hub / f"models--org--{name}"
+        for commit in (COMMIT_A, COMMIT_B):
+            shutil.copytree(folder, repo / "snapshots" / commit)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(COMMIT_A)
+
+
+@pytest.mark.slow
+def test_models_json_holds_the_commit_each_load_read_not_the_ref_at_the_end(tmp_path, model_cache):
+    fake_hub(tmp_path / "hub", model_cache)
+    out = tmp_path / "run"
+    script = textwrap.dedent(f"""
+        import json, sys
+        from pathlib import Path
+        sys.path.insert(0, {str(REPO / "tests")!r})
+        from conftest import compose
+        from pneumo_exp.classify.model import load_backbone
+        from pneumo_exp.diffusion.stable_diffusion import load_components, load_pipeline
+        from pneumo_exp.pipeline import record_loaded_models
+
+        cfg = compose(["clip_lora=tiny_vit", "diffusion_lora=tiny", "clip_lora.pretrained=org/clip",
+                       "diffusion_lora.pretrained=org/sd", "stages=[data,diffusion,synthesize,classify]"])
+        out, hub = Path({str(out)!r}), Path({str(tmp_path / "hub")!r})
+        refs = {{name: hub / f"models--org--{{name}}" / "refs" / "main" for name in ("clip", "sd")}}
+
+        def recorded():
+            record_loaded_models(cfg, out)
+            return {{role: entry["commit"] for role, entry in json.loads((out / "models.json").read_text()).items()}}
+
+        load_backbone("org/clip")
+        load_components("org/sd")  # the diffusion stage's load
+        for ref in refs.values():
+            ref.write_text({COMMIT_B!r})  # the hub cache moves on after the loads
+        after_training = recorded()
+        load_pipeline("org/sd", device="cpu")  # the synthesize stage's load, at B
+        refs["sd"].write_text({COMMIT_A!r})
+        print(json.dumps({{"after_training": after_training, "after_synthesis": recorded()["diffusion"]}}))
+    """)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    recorded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert recorded["after_training"] == {"classifier": COMMIT_A, "diffusion": COMMIT_A}
+    assert recorded["after_synthesis"] == COMMIT_B

@@ -20,7 +20,7 @@ from torch import nn
 
 from pneumo_exp.config import ClassifierMode, ClipConfig, plain
 from pneumo_exp.core.presets import MAX_TEXT_TOKENS, character_tokenizer, model_source
-from pneumo_exp.hub import cannot_load
+from pneumo_exp.hub import cannot_load, note_loaded
 from pneumo_exp.labels import CLASSES
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -66,6 +66,7 @@ def load_backbone(source: str, revision: str | None = None):
     except OSError as error:
         raise cannot_load("clip_lora.pretrained", source, revision, error,
                           "config.json, weights and tokenizer files") from None
+    note_loaded(source, revision, "config.json")
     try:
         processor = CLIPImageProcessorPil.from_pretrained(source, revision=revision)  # only its mean and std are used
         mean, std = tuple(processor.image_mean), tuple(processor.image_std)

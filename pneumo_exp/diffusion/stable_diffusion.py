@@ -19,7 +19,7 @@ import torch
 from pneumo_exp.core.files import sha256_file
 from pneumo_exp.core.presets import MAX_TEXT_TOKENS, character_tokenizer, model_source
 from pneumo_exp.errors import UserError
-from pneumo_exp.hub import cannot_load
+from pneumo_exp.hub import cannot_load, note_loaded
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
 LORA_INFO_NAME = "lora_info.json"
@@ -154,7 +154,7 @@ def load_components(source: str, revision: str | None = None, dtype: torch.dtype
 
     _quiet_libraries()
     try:
-        return SDComponents(
+        components = SDComponents(
             tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision),
             text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", revision=revision,
                                                        dtype=dtype),
@@ -164,6 +164,8 @@ def load_components(source: str, revision: str | None = None, dtype: torch.dtype
             source=source)
     except (OSError, ValueError) as error:
         raise _cannot_load(source, revision, error) from None
+    note_loaded(source, revision, "model_index.json")
+    return components
 
 
 def sampling_scheduler(scheduler_config):
@@ -198,6 +200,7 @@ def load_pipeline(source: str, lora: str | os.PathLike | None = None, device: st
                                                            revision=revision)
     except (OSError, ValueError) as error:
         raise _cannot_load(source, revision, error) from None
+    note_loaded(source, revision, "model_index.json")
     pipeline.scheduler = sampling_scheduler(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     if lora is not None:
