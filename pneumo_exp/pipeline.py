@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -22,8 +23,8 @@ from pneumo_exp.data.manifest import LeakageError
 from pneumo_exp.data.prepare import PreparedData, prepare_data
 from pneumo_exp.errors import UserError
 from pneumo_exp.core.files import write_atomic, write_json_atomic
-from pneumo_exp.rundir import (changed_settings, is_main_process, job_folder_name, override_key, process_count,
-                               recorded_processes, shapes_result, write_run_info)
+from pneumo_exp.rundir import (changed_settings, is_main_process, job_folder_name, not_a_result, override_key,
+                               process_count, recorded_processes, shapes_result, write_run_info)
 from pneumo_exp.summary import format_summary
 from pneumo_exp.tracking import RunLogger
 from pneumo_exp.validate import SettingError, check_plan, check_selection_split
@@ -133,7 +134,8 @@ def run_training_stages(cfg: JobConfig, data: PreparedData, output_dir: Path, lo
 
         metrics = train_and_evaluate(cfg, data, output_dir, logger)
         if is_main_process():
-            print(format_metrics(metrics), flush=True)
+            capped = json.loads((output_dir / "results.json").read_text())["capped"]
+            print(format_metrics(metrics, not_a_result(capped, cfg.dataset.limit_per_class)), flush=True)
     if "quality" in cfg.stages and is_main_process():
         from pneumo_exp.evaluation.quality_stage import format_quality, run_quality
 
@@ -235,11 +237,13 @@ def flat_metrics(results: dict) -> dict[str, float]:
     return {k: v for k, v in results.get("metrics", {}).items() if isinstance(v, float)}
 
 
-def format_metrics(metrics: dict[str, float]) -> str:
+def format_metrics(metrics: dict[str, float], not_a_result_reasons: Sequence[str] = ()) -> str:
+    """The headline metrics per split, then why the test metrics are no result (a capped or subset test)."""
     from pneumo_exp.classify.metrics import HEADLINE as names
 
     lines = [f"{'split':<6}" + "".join(f"{name:>14}" for name in names)]
     for split in [split for split in ("val", "test") if any(key.startswith(f"{split}/") for key in metrics)]:
         lines.append(f"{split:<6}" + "".join(f"{metrics.get(f'{split}/{name}', float('nan')):>14.4f}"
                                              for name in names))
+    lines += [f"not a result: {reason}" for reason in not_a_result_reasons]
     return "\n".join(lines)

@@ -36,6 +36,17 @@ def recorded_processes(results: dict) -> int:
     return int(results.get("processes", 1))
 
 
+def not_a_result(capped: dict, limit_per_class: int | None) -> list[str]:
+    """Why a run's test metrics are no result (none: they are): a capped test split, a subset of the dataset."""
+    reasons = []
+    if "test" in capped:
+        reasons.append(f"test split capped to {capped['test']['evaluated']} of {capped['test']['available']} images "
+                       "(trainer.max_eval_batches with trainer.cap_test)")
+    if limit_per_class is not None:
+        reasons.append(f"a subset of the dataset (dataset.limit_per_class={limit_per_class})")
+    return reasons
+
+
 def git_version() -> dict[str, Any]:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,

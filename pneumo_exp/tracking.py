@@ -77,6 +77,11 @@ class RunLogger:
             for key, value in numeric_items(values).items():
                 self.run.summary[key] = value
 
+    def mark_not_a_result(self, reasons: list[str]) -> None:
+        """A capped or subset test: the summary says why its test metrics are no result."""
+        if self.run is not None and reasons:
+            self.run.summary["not_a_result"] = "; ".join(reasons)
+
     def finish(self, failed: bool = False) -> None:
         """Returns once the run file is complete on disk: `run.finish` only asks W&B's service process to close the
         run, so without the teardown a reader (a test, `make sync`) could find it half written."""

@@ -151,6 +151,10 @@ def check(key: str, value: Any, allowed: Callable[[Any], bool], requirement: str
 
 
 def check_trainer_ranges(cfg: DictConfig) -> None:
+    if not cfg.trainer.evaluate_test and OmegaConf.select(cfg, "dataset.val_fraction", default=None) == 0:
+        raise SettingError("no validation split and trainer.evaluate_test=false: the run would measure nothing",
+                           where="dataset.val_fraction", fix="carve a validation split (a dataset.val_fraction above "
+                                                             "0), or set trainer.evaluate_test=true for the final fit")
     if not 0 <= cfg.trainer.ema_decay < 1:
         raise SettingError(f"bad value {cfg.trainer.ema_decay}", where="trainer.ema_decay",
                            fix="use 0 (off) or a decay in (0, 1), e.g. 0.998")

@@ -42,6 +42,7 @@ from pneumo_exp.data.prepare import PreparedData
 from pneumo_exp.errors import UserError
 from pneumo_exp.labels import CLASSES, class_index
 from pneumo_exp.plots import confusion_matrix_png, curves_png
+from pneumo_exp.rundir import not_a_result
 from pneumo_exp.tracking import RunLogger
 from pneumo_exp.validate import check_selection_split
 
@@ -388,4 +389,5 @@ def train_and_evaluate(cfg: JobConfig, data: PreparedData, output_dir: str | os.
             figures["curves"] = curves_png(history, output_dir / "curves.png")
         logger.log_images(figures)
         logger.set_summary({**results["metrics"], "best_epoch": results["best_epoch"]})
+        logger.mark_not_a_result(not_a_result(capped, cfg.dataset.limit_per_class))
     return {key: value for key, value in results["metrics"].items() if isinstance(value, float)}

@@ -57,15 +57,24 @@ def prepare_data(cfg: DatasetConfig, cache_dir: str, output_dir: str | Path | No
     manifest.validate(records, where=f"dataset {cfg.name}")
     manifest.check_no_leakage(records, where=f"the official split of dataset {cfg.name}")
     group_of = kermany.split_group if cfg.kind == "kermany" else (lambda patient_id: patient_id)
-    if not any(r.split == "val" for r in records):
+    own_validation = any(r.split == "val" for r in records)
+    if not own_validation:
         records = carve_validation(records, cfg.val_fraction, cfg.split_seed, group_of=group_of)
     manifest.check_no_leakage(records, where=f"dataset {cfg.name} after carving validation")
-    data = PreparedData(records=records, skipped=skipped, notes=dataset_notes(cfg, records))
+    notes = dataset_notes(cfg, records) + ([own_validation_note(cfg, records)] if own_validation else [])
+    data = PreparedData(records=records, skipped=skipped, notes=notes)
     if cfg.limit_per_class is not None:
         data = subset(data, cfg.limit_per_class, cfg.split_seed)
     if output_dir is not None:
         manifest.write_csv(data.records, Path(output_dir) / "manifest.csv")
     return data
+
+
+def own_validation_note(cfg: DatasetConfig, records: list[Record]) -> str:
+    """dataset.val_fraction carves validation only from a source without one."""
+    images = sum(r.split == "val" for r in records)
+    return (f"dataset.val_fraction={cfg.val_fraction:g} is not used: the dataset has its own validation split "
+            f"({images} images), kept as it is")
 
 
 def dataset_notes(cfg: DatasetConfig, records: list[Record]) -> list[str]:

@@ -5,15 +5,17 @@ reads every such folder under a root, whatever its depth (`collect`), summarises
 (`statistics`), compares chosen pairs of configurations (`compare`) and writes into an output folder (`tables`,
 `plots`):
 
-- `table.md`, `table.csv`, `table.tex`: one row per configuration, test metrics of the best epoch as
-  mean ± sample std [95 % CI of the mean over seeds, Student t with n-1 dof], with the original study's published
-  numbers for comparison (`published`, from conf/report/default.yaml);
+- `table.md`, `table.csv`, `table.tex`: one row per configuration (the same overrides and resolved settings), test
+  metrics of the best epoch as mean ± sample std [95 % CI of the mean over seeds, Student t with n-1 dof], with the
+  original study's published numbers and always NORMAL for comparison (`published`, from conf/report/default.yaml)
+  where every result was tested on the official test split, else always NORMAL on the results' own test split;
 - a paired comparison of chosen configurations (`report.pairs`; default: the paper table's augmentation gain and each
   classifier mode against zero-shot): the difference in test accuracy and macro F1 with a Student-t CI over
   seed-matched differences, a paired patient-level bootstrap CI over the test split, and McNemar's exact p per
   seed; also in `pairs.csv`;
 - `epochs.md`: per-epoch train accuracy, macro F1 and macro recall (mean over seeds) beside the original study's;
-- `failures.md`: failed jobs (folder, overrides, first line of the error) and unfinished ones;
+- `failures.md`: failed jobs (folder, overrides, first line of the error) and unfinished ones, and the runs that are
+  no result (a capped or subset test), which no table, plot or comparison counts;
 - `curves.png`, `confusion_test.png`, `bars.png` (see `pneumo_exp/report/plots.py`).
 
 Every file is written atomically (temporary file in the output folder, then `os.replace`); nothing is written
@@ -28,12 +30,13 @@ from pathlib import Path
 
 from pneumo_exp.core.files import write_atomic
 from pneumo_exp.errors import UserError
-from pneumo_exp.report.collect import collect_runs
+from pneumo_exp.labels import CLASSES
+from pneumo_exp.report.collect import COMPLETED, RunRecord, collect_runs
 from pneumo_exp.report.compare import compare_pairs
-from pneumo_exp.report.published import ALWAYS_NORMAL, ORIGINAL_STUDY
+from pneumo_exp.report.published import ALWAYS_NORMAL, OFFICIAL_TEST_COUNTS, ORIGINAL_STUDY, always_normal_row
 from pneumo_exp.report.statistics import CURVE_METRICS, DEFAULT_METRICS, aggregate, metric_title
-from pneumo_exp.report.tables import (csv_text, epochs_document, failures_markdown, latex_table, pairs_csv,
-                                      report_markdown)
+from pneumo_exp.report.tables import (csv_text, epochs_document, failures_markdown, latex_table,
+                                      not_results_markdown, pairs_csv, report_markdown)
 
 BAR_METRICS = ("test/acc", "test/f1_macro")
 
@@ -52,36 +55,54 @@ def write_report(root: str | os.PathLike, output_dir: str | os.PathLike, referen
     runs = collect_runs(root)
     if not runs:
         raise ValueError(f"report: no run folders (with .hydra/config.yaml or config.yaml) under {root}")
-    groups = aggregate(runs, metrics)
-    comparisons = compare_pairs(runs, pairs, bootstrap_samples)
+    results = [run for run in runs if not run.not_a_result]  # a capped or subset test is never a result
+    groups = aggregate(results, metrics)
+    comparisons = compare_pairs(results, pairs, bootstrap_samples)
+    references = reference_rows(results) if reference else None
     completed = [g for g in groups if g["n"]]
     files: dict[str, str | bytes] = {
-        "table.md": report_markdown(root, runs, groups, metrics, reference, comparisons),
+        "table.md": report_markdown(root, runs, groups, metrics, references, comparisons),
         "table.csv": csv_text(groups, metrics),
-        "table.tex": latex_table(groups, metrics, reference, comparisons),
+        "table.tex": latex_table(groups, metrics, references, comparisons),
         "pairs.csv": pairs_csv(comparisons),
-        "epochs.md": epochs_document(groups, reference),
-        "failures.md": "\n".join(failures_markdown(runs, root)) + "\n",
+        "epochs.md": epochs_document(groups, ORIGINAL_STUDY in (references or ())),
+        "failures.md": "\n".join([*failures_markdown(runs, root), *not_results_markdown(runs, root)]) + "\n",
         "curves.png": report_plots.curves_png({g["label"]: g["epochs"] for g in completed}, CURVE_METRICS),
         "confusion_test.png": report_plots.confusion_grid_png(
             {g["label"]: g["confusion_matrix_test"] for g in completed if g["confusion_matrix_test"]}),
         "bars.png": report_plots.bars_png(
             {g["label"]: {m: g["metrics"][m] for m in BAR_METRICS if m in g["metrics"]} for g in completed},
-            **(bar_references() if reference else {})),
+            **bar_references(references or ())),
     }
     return {name: write_atomic(output_dir / name, content) for name, content in files.items()}
 
 
-def bar_references() -> dict:
-    """Dashed lines: the published numbers; dotted: always NORMAL over three classes; a caption saying which is which."""
-    published = {m: ORIGINAL_STUDY["test"][m] for m in BAR_METRICS if m in ORIGINAL_STUDY["test"]}
-    baseline = {m: ALWAYS_NORMAL["test"][m] for m in BAR_METRICS}
-    caption = ("Dashed: the original study's published numbers (" +
-               ", ".join(f"{metric_title(m)} {v:.4g}" for m, v in published.items()) +
-               "); its F1 0.2727 and recall 0.5 are two-class means. Dotted: always NORMAL over the three classes "
-               "on the official test split (" + ", ".join(f"{metric_title(m)} {v:.3f}" for m, v in baseline.items()) +
-               ").")
-    return {"reference": published, "baseline": baseline, "caption": caption}
+def reference_rows(runs: Sequence[RunRecord]) -> list[dict]:
+    """Beside results all tested on the official Kermany test split: the published numbers and always NORMAL on
+    it; beside results all tested on one other split: always NORMAL on that split; otherwise none."""
+    splits = {run.test_counts for run in runs if run.status == COMPLETED and run.test_counts}
+    if len(splits) != 1:
+        return []
+    counts = dict(zip(CLASSES, splits.pop()))
+    return [ORIGINAL_STUDY, ALWAYS_NORMAL] if counts == OFFICIAL_TEST_COUNTS else [always_normal_row(counts)]
+
+
+def bar_references(references: Sequence[dict] = (ORIGINAL_STUDY, ALWAYS_NORMAL)) -> dict:
+    """Dashed lines: the published numbers; dotted: always NORMAL over three classes; a caption saying which is which
+    (of the reference rows `references`)."""
+    published = {m: ORIGINAL_STUDY["test"][m] for m in BAR_METRICS if m in ORIGINAL_STUDY["test"]} \
+        if ORIGINAL_STUDY in references else {}
+    normal = [row for row in references if row is not ORIGINAL_STUDY]
+    baseline = {m: normal[0]["test"][m] for m in BAR_METRICS} if normal else {}
+    caption = []
+    if published:
+        caption.append("Dashed: the original study's published numbers (" +
+                       ", ".join(f"{metric_title(m)} {v:.4g}" for m, v in published.items()) +
+                       "); its F1 0.2727 and recall 0.5 are two-class means.")
+    if baseline:
+        caption.append(f"Dotted: {normal[0]['name']}: " +
+                       ", ".join(f"{metric_title(m)} {v:.3f}" for m, v in baseline.items()) + ".")
+    return {"reference": published, "baseline": baseline, "caption": " ".join(caption)}
 
 
 def main_report(input_dir: str | os.PathLike, output_dir: str | os.PathLike,

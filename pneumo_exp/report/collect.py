@@ -16,7 +16,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from pneumo_exp.core.history import read_json_lines
-from pneumo_exp.rundir import RESULT_NEUTRAL_KEYS, recorded_processes, resolved_settings, shapes_result
+from pneumo_exp.rundir import (RESULT_NEUTRAL_KEYS, not_a_result, recorded_processes, resolved_settings,
+                               shapes_result)
 
 # Override keys (and their sub-keys) that never change what a job computes, so never split a configuration.
 NOT_A_SETTING = RESULT_NEUTRAL_KEYS
@@ -56,6 +57,17 @@ class RunRecord:
     @property
     def metrics(self) -> dict:
         return (self.results or {}).get("metrics", {})
+
+    @property
+    def not_a_result(self) -> list[str]:
+        """Why its test metrics are no result (a capped test split, a subset); empty when they are one."""
+        return not_a_result((self.results or {}).get("capped") or {}, self.value("dataset.limit_per_class"))
+
+    @property
+    def test_counts(self) -> tuple[int, ...] | None:
+        """Test images per class (the test confusion matrix's row sums); None without one."""
+        matrix = (self.results or {}).get("confusion_matrix", {}).get("test")
+        return tuple(int(sum(row)) for row in matrix) if matrix else None
 
     def settings(self, ignore: Iterable[str] = ("seed",)) -> dict[str, Any]:
         """The resolved settings that shape the result (a key an older run lacks at its schema default) and the

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pneumo_exp.report.collect import COMPLETED, FAILED, UNFINISHED, RunRecord
 from pneumo_exp.report.compare import AUGMENTATION_PAIR, PATIENT_LEVEL, pairing_text
-from pneumo_exp.report.published import ALWAYS_NORMAL, ORIGINAL_STUDY
+from pneumo_exp.report.published import OFFICIAL_TEST_COUNTS, ORIGINAL_STUDY
 from pneumo_exp.report.statistics import EPOCH_METRICS, metric_title
 
 
@@ -55,20 +55,26 @@ def reference_cell(metric: str, marker: str, reference: dict = ORIGINAL_STUDY) -
     return fmt(value) + (marker if metric in reference.get("flagged", ()) else "")
 
 
-def results_markdown(groups: list[dict], metrics: Sequence[str], reference: bool,
+NOT_OFFICIAL_SPLIT = ("The original study's published numbers and always NORMAL on the official test split are left "
+                      "out: not every result here was tested on the official Kermany test split ({NORMAL} NORMAL, "
+                      "{BACTERIA} BACTERIA, {VIRUS} VIRUS images).").format(**OFFICIAL_TEST_COUNTS)
+
+
+def results_markdown(groups: list[dict], metrics: Sequence[str], references: Sequence[dict] | None,
                      comparisons: Sequence[dict] = ()) -> list[str]:
+    """`references`: the reference rows beside these results (None: none asked for)."""
     header = ["experiment", "configuration", "n", *map(metric_title, metrics), "notes"]
     rows = [[g["experiment"], g["short_configuration"], str(g["n"]),
              *(format_stats(g["metrics"][m], g) for m in metrics), group_notes(g)] for g in groups]
-    if reference:
-        rows.append([ORIGINAL_STUDY["name"], "", "—", *(reference_cell(m, " ¹") for m in metrics), ""])
-        rows.append([ALWAYS_NORMAL["name"], "", "—", *(reference_cell(m, "", ALWAYS_NORMAL) for m in metrics), ""])
+    rows += [[row["name"], "", "—", *(reference_cell(m, " ¹", row) for m in metrics), ""] for row in references or ()]
     lines = ["## Test metrics", "",
              "Best epoch by `val/f1_macro`, tested once. Cells: mean ± sample std [95 % CI of the mean over seeds, "
              "Student t with n−1 dof]; n = completed seeds (one seed: the value alone).", "",
              *markdown_rows(header, rows)]
-    if reference:
+    if ORIGINAL_STUDY in (references or ()):
         lines += ["", f"¹ {ORIGINAL_STUDY['note']}"]
+    elif references is not None and any(g["n"] for g in groups):
+        lines += ["", NOT_OFFICIAL_SPLIT]
     gain = [c for c in comparisons if (c["a"], c["b"]) == AUGMENTATION_PAIR]
     if gain:
         lines += ["", augmentation_gain_line(gain[0])]
@@ -200,16 +206,33 @@ def failures_markdown(runs: Sequence[RunRecord], root: Path) -> list[str]:
     return lines
 
 
+def not_results_markdown(runs: Sequence[RunRecord], root: Path) -> list[str]:
+    """Completed runs whose test was capped or a subset: listed (after a blank line), never counted as results."""
+    set_aside = [run for run in runs if run.status == COMPLETED and run.not_a_result]
+    if not set_aside:
+        return []
+    lines = ["", "## Not results", "", f"Completed, but their test metrics are no result, so they are left out of the "
+                                   f"tables, plots and paired comparisons ({len(set_aside)}):"]
+    for run in set_aside:
+        lines.append(f"- `{display_path(run.path, root)}` — overrides `{','.join(run.overrides) or '(none)'}` — "
+                     f"{'; '.join(run.not_a_result)}")
+    return lines
+
+
 def report_markdown(root: Path, runs: Sequence[RunRecord], groups: list[dict], metrics: Sequence[str],
-                    reference: bool, comparisons: Sequence[dict] = ()) -> str:
-    counts = {status: sum(run.status == status for run in runs) for status in (COMPLETED, FAILED, UNFINISHED)}
-    lines = ["# Report", "", f"Runs under `{root}`: " + ", ".join(f"{n} {s}" for s, n in counts.items()) +
-             f"; {len(groups)} configurations.", "",
-             *results_markdown(groups, metrics, reference, comparisons), ""]
+                    references: Sequence[dict] | None, comparisons: Sequence[dict] = ()) -> str:
+    """`references`: the reference rows beside these results (None: none asked for)."""
+    counts = [f"{sum(run.status == status for run in runs)} {status}" for status in (COMPLETED, FAILED, UNFINISHED)]
+    set_aside = sum(run.status == COMPLETED and bool(run.not_a_result) for run in runs)
+    if set_aside:
+        counts[0] += f" ({set_aside} not results: a capped or subset test)"
+    lines = ["# Report", "", f"Runs under `{root}`: {', '.join(counts)}; {len(groups)} configurations.", "",
+             *results_markdown(groups, metrics, references, comparisons), ""]
     paired = pairs_markdown(comparisons)
     if paired:
         lines += [*paired, ""]
-    lines += [*epochs_markdown(groups, reference), "", *failures_markdown(runs, root)]
+    lines += [*epochs_markdown(groups, ORIGINAL_STUDY in (references or ())), "", *failures_markdown(runs, root),
+              *not_results_markdown(runs, root)]
     return "\n".join(lines) + "\n"
 
 
@@ -265,9 +288,9 @@ def latex_cell(text: str) -> str:
     return latex_escape(text).replace("\0", "$\\pm$").replace("—", "--")
 
 
-def latex_table(groups: list[dict], metrics: Sequence[str], reference: bool = True,
+def latex_table(groups: list[dict], metrics: Sequence[str], references: Sequence[dict] | None = (),
                 comparisons: Sequence[dict] = ()) -> str:
-    """A booktabs tabular (needs \\usepackage{booktabs})."""
+    """A booktabs tabular (needs \\usepackage{booktabs}), with the reference rows `references` below a rule."""
     columns = 2 + len(metrics)
     lines = ["% pneumo_exp.report: mean $\\pm$ sample std [95 % CI of the mean, Student t] over seeds",
              "\\begin{tabular}{l" + "r" * (columns - 1) + "}", "\\toprule",
@@ -276,13 +299,13 @@ def latex_table(groups: list[dict], metrics: Sequence[str], reference: bool = Tr
     for g in groups:
         cells = [latex_cell(format_stats(g["metrics"][m], g, plus_minus="\0")) for m in metrics]
         lines.append(" & ".join([latex_escape(g["label"]), str(g["n"]), *cells]) + " \\\\")
-    if reference:
-        cells = [reference_cell(m, "$^\\dagger$").replace("—", "--") for m in metrics]
-        lines += ["\\midrule", " & ".join([latex_escape(ORIGINAL_STUDY["name"].capitalize()), "--", *cells]) + " \\\\"]
-        cells = [reference_cell(m, "", ALWAYS_NORMAL).replace("—", "--") for m in metrics]
-        lines.append(" & ".join([latex_escape(ALWAYS_NORMAL["name"]), "--", *cells]) + " \\\\")
+    if references:
+        lines.append("\\midrule")
+    for row in references or ():
+        cells = [reference_cell(m, "$^\\dagger$", row).replace("—", "--") for m in metrics]
+        lines.append(" & ".join([latex_escape(row["name"]), "--", *cells]) + " \\\\")
     lines.append("\\bottomrule")
-    if reference:
+    if ORIGINAL_STUDY in (references or ()):
         lines.append(f"\\multicolumn{{{columns}}}{{p{{0.9\\linewidth}}}}{{\\footnotesize $^\\dagger$ "
                      f"{latex_escape(ORIGINAL_STUDY['note'])}}} \\\\")
     gain = [c for c in comparisons if (c["a"], c["b"]) == AUGMENTATION_PAIR]
