@@ -6,9 +6,12 @@ Each run's own validation split (from its manifest.csv) is evaluated as it is an
 0.7 and 1.4, contrast x0.75, zoom in and out by 15 % (zooming out repeats the edge pixels, where training
 augmentation pads with black, so it is a shift for every recipe), a Gaussian blur (sigma 1 px) and an unsharp mask
 (the same blur, amount 1): the official test images were nearly all resized by another tool than a third of the
-training images, so sharpness is a candidate shift. The test split is never read. A recipe whose
+training images, so sharpness is a candidate shift. A shift acts on the source pixels, before the run's
+`dataset.intensity` step (a deployed image is equalised after it was exposed, not before), and the run's weights
+are evaluated under its own autocast (`trainer.precision`). The test split is never read. A recipe whose
 validation normals flip to VIRUS under a mild gamma or zoom is leaning on exposure or framing;
-`experiments/kermany_cpu.yaml` chose its augmentation ranges from this table. Prints one table per run and writes them all as JSON.
+`experiments/kermany_cpu.yaml` chose its augmentation ranges from this table. Prints one table per run and writes
+them all as JSON.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pneumo_exp.classify.metrics import classification_metrics  # noqa: E402
-from pneumo_exp.classify.predict import load_trained  # noqa: E402
+from pneumo_exp.classify.predict import class_probabilities, load_as_trained  # noqa: E402
 from pneumo_exp.data import manifest  # noqa: E402
 from pneumo_exp.data.augment import affine_warp, scale_contrast, to_unit_float  # noqa: E402
 from pneumo_exp.data.cache import open_or_build  # noqa: E402
+from pneumo_exp.data.images import standardize_intensity  # noqa: E402
 from pneumo_exp.labels import CLASSES, class_index  # noqa: E402
 
 
@@ -59,20 +63,27 @@ SHIFTS = {
 }
 
 
+def as_deployed(source: torch.Tensor, shift, intensity: str) -> torch.Tensor:
+    """float (N, 1, R, R) images as a shifted source meets the run: uint8 (N, R, R) source pixels shifted, stored
+    as uint8 again, then the run's intensity step."""
+    shifted = shift(to_unit_float(source)).clamp(0, 1)[:, 0].mul(255).round().to(torch.uint8).numpy()
+    return to_unit_float(torch.from_numpy(np.stack([standardize_intensity(image, intensity) for image in shifted])))
+
+
 @torch.no_grad()
 def stress(run_dir: Path, cache_dir: str) -> dict[str, dict[str, float]]:
-    classifier, run_cfg = load_trained(run_dir, cache_dir)
+    classifier, run_cfg, accelerator = load_as_trained(run_dir, cache_dir)
     records = [r for r in manifest.read_csv(run_dir / "manifest.csv") if r.split == "val"]
     if not records:
         raise ValueError(f"{run_dir / 'manifest.csv'} lists no validation images")
-    cache = open_or_build(records, run_cfg.dataset.resolution, cache_dir, progress=True,
-                          intensity=run_cfg.dataset.get("intensity", "none"))
-    pixels = torch.from_numpy(np.ascontiguousarray(cache.pixels[cache.rows_of(records)]))
+    cache = open_or_build(records, run_cfg.dataset.resolution, cache_dir, progress=True)  # before dataset.intensity
+    source = torch.from_numpy(np.ascontiguousarray(cache.pixels[cache.rows_of(records)]))
+    intensity = run_cfg.dataset.get("intensity", "none")
     labels = torch.tensor([class_index(r.label) for r in records])
     table = {}
     for name, shift in SHIFTS.items():
-        probabilities = torch.cat([classifier(shift(to_unit_float(batch))).softmax(-1)
-                                   for batch in pixels.split(128)])
+        probabilities = torch.cat([class_probabilities(classifier, as_deployed(batch, shift, intensity), accelerator)
+                                   for batch in source.split(128)])
         metrics = classification_metrics(probabilities, labels)
         table[name] = {key: round(float(metrics[key]), 4)
                        for key in ("acc", "f1_macro", *[f"recall_{c}" for c in CLASSES])}

@@ -85,6 +85,7 @@ class ClipConfig:
     revision: Optional[str] = None  # hub commit hash (or branch/tag) to load; null: the hub's main
     architecture: Optional[dict[str, Any]] = None  # CLIPConfig keyword arguments for the random-init presets
     image_size: int = 224
+    allow_resize: bool = False  # true: train on dataset.resolution images resized to image_size in every batch
     image_tower: ImageTower = ImageTower.vit  # conv: a residual CNN in place of the ViT (from-scratch presets)
     mode: ClassifierMode = ClassifierMode.lora
     lora: LoraSpec = field(default_factory=LoraSpec)

@@ -122,6 +122,19 @@ def check_plan(cfg: DictConfig) -> None:
         raise SettingError("quality measures images in the feature space of the classifier the same run trains",
                            where="stages", fix="add the classify stage")
     check_settings(cfg)
+    if cfg.task == "run" and "classify" in cfg.stages:
+        check_image_size(cfg)
+
+
+def check_image_size(cfg: DictConfig) -> None:
+    """The classifier trains on the cached images as they are: a cache size other than the tower's would be resized
+    in every batch (a "160 px" run training a 128 px tower), unless `clip_lora.allow_resize` says so."""
+    cached, tower = cfg.dataset.resolution, cfg.clip_lora.image_size
+    if cached != tower and not cfg.clip_lora.allow_resize:
+        raise SettingError(f"dataset.resolution={cached} differs from clip_lora.image_size={tower}, so every batch "
+                           f"would be resized to {tower} px", where="dataset.resolution",
+                           fix=f"set dataset.resolution={tower} or clip_lora.image_size={cached}, or "
+                               "clip_lora.allow_resize=true to train the tower on resized images")
 
 
 def check_settings(cfg: DictConfig) -> None:

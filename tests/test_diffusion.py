@@ -409,7 +409,7 @@ def test_quality_ranks_copies_fresh_and_shifted_images():
     encoder = nn.Sequential(nn.Conv2d(1, 8, 4, 4), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())  # 32 features
     generator = torch.Generator().manual_seed(0)
     real = torch.randint(0, 200, (40, 32, 32), dtype=torch.uint8, generator=generator)
-    fresh = torch.randint(0, 200, (30, 32, 32), dtype=torch.uint8, generator=generator)
+    fresh = torch.randint(0, 200, (40, 32, 32), dtype=torch.uint8, generator=generator)  # FID needs > 32 images
     brighter = (fresh.int() + 55).clamp(max=255).to(torch.uint8)
     report = quality_report({"NORMAL": real, "BACTERIA": real, "VIRUS": real},
                             {"NORMAL": real.clone(), "BACTERIA": fresh, "VIRUS": brighter}, encoder,

@@ -11,8 +11,9 @@ from omegaconf import OmegaConf
 
 from pneumo_exp.classify.checkpoint import load_weights
 from pneumo_exp.classify.model import build_classifier
-from pneumo_exp.config import ClassifierMode, JobConfig, clip_config
+from pneumo_exp.config import ClassifierMode, JobConfig, Precision, clip_config
 from pneumo_exp.core.files import atomic_file
+from pneumo_exp.core.training import fresh_accelerator
 from pneumo_exp.data.augment import to_unit_float
 from pneumo_exp.data.images import IMAGE_SUFFIXES, decode_grayscale, standardize_intensity
 from pneumo_exp.data.manifest import Record
@@ -43,6 +44,30 @@ def load_trained(run_dir: Path, cache_dir: str):
     return classifier.eval(), run_cfg
 
 
+def evaluation_accelerator(trainer):
+    """An accelerator at a run's precision and device choice (`trainer.precision`, `trainer.cpu`): a model trained
+    and tested under bf16 autocast gives other numbers in fp32, so every later evaluation runs under the same
+    autocast."""
+    return fresh_accelerator(Precision(trainer.precision).value, getattr(trainer, "cpu", False))
+
+
+def load_as_trained(run_dir: Path, cache_dir: str):
+    """The run's classifier with its best weights on the run's device, its config, and the accelerator whose
+    autocast (`class_probabilities`) evaluates it as the run's own test did."""
+    classifier, run_cfg = load_trained(run_dir, cache_dir)
+    accelerator = evaluation_accelerator(run_cfg.trainer)
+    return classifier.to(accelerator.device), run_cfg, accelerator
+
+
+@torch.no_grad()
+def class_probabilities(classifier, images: torch.Tensor, accelerator) -> torch.Tensor:
+    """(N, C) on the CPU for float (N, 1, H, W) images, as the run's test computed them: on its device, under its
+    autocast, the softmax in fp32."""
+    with accelerator.autocast():
+        logits = classifier(images.to(accelerator.device))
+    return logits.float().softmax(-1).cpu()
+
+
 def write_predictions(records: list[Record], probabilities: torch.Tensor, path: Path) -> Path:
     with atomic_file(path, "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -57,7 +82,7 @@ def write_predictions(records: list[Record], probabilities: torch.Tensor, path: 
 def predict(cfg: JobConfig, output_dir: Path) -> Path:
     if not cfg.predict.run_dir or not cfg.predict.input:
         raise ValueError("predict needs predict.run_dir=<trained run folder> and predict.input=<image or folder>")
-    classifier, run_cfg = load_trained(Path(cfg.predict.run_dir), cfg.paths.cache_dir)
+    classifier, run_cfg, accelerator = load_as_trained(Path(cfg.predict.run_dir), cfg.paths.cache_dir)
     files = images_under(Path(cfg.predict.input))
     resolution, intensity = run_cfg.dataset.resolution, run_cfg.dataset.get("intensity", "none")
     probabilities = []
@@ -65,7 +90,7 @@ def predict(cfg: JobConfig, output_dir: Path) -> Path:
         batch = files[start:start + cfg.trainer.eval_batch_size]
         pixels = torch.from_numpy(np.stack([standardize_intensity(decode_grayscale(f, resolution), intensity)
                                             for f in batch]))
-        probabilities.append(classifier(to_unit_float(pixels)).softmax(-1))
+        probabilities.append(class_probabilities(classifier, to_unit_float(pixels), accelerator))
     records = [Record(path=str(f), label="", patient_id="", split="test") for f in files]
     target = Path(cfg.predict.output) if cfg.predict.output else output_dir / "predictions.csv"
     return write_predictions(records, torch.cat(probabilities), target)

@@ -376,6 +376,7 @@ def train_and_evaluate(cfg: JobConfig, data: PreparedData, output_dir: str | os.
     results["best_epoch"] = kept_epoch(history, cfg.trainer.selection_metric)
     results["mode"] = mode.value
     results["seed"] = cfg.seed
+    results["image_size"] = {"cached": cfg.dataset.resolution, "model": cfg.clip_lora.image_size}  # what it saw
     results["processes"] = accelerator.num_processes  # shapes the effective batch, the schedule and the eval cap
     results["train_images"] = {"real": sum(r.source == "real" for r in splits["train"].records),
                                "synthetic": sum(r.source == "synthetic" for r in splits["train"].records)}

@@ -81,12 +81,24 @@ def diversity(features: torch.Tensor) -> float:
     return float(distances.sum() / (len(features) * (len(features) - 1)))
 
 
+def fid_shortfall(real: int, synthetic: int, num_features: int) -> str | None:
+    """Why FID cannot be computed for sets of these sizes, or None. FID compares the two sets' feature covariances;
+    from N <= D images in D dimensions a covariance is singular and the distance it gives is no number to report."""
+    if min(real, synthetic) > num_features:
+        return None
+    return (f"too few images: FID needs more images than the {num_features} feature dimensions in each set, got "
+            f"{real} real and {synthetic} synthetic")
+
+
 def class_quality(real_pixels, synthetic_pixels, feature: nn.Module, num_features: int, image_size: int = 64,
                   kid_subset_size: int = 50, kid_subsets: int = 100, batch_size: int = 64, seed: int = 0,
                   copy_fraction: float = 0.25) -> dict:
     """FID, KID (mean, std), diversity relative to the real images, nearest-real-neighbour distances, and the
     likely copies (synthetic images `copy_fraction` x closer to a real one than real images are to each other) for
-    one class's real and synthetic images. The encoder sees at most `batch_size` images at a time."""
+    one class's real and synthetic images. The encoder sees at most `batch_size` images at a time.
+
+    FID is None, with the reason in `fid_note`, where a set has no more images than features (`fid_shortfall`);
+    KID, an unbiased polynomial-kernel estimate that inverts no covariance, is computed from 2 images per set."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -94,18 +106,23 @@ def class_quality(real_pixels, synthetic_pixels, feature: nn.Module, num_feature
     encoder = _Encoder(feature, image_size).eval()
     real_features = _features(encoder, real, batch_size, num_features)
     synthetic_features = _features(encoder, synthetic, batch_size, num_features)
-    result = {"real": len(real), "synthetic": len(synthetic), "fid": math.nan, "kid_mean": math.nan,
+    result = {"real": len(real), "synthetic": len(synthetic), "fid": None, "kid_mean": math.nan,
               "kid_std": math.nan}
-    if len(real) >= 2 and len(synthetic) >= 2:
+    shortfall = fid_shortfall(len(real), len(synthetic), num_features)
+    if shortfall:
+        result["fid_note"] = shortfall
+    else:
         fid = FrechetInceptionDistance(feature=_Precomputed(num_features))
+        fid.update(real_features, real=True)
+        fid.update(synthetic_features, real=False)
+        result["fid"] = float(fid.compute())
+    if len(real) >= 2 and len(synthetic) >= 2:
         with warnings.catch_warnings():  # "KID keeps all features in memory": they are (N, D), computed above
             warnings.simplefilter("ignore", UserWarning)
             kid = KernelInceptionDistance(feature=_Precomputed(num_features), subsets=kid_subsets,
                                           subset_size=min(kid_subset_size, len(real), len(synthetic)))
-        for metric in (fid, kid):
-            metric.update(real_features, real=True)
-            metric.update(synthetic_features, real=False)
-        result["fid"] = float(fid.compute())
+        kid.update(real_features, real=True)
+        kid.update(synthetic_features, real=False)
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # KID draws random subsets
             kid_mean, kid_std = kid.compute()

@@ -3,14 +3,18 @@ run trained (a chest-X-ray encoder; Inception features say little about radiogra
 nearest-real-neighbour distances that flag likely copies of training images. Writes `quality.json` and
 `synthetic_vs_real.png` (a row of real and a row of synthetic images per class) and logs both to W&B.
 
-Plus the classification accuracy score: the same classifier recipe trained on the synthetic images alone and on
-as many real training images per class, both tested on the real test split (validation stays real for both).
+Plus the classification accuracy score: the same classifier recipe trained on synthetic images alone and on as
+many real training images per class, both tested on the real test split (validation stays real for both).
+
+Everything is measured as the classifier was trained: on the run's intensity-standardised cache, under its autocast.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pneumo_exp.config import JobConfig
+from pneumo_exp.config import JobConfig, LoggerMode
 from pneumo_exp.data.cache import open_or_build
 from pneumo_exp.data.manifest import Record
 from pneumo_exp.data.prepare import PreparedData
@@ -26,27 +30,34 @@ from pneumo_exp.core.files import atomic_file, write_json_atomic
 from pneumo_exp.evaluation.quality import quality_report
 from pneumo_exp.labels import CLASSES
 
+log = logging.getLogger(__name__)
+
+
 class ImageEmbedding(nn.Module):
     """The trained classifier's unit-norm image embedding, as a feature extractor: images in on the CPU, computed
-    on the classifier's device, features out on the CPU."""
+    on the accelerator's device under its autocast (the run's precision), features out on the CPU."""
 
-    def __init__(self, classifier):
+    def __init__(self, classifier, accelerator):
         super().__init__()
         self.classifier = classifier.eval()
+        self.accelerator = accelerator
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        device = next(self.classifier.parameters()).device
-        pixel_values = self.classifier.pixel_values(images.to(device))
-        features = self.classifier.clip.get_image_features(pixel_values=pixel_values)
+        with self.accelerator.autocast():
+            pixel_values = self.classifier.pixel_values(images.to(self.accelerator.device))
+            features = self.classifier.clip.get_image_features(pixel_values=pixel_values)
         return F.normalize(features.pooler_output.float(), dim=-1).cpu()
 
 
-def pixels_by_class(data: PreparedData, source: str, resolution: int, cache_dir: str) -> dict[str, np.ndarray]:
+def pixels_by_class(data: PreparedData, source: str, cfg: JobConfig) -> dict[str, np.ndarray]:
+    """The training images of one source per class, from the cache the classifier trained on (same resolution
+    and `dataset.intensity`)."""
     records = [r for r in data.split("train") if r.source == source]
     if not records:
         return {}
-    cache = open_or_build(records, resolution, cache_dir, progress=False)
+    cache = open_or_build(records, cfg.dataset.resolution, cfg.paths.cache_dir, progress=False,
+                          intensity=cfg.dataset.intensity)
     rows = cache.rows_of(records)
     return {label: np.asarray(cache.pixels[rows[[r.label == label for r in records]]])
             for label in CLASSES if any(r.label == label for r in records)}
@@ -57,10 +68,16 @@ def synthetic_classes(data: PreparedData) -> list[str]:
                                               for r in data.split("train"))]
 
 
+def drawn(records: list[Record], size: int, rng: np.random.Generator) -> list[Record]:
+    """`size` of the records drawn at random without replacement, in their order."""
+    return [records[i] for i in sorted(rng.choice(len(records), size=size, replace=False))]
+
+
 def accuracy_score_training_sets(data: PreparedData, seed: int) -> dict[str, list[Record]]:
-    """The two arms of the classification accuracy score. A class with synthetic images: those (synthetic_only)
-    against as many of its real training images drawn at random (real_matched). A class without: all its real
-    training images, the same in both arms, so the score differs only where the synthetic images are."""
+    """The two arms of the classification accuracy score, of equal size in every class. A class with synthetic
+    images: as many synthetic (synthetic_only) as real training images (real_matched), each drawn at random down
+    to the smaller count. A class without: all its real training images, the same in both arms, so the score
+    differs only where the synthetic images are."""
     rng = np.random.default_rng(seed)
     synthetic_only, real_matched = [], []
     for label in CLASSES:
@@ -70,26 +87,43 @@ def accuracy_score_training_sets(data: PreparedData, seed: int) -> dict[str, lis
             synthetic_only += real
             real_matched += real
             continue
-        synthetic_only += synthetic
-        real_matched += [real[i] for i in sorted(rng.choice(len(real), size=min(len(synthetic), len(real)),
-                                                            replace=False))]
+        size = min(len(synthetic), len(real))
+        synthetic_only += drawn(synthetic, size, rng)
+        real_matched += drawn(real, size, rng)
     return {"synthetic_only": synthetic_only, "real_matched": real_matched}
+
+
+def accuracy_score_blocker(cfg: JobConfig) -> str | None:
+    """Why the classification accuracy score cannot be computed in this job, or None."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1:
+        return (f"it trains two more classifiers on the main process alone, which a job of {processes} processes "
+                f"cannot do; run the quality stage in a one-process job")
+    if not cfg.trainer.evaluate_test:
+        return "it is a test split score, and trainer.evaluate_test=false leaves the test split unread"
+    return None
 
 
 def classification_accuracy_score(cfg: JobConfig, data: PreparedData, output_dir: Path) -> dict:
     """Test metrics of the run's classifier recipe trained on the synthetic images (plus the real images of the
-    classes that have none), and on matched real ones."""
+    classes that have none), and on matched real ones; {"not_run": reason} where this job cannot compute them.
+    Each arm's folder keeps its metrics.jsonl (so its results.json names the epoch it kept), without W&B."""
     from pneumo_exp.classify.train import train_and_evaluate
     from pneumo_exp.tracking import RunLogger
 
+    blocker = accuracy_score_blocker(cfg)
+    if blocker:
+        log.warning("classification accuracy score not run: %s", blocker)
+        return {"not_run": blocker}
     held_out = [r for r in data.records if r.split != "train"]
     training_sets = accuracy_score_training_sets(data, cfg.seed)
+    history_only = replace(cfg, logger=replace(cfg.logger, mode=LoggerMode.disabled))
     scores = {}
     for name, train in training_sets.items():
         folder = output_dir / "quality" / f"classifier_{name}"
         folder.mkdir(parents=True, exist_ok=True)
         metrics = train_and_evaluate(cfg, PreparedData(records=train + held_out), folder,
-                                     RunLogger(cfg, folder, "quality", name, enabled=False))
+                                     RunLogger(history_only, folder, "quality", name))
         scores[name] = {"train_images": len(train), **{k: metrics[k] for k in
                                                        ("test/acc", "test/f1_macro", "test/recall_macro")}}
     return scores
@@ -99,25 +133,24 @@ def run_quality(cfg: JobConfig, data: PreparedData, output_dir: Path, logger) ->
     from pneumo_exp.classify.predict import load_trained
     from pneumo_exp.diffusion.stable_diffusion import grid_image
 
-    resolution = cfg.dataset.resolution
-    real = pixels_by_class(data, "real", resolution, cfg.paths.cache_dir)
-    synthetic = pixels_by_class(data, "synthetic", resolution, cfg.paths.cache_dir)
+    real = pixels_by_class(data, "real", cfg)
+    synthetic = pixels_by_class(data, "synthetic", cfg)
     if not synthetic:
         return {}
-    from accelerate import PartialState
     from accelerate.utils.memory import clear_device_cache
 
+    from pneumo_exp.classify.predict import evaluation_accelerator
+
     classifier, _ = load_trained(output_dir, cfg.paths.cache_dir)
-    encoder = ImageEmbedding(classifier.to(PartialState().device))
+    accelerator = evaluation_accelerator(cfg.trainer)
+    encoder = ImageEmbedding(classifier.to(accelerator.device), accelerator)
     dimension = classifier.clip.config.projection_dim
-    report = quality_report(real, synthetic, encoder, dimension, image_size=resolution, seed=cfg.seed,
+    report = quality_report(real, synthetic, encoder, dimension, image_size=cfg.dataset.resolution, seed=cfg.seed,
                             batch_size=cfg.trainer.eval_batch_size, copy_fraction=cfg.quality.copy_fraction,
                             kid_subset_size=cfg.quality.kid_subset_size, kid_subsets=cfg.quality.kid_subsets)
     del classifier, encoder
     clear_device_cache(garbage_collection=True)
-    scores = {}
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # two more trainings on one rank would wait for the others
-        scores = classification_accuracy_score(cfg, data, output_dir)
+    scores = classification_accuracy_score(cfg, data, output_dir)
     write_json_atomic(output_dir / "quality.json", {"feature_space": f"classifier image embedding ({dimension}-d)",
                                                     "copy_threshold": f"{cfg.quality.copy_fraction} x median real-real "
                                                                       f"nearest-neighbour distance",
@@ -135,10 +168,16 @@ def run_quality(cfg: JobConfig, data: PreparedData, output_dir: Path, logger) ->
     logger.log_images({"synthetic_vs_real": grid_path})
     logger.set_summary({f"quality/{label}/{key}": value for label, row in report.items()
                         for key, value in row.items() if isinstance(value, (int, float))})
-    logger.set_summary({f"quality/cas/{name}/{key}": value for name, row in scores.items()
-                        for key, value in row.items()})
+    if "not_run" not in scores:
+        logger.set_summary({f"quality/cas/{name}/{key}": value for name, row in scores.items()
+                            for key, value in row.items()})
     return {"synthetic_classes": synthetic_classes(data), "per_class": report,
             "classification_accuracy_score": scores}
+
+
+def quality_cell(value) -> str:
+    """A table cell; None (a number that could not be computed, e.g. FID from too few images) as a dash."""
+    return f"{'-':>15}" if value is None else f"{value:>15.4g}"
 
 
 def format_quality(quality: dict) -> str:
@@ -148,9 +187,13 @@ def format_quality(quality: dict) -> str:
              f"{'class':<10}" + "".join(f"{c.replace('diversity_synthetic_over_real', 'diversity'):>15}"
                                         for c in columns)]
     for label, row in quality.get("per_class", {}).items():
-        lines.append(f"{label:<10}" + "".join(f"{row.get(c, math.nan):>15.4g}" for c in columns))
+        lines.append(f"{label:<10}" + "".join(quality_cell(row.get(c, math.nan)) for c in columns))
+    lines += [f"  {label} FID: {row['fid_note']}" for label, row in quality.get("per_class", {}).items()
+              if "fid_note" in row]
     scores = quality.get("classification_accuracy_score", {})
-    if scores:
+    if "not_run" in scores:
+        lines.append(f"classification accuracy score: not run ({scores['not_run']})")
+    elif scores:
         lines.append(f"classification accuracy score (trained on ..., tested on the real test split; synthetic "
                      f"classes: {', '.join(quality.get('synthetic_classes', []))}, the others real in both arms)")
         for name, row in scores.items():
