@@ -38,3 +38,30 @@ def test_classifier_speedups_compare_runs_of_one_batch_size(tmp_path):
         rate = row["images_per_second"]
         assert row[name] == pytest.approx(rate[faster] / rate[slower], rel=0.05, abs=0.01)
     assert set(row["batch_sizes"]) == set(row["images_per_second"])
+
+
+# ------------------------------------------------------------------------------------------------ bench_precision
+
+
+def test_precision_bench_times_the_recipes_own_training_step(tmp_path, model_cache, monkeypatch):
+    from pneumo_exp.classify.train import class_weights
+
+    bench = bench_module("bench_precision")
+    calls = []
+    monkeypatch.setattr(bench, "train_one_epoch", lambda *args: calls.append(args) or {"step_seconds": 1.0})
+    recipe = compose(["experiment=kermany_cpu"])
+    for precision, accelerate_precision in (("fp32", "no"), ("bf16", "bf16")):
+        cfg = bench.recipe_config("kermany_cpu", 64, precision, model_cache)
+        assert bench.epoch_step_seconds(cfg, "nchw", steps=2) == 1.0
+        model, optimizer, scheduler, train, run_cfg, epoch, accelerator, weights, average = calls[-1]
+        assert accelerator.mixed_precision == accelerate_precision
+        assert len(train.labels) == 2 * recipe.trainer.batch_size * recipe.trainer.grad_accum_steps
+        assert weights is not None and weights.tolist() == class_weights(train.labels).tolist()  # weighted_loss
+        assert (average is not None) == (recipe.trainer.ema_decay > 0)
+        assert average is None or average.decay == recipe.trainer.ema_decay
+        assert optimizer.param_groups[0]["lr"] == recipe.optim.lr
+        assert optimizer.param_groups[0]["weight_decay"] == recipe.optim.weight_decay
+        assert run_cfg.trainer == {**recipe.trainer, "precision": run_cfg.trainer.precision, "cpu": True}
+    step = bench.step_settings(cfg)
+    assert (step["augment"], step["label_smoothing"], step["class_balance"]) == (
+        recipe.trainer.augment, recipe.trainer.label_smoothing, "weighted_loss")
