@@ -4,9 +4,10 @@
 
 Each seed is one ordinary `pneumo-exp experiment=... seed=N` run in its own process (so peak memory is per run),
 selecting the epoch on the patient-grouped validation split and touching the test split once. With the override
-`dataset.val_fraction=0` each seed is the final fit on train + val instead (the recipe's epochs, last epoch kept). The JSON holds each
-run's test metrics with patient-level bootstrap CIs, per-class recall, confusion matrix, wall time and peak RSS,
-and the mean over seeds with a Student-t 95 % CI.
+`dataset.val_fraction=0` each seed is the final fit on train + val instead (the recipe's epochs, last epoch kept).
+The JSON holds each run's test metrics with patient-level bootstrap CIs, per-class recall, confusion matrix, wall
+time and peak RSS (that run's own), and the mean over seeds with a Student-t 95 % CI. Run folders and logs go to a
+folder beside the JSON (git-ignored); the JSON itself is small and committed when the README quotes it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -31,22 +31,34 @@ HEADLINE = ("test/acc", "test/f1_macro", "test/recall_macro", "test/recall_NORMA
 VALIDATION = ("val/acc", "val/f1_macro", "val/recall_NORMAL", "val/recall_BACTERIA", "val/recall_VIRUS")
 
 
+# Launches the command and writes its peak resident memory (KiB) to argv[1]. A child's ru_maxrss includes the memory
+# of the process it was forked from, so the command is forked from this small launcher, not from the bench itself
+# (what /usr/bin/time does too); wait4 reads that one child's peak, not a maximum over every child so far.
+PEAK_LAUNCHER = ("import os, subprocess, sys; child = subprocess.Popen(sys.argv[2:]); "
+                 "_, status, usage = os.wait4(child.pid, 0); "
+                 "open(sys.argv[1], 'w').write(str(usage.ru_maxrss)); sys.exit(os.waitstatus_to_exitcode(status))")
+
+
+def run_measured(command: list[str], log: Path) -> tuple[int, float, int]:
+    """Run `command` from the repository, its output to `log`: exit code, wall seconds and the command's own peak
+    resident memory in KiB (plus the few MiB of the launcher it is forked from)."""
+    peak_file = log.with_suffix(".max-rss-kib")
+    start = time.perf_counter()
+    with open(log, "w") as output:
+        done = subprocess.run([sys.executable, "-c", PEAK_LAUNCHER, str(peak_file), *command], cwd=REPO,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=output, stderr=subprocess.STDOUT)
+    return done.returncode, time.perf_counter() - start, int(peak_file.read_text())
+
+
 def run_seed(data: Path, experiment: str, seed: int, folder: Path, overrides: list[str]) -> dict:
     command = [sys.executable, "-m", "pneumo_exp.cli", f"experiment={experiment}", f"dataset.root={data}",
                f"seed={seed}", f"hydra.run.dir={folder}", "logger=none", *overrides]
     folder.mkdir(parents=True, exist_ok=True)
-    memory_file = folder.parent / f"seed{seed}-max-rss-kib.txt"
-    if Path("/usr/bin/time").exists():  # the run's own peak resident memory
-        command = ["/usr/bin/time", "-f", "%M", "-o", str(memory_file), *command]
-    start = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
-                          text=True)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"seed {seed} failed:\n{done.stderr[-3000:]}")
+    log = folder.parent / f"seed{seed}.log"
+    returncode, wall, peak_kib = run_measured(command, log)
+    if returncode != 0:
+        raise RuntimeError(f"seed {seed} failed:\n{log.read_text()[-3000:]}")
     results = json.loads((folder / "results.json").read_text())
-    peak_kib = int(memory_file.read_text().split()[-1]) if memory_file.is_file() else \
-        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return {"seed": seed, "run_dir": str(folder), "wall_seconds": round(wall, 1),
             "peak_rss_mib": round(peak_kib / 1024, 1), "best_epoch": results["best_epoch"],
             "metrics": {k: results["metrics"][k] for k in HEADLINE},

@@ -65,3 +65,19 @@ def test_precision_bench_times_the_recipes_own_training_step(tmp_path, model_cac
     step = bench.step_settings(cfg)
     assert (step["augment"], step["label_smoothing"], step["class_balance"]) == (
         recipe.trainer.augment, recipe.trainer.label_smoothing, "weighted_loss")
+
+
+# ------------------------------------------------------------------------------------------------- bench_kermany
+
+
+def test_kermany_peak_memory_is_each_runs_own(tmp_path):
+    bench = bench_module("bench_kermany")
+    big = [sys.executable, "-c", "block = bytearray(300 * 2 ** 20); block[::4096] = b'x' * len(block[::4096])"]
+    small = [sys.executable, "-c", "print('small')"]
+    code, _, big_kib = bench.run_measured(big, tmp_path / "big.log")
+    assert code == 0 and big_kib > 300 * 1024
+    code, _, small_kib = bench.run_measured(small, tmp_path / "small.log")
+    assert code == 0 and small_kib < 100 * 1024  # not the larger peak of the run before, nor the bench's own
+    assert (tmp_path / "small.log").read_text() == "small\n"
+    failing = [sys.executable, "-c", "raise SystemExit(3)"]
+    assert bench.run_measured(failing, tmp_path / "failing.log")[0] == 3
