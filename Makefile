@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test summary sweep-demo paper-demo paper paper-cpu bench bench-kermany bench-kermany-final lock sync clean
+.PHONY: help install demo test summary pretrain-diffusion sweep-demo paper-demo paper paper-cpu bench bench-kermany bench-kermany-final lock sync clean
 
 PAPER_ROWS := original_study,original_no_augmentation,zero_shot,linear_probe,lora,full
 SEEDS ?= 0,1,2
@@ -34,6 +34,10 @@ test: install ## the whole test suite (slow tests included)
 
 summary: install ## counts and leakage check of a dataset: make summary DATA=path/to/chest_xray
 	$(BIN)/pneumo-exp summary dataset=kermany dataset.root=$(DATA)
+
+pretrain-diffusion: install ## the cxr_small diffusion base, from scratch on the training split: make pretrain-diffusion DATA=...
+	$(BIN)/pneumo-exp task=pretrain_diffusion diffusion_lora=cxr_small dataset=kermany dataset.root=$(DATA) \
+	  experiment_name=pretrain_diffusion
 
 sweep-demo: install ## LoRA alpha x lr x 3 seeds on phantom data (~2 min), then its report
 	$(BIN)/pneumo-exp -m experiment=sweep/alpha_lr hydra.sweep.dir=multirun/sweep_alpha_lr/$(SWEEP)

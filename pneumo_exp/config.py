@@ -142,6 +142,31 @@ class DiffusionGenerationConfig:
 
 
 @dataclass
+class DiffusionPretrainingConfig:
+    """`diffusion_lora.pretraining`: how `task=pretrain_diffusion` trains the preset's base from scratch on the
+    training split (VAE first, then UNet and text encoder) into the folder `diffusion_lora.pretrained`."""
+    vae_steps: int = 800
+    vae_batch_size: int = 32
+    vae_lr: float = 1.0e-3
+    vae_kl_weight: float = 1.0e-6  # the KL term keeps the latent space smooth; reconstruction dominates
+    unet_steps: int = 6000
+    unet_batch_size: int = 32
+    unet_lr: float = 5.0e-4
+    text_encoder_lr: float = 1.0e-4  # the text encoder learns with the UNet, so the class prompts come apart
+    unet_precision: str = "no"  # no | bf16 | fp16 (the VAE trains in fp32); bf16 pays only with bf16 hardware
+    empty_prompt_fraction: float = 0.1  # share of UNet examples with the empty prompt: classifier-free guidance
+    min_snr_gamma: Optional[float] = 5.0
+    ema_decay: float = 0.999  # the UNet and text encoder saved are this moving average of the trained weights
+    warmup_steps: int = 100
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 250  # optimizer steps between resume checkpoints
+    log_every: int = 25
+    sample_every: int = 1000  # UNet steps between sample grids in the run folder; 0 = only the final grid
+    samples_per_class: int = 8  # in the model card's grid
+    seed: int = 0
+
+
+@dataclass
 class DiffusionConfig:
     name: str = MISSING
     pretrained: Optional[str] = None  # hub id or local directory of a Stable Diffusion pipeline
@@ -155,6 +180,7 @@ class DiffusionConfig:
     training: DiffusionTrainingConfig = field(default_factory=DiffusionTrainingConfig)
     generation: DiffusionGenerationConfig = field(default_factory=DiffusionGenerationConfig)
     trained_lora: Optional[str] = None  # a LoRA folder from an earlier run: synthesize without the diffusion stage
+    pretraining: Optional[DiffusionPretrainingConfig] = None  # set: the base is built by task=pretrain_diffusion
 
 
 class AugmentationStrategy(str, Enum):

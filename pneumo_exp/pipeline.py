@@ -20,6 +20,7 @@ from omegaconf.errors import MissingMandatoryValue
 from pneumo_exp.config import JobConfig, job_config
 from pneumo_exp.data import manifest
 from pneumo_exp.data.manifest import LeakageError
+from pneumo_exp.diffusion.stable_diffusion import TRAINING_SPLIT_FILE
 from pneumo_exp.data.prepare import PreparedData, prepare_data
 from pneumo_exp.errors import UserError
 from pneumo_exp.core.files import write_atomic, write_json_atomic
@@ -72,6 +73,10 @@ def run(composed: DictConfig) -> dict[str, float]:
     except MissingMandatoryValue as error:
         raise SettingError("no value given", where=error.full_key, fix=f"set {error.full_key}=...") from None
     output_dir = Path(cfg.paths.output_dir)
+    if {"diffusion", "synthesize"} & set(cfg.stages) and cfg.task == "run":
+        from pneumo_exp.diffusion.pretrain import require_built_base
+
+        require_built_base(cfg.diffusion_lora)
     check_resumable(cfg, output_dir)
     if finished_before(cfg, output_dir):
         finished = output_dir / "results.json"
@@ -105,6 +110,10 @@ def run(composed: DictConfig) -> dict[str, float]:
     if cfg.task == "run" and "classify" in cfg.stages:
         check_selection_split(cfg, [r.label for r in data.split("val")])
 
+    if cfg.task == "pretrain_diffusion":
+        pretrain_diffusion(cfg, data, output_dir)
+        return {}
+
     logger = RunLogger(cfg, output_dir, job_type="-".join(cfg.stages), run_name=run_name(cfg),
                        enabled=is_main_process())
     try:
@@ -114,6 +123,22 @@ def run(composed: DictConfig) -> dict[str, float]:
         raise
     logger.finish()
     return metrics
+
+
+def pretrain_diffusion(cfg: JobConfig, data: PreparedData, output_dir: Path) -> Path:
+    """The preset's base model, pretrained from scratch on the real training split (main process only)."""
+    from pneumo_exp.diffusion.pretrain import pretrain_base, pretraining_images
+
+    images = pretraining_images(data, int(cfg.diffusion_lora.resolution), cfg.paths.cache_dir)
+    logger = RunLogger(cfg, output_dir, job_type="pretrain_diffusion", run_name=f"pretrain-{cfg.diffusion_lora.name}")
+    try:
+        folder = pretrain_base(cfg, images, output_dir, logger)
+    except BaseException:
+        logger.finish(failed=True)
+        raise
+    logger.finish()
+    print(f"pretrained base: {folder} (model card: {folder / 'README.md'})", flush=True)
+    return folder
 
 
 def run_training_stages(cfg: JobConfig, data: PreparedData, output_dir: Path, logger: RunLogger) -> dict:
@@ -166,6 +191,7 @@ def train_diffusion(cfg: JobConfig, data: PreparedData, output_dir: Path, logger
     import torch
 
     from pneumo_exp.data.cache import open_or_build
+    from pneumo_exp.diffusion.stable_diffusion import pipeline_source
     from pneumo_exp.diffusion.train import TrainingImages, source_image_sides, train_diffusion_lora
     from pneumo_exp.labels import class_index
 
@@ -173,6 +199,7 @@ def train_diffusion(cfg: JobConfig, data: PreparedData, output_dir: Path, logger
     cache = open_or_build(train, cfg.diffusion_lora.resolution, cfg.paths.cache_dir, progress=is_main_process())
     images = TrainingImages(torch.from_numpy(cache.pixels[cache.rows_of(train)].copy()),
                             torch.tensor([class_index(r.label) for r in train]), source_image_sides(train))
+    check_base_training_split(pipeline_source(cfg.diffusion_lora, cfg.paths.cache_dir), train)
     lora_folder = train_diffusion_lora(cfg, images, output_dir, logger=logger)
     if is_main_process():
         write_json_atomic(lora_folder / TRAINING_SPLIT_FILE, {"fingerprint": manifest.fingerprint(train),
@@ -180,7 +207,6 @@ def train_diffusion(cfg: JobConfig, data: PreparedData, output_dir: Path, logger
     return str(lora_folder)
 
 
-TRAINING_SPLIT_FILE = "training_split.json"
 
 
 class LoraSplitUnknownError(UserError, FileNotFoundError):
@@ -202,6 +228,17 @@ def check_lora_training_split(lora_folder: str, data: PreparedData) -> None:
                            f"val_fraction, split_seed or limit_per_class differ): it may have seen validation or test images",
                            where=str(lora_folder), fix="train the LoRA in this run (the diffusion stage) or point "
                            "diffusion_lora.trained_lora at a LoRA trained on this split")
+
+
+def check_base_training_split(source: str, train: list) -> None:
+    """A base pretrained by pneumo-exp (its folder holds training_split.json) must have been pretrained on exactly
+    this run's real training split, or it may have seen validation or test images."""
+    record_file = Path(source) / TRAINING_SPLIT_FILE
+    if record_file.is_file() and json.loads(record_file.read_text())["fingerprint"] != manifest.fingerprint(train):
+        raise LeakageError("the diffusion base was pretrained on another training split than this run's (dataset, "
+                           "val_fraction, split_seed or limit_per_class differ): it may have seen validation or test "
+                           "images", where=source, fix="pretrain a base on this run's split (task=pretrain_diffusion "
+                           "with the same dataset settings) or set diffusion_lora.pretrained to one")
 
 
 def add_synthetic(cfg: JobConfig, data: PreparedData, lora_folder: str, output_dir: Path) -> PreparedData:

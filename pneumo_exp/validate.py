@@ -105,7 +105,7 @@ BETAS = ("optim.betas", "diffusion_lora.training.betas")
 KNOWN_STAGES = ("data", "diffusion", "synthesize", "classify", "quality")
 
 
-TASKS = ("run", "summary", "predict", "report")
+TASKS = ("run", "summary", "predict", "report", "pretrain_diffusion")
 
 
 def check_plan(cfg: DictConfig) -> None:
@@ -121,6 +121,8 @@ def check_plan(cfg: DictConfig) -> None:
     if "quality" in cfg.stages and "classify" not in cfg.stages:
         raise SettingError("quality measures images in the feature space of the classifier the same run trains",
                            where="stages", fix="add the classify stage")
+    if cfg.task == "pretrain_diffusion":
+        check_pretraining(cfg)
     check_settings(cfg)
     if cfg.task == "run" and "classify" in cfg.stages:
         check_image_size(cfg)
@@ -135,6 +137,27 @@ def check_image_size(cfg: DictConfig) -> None:
                            f"would be resized to {tower} px", where="dataset.resolution",
                            fix=f"set dataset.resolution={tower} or clip_lora.image_size={cached}, or "
                                "clip_lora.allow_resize=true to train the tower on resized images")
+
+
+def check_pretraining(cfg: DictConfig) -> None:
+    """task=pretrain_diffusion builds the base of a preset that says how (`diffusion_lora.pretraining`) and where
+    (`diffusion_lora.pretrained`, a local folder)."""
+    if cfg.diffusion_lora.get("pretraining") is None or not cfg.diffusion_lora.pretrained:
+        raise SettingError(f"diffusion_lora={cfg.diffusion_lora.name} is not a preset pretrained by pneumo-exp",
+                           where="diffusion_lora", fix="use a preset with a pretraining block, e.g. "
+                                                       "diffusion_lora=cxr_small")
+    settings = cfg.diffusion_lora.pretraining
+    for name in ("vae_steps", "vae_batch_size", "unet_steps", "unet_batch_size", "checkpoint_every", "log_every",
+                 "samples_per_class"):
+        check(f"diffusion_lora.pretraining.{name}", settings[name], *at_least(1))
+    for name in ("vae_lr", "unet_lr", "text_encoder_lr"):
+        check(f"diffusion_lora.pretraining.{name}", settings[name], *above(0))
+    for name in ("vae_kl_weight", "warmup_steps", "max_grad_norm", "sample_every"):
+        check(f"diffusion_lora.pretraining.{name}", settings[name], *at_least(0))
+    check("diffusion_lora.pretraining.empty_prompt_fraction", settings.empty_prompt_fraction, *share())
+    check("diffusion_lora.pretraining.ema_decay", settings.ema_decay, *share())
+    check("diffusion_lora.pretraining.unet_precision", settings.unet_precision, *one_of(*PRECISIONS))
+
 
 
 def check_settings(cfg: DictConfig) -> None:

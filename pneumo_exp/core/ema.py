@@ -32,13 +32,18 @@ class WeightAverage:
         for name in self.names:
             self.average[name].lerp_(tensors[name].detach().float(), 1 - decay)
 
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        """Put the average into the model for good (its live weights are dropped)."""
+        tensors = self._tensors(model)
+        for name in self.names:
+            tensors[name].copy_(self.average[name])
+
     @contextlib.contextmanager
     def applied(self, model: torch.nn.Module):
         tensors = self._tensors(model)
         live = {name: tensors[name].detach().clone() for name in self.names}
-        with torch.no_grad():
-            for name in self.names:
-                tensors[name].copy_(self.average[name])
+        self.copy_to(model)
         try:
             yield model
         finally:

@@ -23,6 +23,7 @@ from pneumo_exp.hub import cannot_load, note_loaded
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
 LORA_INFO_NAME = "lora_info.json"
+TRAINING_SPLIT_FILE = "training_split.json"  # fingerprint of the images a LoRA or a pretrained base saw
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # by trainer.precision
 
 
@@ -76,7 +77,8 @@ def build_tiny_pipeline(architecture: dict, resolution: int, folder: Path) -> No
         in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=vae_channels,
         down_block_types=["DownEncoderBlock2D"] * len(vae_channels),
         up_block_types=["UpDecoderBlock2D"] * len(vae_channels), layers_per_block=1,
-        norm_num_groups=_group_count(vae_channels), sample_size=resolution)
+        norm_num_groups=_group_count(vae_channels), sample_size=resolution,
+        mid_block_add_attention=bool(architecture.get("vae_mid_attention", True)))
     tokenizer = character_tokenizer()
     tokenizer.model_max_length = MAX_TEXT_TOKENS
     text_encoder = CLIPTextModel(CLIPTextConfig(

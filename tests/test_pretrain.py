@@ -1,0 +1,201 @@
+"""task=pretrain_diffusion at tiny size on phantom images: the base learns (its denoising loss on validation images
+falls far below a random-init base's, its VAE reconstructs), plain diffusers loads it and a LoRA trained on it,
+a killed pretraining resumes to the same weights, and a base that is missing or from another split is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import RecordedRows, compose
+from pneumo_exp.errors import UserError
+
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
+
+TINY_BASE = ["diffusion_lora=cxr_small", "diffusion_lora.resolution=32",
+             "diffusion_lora.architecture={vae_channels: [16, 32], vae_mid_attention: false, "
+             "unet_channels: [16, 32], text_hidden_size: 16, text_layers: 1, unet_attention_heads: 2}",
+             "diffusion_lora.pretraining.vae_batch_size=16", "diffusion_lora.pretraining.unet_batch_size=16",
+             "diffusion_lora.pretraining.vae_lr=2e-3", "diffusion_lora.pretraining.unet_lr=2e-3",
+             "diffusion_lora.pretraining.warmup_steps=10", "diffusion_lora.pretraining.ema_decay=0.9",
+             "diffusion_lora.pretraining.log_every=10", "diffusion_lora.pretraining.sample_every=0",
+             "diffusion_lora.pretraining.samples_per_class=2", "diffusion_lora.generation.num_inference_steps=4",
+             "dataset.patients_per_class=8", "dataset.test_patients_per_class=2", "dataset.difficulty=0.2"]
+
+
+def config(tmp_path: Path, cache: Path, *overrides: str, steps: tuple[int, int] = (150, 300)):
+    return compose([f"paths.output_dir={tmp_path / 'run'}", f"paths.cache_dir={cache}", "logger=none",
+                    "task=pretrain_diffusion", f"diffusion_lora.pretrained={tmp_path / 'base'}", *TINY_BASE,
+                    f"diffusion_lora.pretraining.vae_steps={steps[0]}",
+                    f"diffusion_lora.pretraining.unet_steps={steps[1]}", *overrides])
+
+
+def pretrain(cfg, logger=None) -> Path:
+    from pneumo_exp.config import job_config
+    from pneumo_exp.data.prepare import prepare_data
+    from pneumo_exp.diffusion.pretrain import pretrain_base, pretraining_images
+
+    typed = job_config(cfg)
+    data = prepare_data(typed.dataset, typed.paths.cache_dir)
+    images = pretraining_images(data, typed.diffusion_lora.resolution, typed.paths.cache_dir, progress=False)
+    return pretrain_base(typed, images, Path(typed.paths.output_dir), logger)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> tuple[Path, Path]:
+    """A base pretrained once for the module: (its folder, the cache it used)."""
+    folder = tmp_path_factory.mktemp("pretrained")
+    cache = tmp_path_factory.mktemp("cache")
+    return pretrain(config(folder, cache)), cache
+
+
+def validation_denoising_loss(source: str, pixels: torch.Tensor) -> float:
+    """Plain noise-prediction MSE of the class-conditioned UNet on `pixels`, with fixed noise and timesteps."""
+    from pneumo_exp.core.seeds import seeded_generator
+    from pneumo_exp.diffusion.stable_diffusion import load_components
+    from pneumo_exp.diffusion.train import diffusion_loss, encode_prompts
+    from pneumo_exp.labels import CLASSES
+
+    components = load_components(source)
+    states = encode_prompts(components, {label: f"a {label.lower()} chest" for label in CLASSES}, "cpu")
+    prompts = json.loads((Path(source) / "model_card.json").read_text())["prompts"] if (
+        Path(source) / "model_card.json").is_file() else None
+    if prompts:
+        states = encode_prompts(components, prompts, "cpu")
+    from pneumo_exp.data.augment import to_unit_float
+
+    with torch.no_grad():
+        losses = [diffusion_loss(components, components.unet, to_unit_float(pixels), states[[i % 3] * len(pixels)],
+                                 seeded_generator(7, i)).item() for i in range(8)]
+    return float(np.mean(losses))
+
+
+def validation_pixels(cache: Path) -> torch.Tensor:
+    from pneumo_exp.data.prepare import prepare_data
+    from pneumo_exp.diffusion.pretrain import pretraining_images
+
+    cfg = compose(TINY_BASE)
+    from pneumo_exp.config import job_config
+
+    data = prepare_data(job_config(cfg).dataset, str(cache))
+    return pretraining_images(data, 32, str(cache), progress=False).validation
+
+
+def test_the_pretrained_base_denoises_validation_images_far_better_than_a_random_one(base, tmp_path):
+    from pneumo_exp.diffusion.stable_diffusion import build_tiny_pipeline
+
+    folder, cache = base
+    card = json.loads((folder / "model_card.json").read_text())
+    random_init = tmp_path / "random"
+    build_tiny_pipeline(card["architecture"], 32, random_init)
+    pixels = validation_pixels(cache)
+    trained, untrained = (validation_denoising_loss(str(source), pixels) for source in (folder, random_init))
+    assert trained < 0.6 * untrained, (trained, untrained)
+    assert card["vae"]["validation_psnr_db"] > 20.0, card["vae"]
+    assert card["unet"]["loss"]["last_logged"] < 0.7 * card["unet"]["loss"]["first_logged"], card["unet"]
+
+
+def test_plain_diffusers_loads_the_base_and_its_card_names_the_training_split(base):
+    from diffusers import StableDiffusionPipeline
+
+    from pneumo_exp.config import job_config
+    from pneumo_exp.data import manifest
+    from pneumo_exp.data.prepare import prepare_data
+
+    folder, cache = base
+    pipeline = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    image = pipeline("a pediatric chest X-ray, normal lungs", num_inference_steps=2, height=32, width=32,
+                     output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+    data = prepare_data(job_config(compose(TINY_BASE)).dataset, str(cache))
+    train = [r for r in data.split("train") if r.source == "real"]
+    card = json.loads((folder / "model_card.json").read_text())
+    assert card["training_split"]["fingerprint"] == manifest.fingerprint(train)
+    assert card["training_split"]["images"] == len(train)
+    assert json.loads((folder / "training_split.json").read_text())["fingerprint"] == manifest.fingerprint(train)
+    assert (folder / "samples.png").is_file() and "samples.png" in (folder / "README.md").read_text()
+    assert pipeline.vae.config.scaling_factor == pytest.approx(card["vae"]["scaling_factor"])
+    assert not folder.with_name(folder.name + ".state").exists()
+
+
+def test_a_lora_trained_on_the_base_loads_in_plain_diffusers(base, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from pneumo_exp.pipeline import run
+
+    folder, cache = base
+    cfg = compose([f"paths.output_dir={tmp_path / 'run'}", f"paths.cache_dir={cache}", "logger=none", *TINY_BASE,
+                   f"diffusion_lora.pretrained={folder}", "stages=[data,diffusion]",
+                   "diffusion_lora.training.max_train_steps=3", "diffusion_lora.training.batch_size=4",
+                   "diffusion_lora.training.validation_every=0"])
+    run(cfg)
+    pipeline = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipeline.load_lora_weights(str(tmp_path / "run" / "diffusion" / "lora"))
+    image = pipeline("a pediatric chest X-ray, viral pneumonia", num_inference_steps=2, height=32, width=32,
+                     output_type="np").images
+    assert image.shape == (1, 32, 32, 3)
+
+
+def test_a_base_pretrained_on_another_split_is_refused_by_the_lora_stage(base, tmp_path):
+    from pneumo_exp.data.manifest import LeakageError
+    from pneumo_exp.pipeline import run
+
+    folder, cache = base
+    cfg = compose([f"paths.output_dir={tmp_path / 'run'}", f"paths.cache_dir={cache}", "logger=none", *TINY_BASE,
+                   f"diffusion_lora.pretrained={folder}", "stages=[data,diffusion]", "dataset.split_seed=1"])
+    with pytest.raises(LeakageError, match="pretrained on another training split"):
+        run(cfg)
+
+
+def test_a_base_not_built_yet_names_the_command_that_builds_it(tmp_path, model_cache):
+    from pneumo_exp.pipeline import run
+
+    cfg = compose([f"paths.output_dir={tmp_path / 'run'}", f"paths.cache_dir={model_cache}", "logger=none",
+                   "diffusion_lora=cxr_small", "stages=[data,diffusion,synthesize,classify]",
+                   "augmentation=balance"])
+    with pytest.raises(UserError, match="has not been built yet.*task=pretrain_diffusion diffusion_lora=cxr_small"):
+        run(cfg)
+    assert not (tmp_path / "run" / "manifest.csv").exists()  # refused before any work
+
+
+def test_a_folder_holding_a_base_of_other_settings_is_not_overwritten(base, tmp_path):
+    folder, cache = base
+    copy = tmp_path / "base"
+    shutil.copytree(folder, copy)
+    before = (copy / "model_card.json").read_text()
+    with pytest.raises(UserError, match="other settings"):
+        pretrain(config(tmp_path, cache, "diffusion_lora.pretraining.unet_lr=1e-3"))
+    assert (copy / "model_card.json").read_text() == before
+
+
+def test_a_killed_pretraining_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, model_cache):
+    from safetensors.torch import load_file
+
+    short = dict(steps=(20, 30))
+    extra = ["diffusion_lora.pretraining.checkpoint_every=10", "diffusion_lora.pretraining.log_every=5"]
+    whole = pretrain(config(tmp_path / "whole", model_cache, *extra, **short))
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_unet_step_20(row):
+        if row.get("pretrain/unet_step") == 25:
+            raise Crash
+
+    cfg = config(tmp_path / "killed", model_cache, *extra, **short)
+    with pytest.raises(Crash):
+        pretrain(cfg, RecordedRows(on_row=crash_after_unet_step_20))
+    resumed_rows = RecordedRows()
+    resumed = pretrain(cfg, resumed_rows)
+    assert resumed_rows[0]["pretrain/unet_step"] == 25  # started from the checkpoint at step 20
+    for part in ("unet", "vae", "text_encoder"):
+        name = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
+        expected, actual = load_file(whole / part / name), load_file(resumed / part / name)
+        assert expected.keys() == actual.keys()
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], msg=f"{part}/{key}")
