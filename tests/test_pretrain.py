@@ -55,35 +55,33 @@ def base(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def validation_denoising_loss(source: str, pixels: torch.Tensor) -> float:
-    """Plain noise-prediction MSE of the class-conditioned UNet on `pixels`, with fixed noise and timesteps."""
+    """Plain noise-prediction MSE of the UNet conditioned on the class prompts, on `pixels` (in turn as each
+    class), with fixed noise and timesteps."""
     from pneumo_exp.core.seeds import seeded_generator
+    from pneumo_exp.data.augment import to_unit_float
     from pneumo_exp.diffusion.stable_diffusion import load_components
     from pneumo_exp.diffusion.train import diffusion_loss, encode_prompts
-    from pneumo_exp.labels import CLASSES
 
     components = load_components(source)
-    states = encode_prompts(components, {label: f"a {label.lower()} chest" for label in CLASSES}, "cpu")
-    prompts = json.loads((Path(source) / "model_card.json").read_text())["prompts"] if (
-        Path(source) / "model_card.json").is_file() else None
-    if prompts:
-        states = encode_prompts(components, prompts, "cpu")
-    from pneumo_exp.data.augment import to_unit_float
-
+    states = encode_prompts(components, dict(compose(TINY_BASE).diffusion_lora.prompts), "cpu")
     with torch.no_grad():
         losses = [diffusion_loss(components, components.unet, to_unit_float(pixels), states[[i % 3] * len(pixels)],
-                                 seeded_generator(7, i)).item() for i in range(8)]
+                                 seeded_generator(7, i)).item() for i in range(6)]
     return float(np.mean(losses))
 
 
-def validation_pixels(cache: Path) -> torch.Tensor:
+def prepared_phantom(cache: Path):
+    from pneumo_exp.config import job_config
     from pneumo_exp.data.prepare import prepare_data
+
+    cfg = compose([f"paths.output_dir={cache / 'unused'}", f"paths.cache_dir={cache}", *TINY_BASE])
+    return prepare_data(job_config(cfg).dataset, str(cache))
+
+
+def validation_pixels(cache: Path) -> torch.Tensor:
     from pneumo_exp.diffusion.pretrain import pretraining_images
 
-    cfg = compose(TINY_BASE)
-    from pneumo_exp.config import job_config
-
-    data = prepare_data(job_config(cfg).dataset, str(cache))
-    return pretraining_images(data, 32, str(cache), progress=False).validation
+    return pretraining_images(prepared_phantom(cache), 32, str(cache), progress=False).validation
 
 
 def test_the_pretrained_base_denoises_validation_images_far_better_than_a_random_one(base, tmp_path):
@@ -103,16 +101,14 @@ def test_the_pretrained_base_denoises_validation_images_far_better_than_a_random
 def test_plain_diffusers_loads_the_base_and_its_card_names_the_training_split(base):
     from diffusers import StableDiffusionPipeline
 
-    from pneumo_exp.config import job_config
     from pneumo_exp.data import manifest
-    from pneumo_exp.data.prepare import prepare_data
 
     folder, cache = base
     pipeline = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     image = pipeline("a pediatric chest X-ray, normal lungs", num_inference_steps=2, height=32, width=32,
                      output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
-    data = prepare_data(job_config(compose(TINY_BASE)).dataset, str(cache))
+    data = prepared_phantom(cache)
     train = [r for r in data.split("train") if r.source == "real"]
     card = json.loads((folder / "model_card.json").read_text())
     assert card["training_split"]["fingerprint"] == manifest.fingerprint(train)
