@@ -11,9 +11,10 @@ set; CUDA max allocated on a GPU).
 
 On a GPU the same command also measures what the paper table's cost depends on (`--throughput` runs this part on
 a CPU too, at tiny sizes, to exercise it): CLIP-L LoRA steps at batch 32 in bf16 (images/s and model-FLOP
-utilisation against the bf16 matmul peak measured in the same run), SD2-768 LoRA steps/s with and without latent
-caching, and generation images/s at 25 steps. Writes one JSON (default bench/results/real_size.json); the numbers
-are of this machine, this load, this run.
+utilisation against the bf16 matmul peak measured in the same run), SD2-768 LoRA steps/s and images/s with and
+without latent caching at the preset's batch and accumulation (the rows train the LoRA at batch 1 x 1), and
+generation images/s at 25 steps. Writes one JSON (default bench/results/real_size.json); the numbers are of this
+machine, this load, this run.
 """
 
 from __future__ import annotations
@@ -238,10 +239,19 @@ def toy_overrides(models: dict[str, Path], data: Path, cpu: bool) -> list[str]:
             f"clip_lora.pretrained={models['clip']}", f"diffusion_lora.pretrained={models['sd2']}",
             "trainer.epochs=1", "trainer.max_steps_per_epoch=2", "trainer.bootstrap_samples=50",
             f"trainer.precision={precision}", f"trainer.cpu={str(cpu).lower()}",
-            "diffusion_lora.training.max_train_steps=2", "diffusion_lora.training.batch_size=1",
-            "diffusion_lora.training.grad_accum_steps=1", "diffusion_lora.training.validation_every=0",
+            "diffusion_lora.training.max_train_steps=2", "diffusion_lora.training.validation_every=0",
             "diffusion_lora.generation.num_inference_steps=2", "diffusion_lora.generation.batch_size=2",
             "augmentation.per_class_count={NORMAL:2,VIRUS:2}", "logger=none"]
+
+
+ROW_DIFFUSION_BATCH = ["diffusion_lora.training.batch_size=1", "diffusion_lora.training.grad_accum_steps=1"]
+
+
+def section_overrides(models: dict[str, Path], data: Path, cpu: bool, extra: list[str]) -> dict[str, list[str]]:
+    """The rows train the diffusion LoRA at batch 1 x 1 (toy step counts, memory); the throughput section at the
+    configured batch and accumulation, so that its steps/s are those of the preset (or of `extra`)."""
+    toy = toy_overrides(models, data, cpu)
+    return {"rows": [*toy, *ROW_DIFFUSION_BATCH, *extra], "throughput": [*toy, *extra]}
 
 
 def run_row(row: str, overrides: list[str], scratch: Path) -> dict:
@@ -318,20 +328,46 @@ def clip_lora_throughput(cfg, batch: int, steps: int, device: str) -> dict:
             "tflop_per_step": flops / 1e12, "achieved_tflops": flops / seconds / 1e12}
 
 
+def sd_lora_settings(overrides: list[str]) -> dict[str, int]:
+    """The batch and accumulation the diffusion stage trains at under `overrides`."""
+    training = compose(["experiment=paper/original_study", *overrides]).diffusion_lora.training
+    return {"batch_size": training.batch_size, "grad_accum_steps": training.grad_accum_steps}
+
+
+def diffusion_rates(run_dir: Path, full_step_images: int) -> dict[str, float]:
+    """Optimizer steps/s and images/s of the diffusion stage, from its history logged every step: over the steps
+    that held `full_step_images` (an epoch's last step may hold fewer) where there are any, the first (warm-up) left
+    out where more remain; `images_per_step` says what the timed steps held."""
+    steps = []  # (seconds, images) of each logged step
+    for line in (run_dir / "diffusion" / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "diffusion/step_seconds" in row:
+            seconds = row["diffusion/step_seconds"]
+            steps.append((seconds, row["diffusion/images_per_second"] * seconds))
+    full = [step for step in steps if round(step[1]) == full_step_images] or steps
+    timed = full[1:] or full
+    seconds, images = (sum(column) for column in zip(*timed))
+    return {"steps_timed": len(timed), "steps_per_second": len(timed) / seconds, "images_per_second": images / seconds,
+            "images_per_step": images / len(timed)}
+
+
 def diffusion_throughput(overrides: list[str], scratch: Path, sizes: dict, device: str) -> dict:
-    """SD LoRA training with latent caching off and on (the diffusion stage alone, its logged step rates), and
-    generation images/s with classifier-free guidance."""
+    """SD LoRA training at the configured batch and accumulation with latent caching off and on (the diffusion
+    stage alone, rates over its logged windows), and generation images/s with classifier-free guidance."""
     from pneumo_exp.diffusion.stable_diffusion import load_pipeline, sample
 
-    result = {}
+    result: dict = sd_lora_settings(overrides)
     for cache_latents in ("false", "true"):
         name = f"cache_latents={cache_latents}"
+        run_dir = scratch / f"cache_latents_{cache_latents}"  # no '=' in a path given as an override
         row = run_row("original_study", [*overrides, "stages=[data,diffusion]",
                                          f"diffusion_lora.training.max_train_steps={sizes['diffusion_steps']}",
                                          "diffusion_lora.training.crop_min_side=1",  # cached latents take no crops
-                                         f"diffusion_lora.training.cache_latents={cache_latents}"],
-                      scratch / f"cache_latents_{cache_latents}")  # no '=' in a path given as an override
-        result[name] = {"diffusion_stage_seconds": row["stages"][-1]["seconds"], **row["logged_rates"]}
+                                         f"diffusion_lora.training.cache_latents={cache_latents}",
+                                         "diffusion_lora.training.log_every=1"], run_dir)
+        full_step = result["batch_size"] * result["grad_accum_steps"]
+        result[name] = {"diffusion_stage_seconds": row["stages"][-1]["seconds"],
+                        **diffusion_rates(run_dir / "original_study", full_step)}
     cfg = compose(["experiment=paper/original_study", *overrides])
     pipeline = load_pipeline(str(cfg.diffusion_lora.pretrained), device=device, dtype=torch.bfloat16)
     resolution, steps = int(cfg.diffusion_lora.resolution), sizes["sampling_steps"]
@@ -377,13 +413,13 @@ def main() -> None:
     on_gpu = torch.cuda.is_available()
     report = {"device": torch.cuda.get_device_name() if on_gpu else f"cpu ({os.cpu_count()} cores)",
               "torch": torch.__version__, "images_per_class": args.images_per_class, "rows": []}
-    overrides = [*toy_overrides(models, data, cpu=not on_gpu), *args.override]
+    overrides = section_overrides(models, data, not on_gpu, args.override)
     try:
         for row in args.rows.split(","):
-            report["rows"].append(run_row(row, overrides, scratch))
+            report["rows"].append(run_row(row, overrides["rows"], scratch))
             write_json_atomic(args.out, report)
         if on_gpu or args.throughput:
-            report["throughput"] = throughput(overrides, scratch, "cuda" if on_gpu else "cpu")
+            report["throughput"] = throughput(overrides["throughput"], scratch, "cuda" if on_gpu else "cpu")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     write_json_atomic(args.out, report)

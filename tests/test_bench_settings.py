@@ -22,6 +22,48 @@ def bench_module(name: str):
     return module
 
 
+# ------------------------------------------------------------------------------------------------ bench_real_size
+
+
+def test_real_size_throughput_trains_sd_lora_at_the_presets_batch_and_accumulation(tmp_path):
+    bench = bench_module("bench_real_size")
+    models = {"clip": tmp_path / "clip", "sd2": tmp_path / "sd2"}
+    preset = compose(["experiment=paper/original_study"]).diffusion_lora.training
+    overrides = bench.section_overrides(models, tmp_path / "data", cpu=True, extra=[])
+    assert bench.sd_lora_settings(overrides["throughput"]) == {"batch_size": preset.batch_size,
+                                                               "grad_accum_steps": preset.grad_accum_steps}
+    assert bench.sd_lora_settings(overrides["rows"]) == {"batch_size": 1, "grad_accum_steps": 1}  # toy rows
+    asked = bench.section_overrides(models, tmp_path / "data", cpu=True, extra=["diffusion_lora.training.batch_size=2"])
+    assert bench.sd_lora_settings(asked["throughput"])["batch_size"] == 2  # what the user asks for wins
+
+
+def diffusion_history(folder: Path, steps: list[tuple[float, int]]) -> Path:
+    """A diffusion stage's metrics.jsonl logged every step: (seconds, images) of each, an epoch row after two."""
+    rows = []
+    for number, (seconds, images) in enumerate(steps, start=1):
+        rows.append({"diffusion/step": number, "diffusion/step_seconds": seconds,
+                     "diffusion/images_per_second": images / seconds})
+        if number % 2 == 0:
+            rows.append({"diffusion/step": number, "diffusion/epoch_loss": 0.1})
+    (folder / "diffusion").mkdir(parents=True)
+    (folder / "diffusion" / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+def test_diffusion_rates_time_full_steps_after_the_first(tmp_path):
+    bench = bench_module("bench_real_size")
+    history = diffusion_history(tmp_path, [(5.0, 16), (1.0, 16), (0.25, 4), (1.5, 16)])  # warm-up, full, last, full
+    assert bench.diffusion_rates(history, full_step_images=16) == pytest.approx(
+        {"steps_timed": 2, "steps_per_second": 2 / 2.5, "images_per_second": 32 / 2.5, "images_per_step": 16})
+
+
+def test_diffusion_rates_without_a_full_step_say_what_the_steps_held(tmp_path):
+    bench = bench_module("bench_real_size")
+    history = diffusion_history(tmp_path, [(5.0, 8), (1.0, 8), (0.5, 4)])  # fewer images than one full step
+    assert bench.diffusion_rates(history, full_step_images=16) == pytest.approx(
+        {"steps_timed": 2, "steps_per_second": 2 / 1.5, "images_per_second": 12 / 1.5, "images_per_step": 6})
+
+
 # ----------------------------------------------------------------------------------------------- bench_classifier
 
 
