@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test summary pretrain-diffusion sweep-demo paper-demo paper paper-cpu bench bench-kermany bench-kermany-final lock sync clean
+.PHONY: help install demo test summary pretrain-diffusion augment-cpu sweep-demo paper-demo paper paper-cpu bench bench-kermany bench-kermany-final lock sync clean
 
 PAPER_ROWS := original_study,original_no_augmentation,zero_shot,linear_probe,lora,full
 SEEDS ?= 0,1,2
@@ -38,6 +38,14 @@ summary: install ## counts and leakage check of a dataset: make summary DATA=pat
 pretrain-diffusion: install ## the cxr_small diffusion base, from scratch on the training split: make pretrain-diffusion DATA=...
 	$(BIN)/pneumo-exp task=pretrain_diffusion diffusion_lora=cxr_small dataset=kermany dataset.root=$(DATA) \
 	  experiment_name=pretrain_diffusion
+
+AUGMENT_ROWS := original_no_augmentation,original_study,ratio_half
+STUDY ?= main
+augment-cpu: install ## does augmentation help? recipe v3 with/without cxr_small images, 3 seeds: make augment-cpu DATA=...
+	$(BIN)/pneumo-exp -m experiment=$(subst $(comma),$(comma)augment_cpu/,augment_cpu/$(AUGMENT_ROWS)) seed=$(SEEDS) \
+	  dataset.root=$(DATA) hydra.sweep.dir=multirun/augment_cpu/$(STUDY)
+	$(BIN)/pneumo-exp report report.input=multirun/augment_cpu/$(STUDY) \
+	  'report.pairs=[[original_study,original_no_augmentation],[ratio_half,original_no_augmentation]]'
 
 sweep-demo: install ## LoRA alpha x lr x 3 seeds on phantom data (~2 min), then its report
 	$(BIN)/pneumo-exp -m experiment=sweep/alpha_lr hydra.sweep.dir=multirun/sweep_alpha_lr/$(SWEEP)
