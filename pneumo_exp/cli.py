@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -12,7 +15,7 @@ from omegaconf import DictConfig
 
 from pneumo_exp.config import register_schemas
 from pneumo_exp.errors import UserError
-from pneumo_exp.validate import TASKS
+from pneumo_exp.validate import TASKS, SettingError, did_you_mean
 
 COMMANDS = TASKS  # the first word of the command line may name the task
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # the repository's conf/ (editable install)
@@ -43,7 +46,11 @@ def debug_requested() -> bool:
     """PNEUMO_EXP_DEBUG=1 or hydra.verbose=true: user errors show their traceback too."""
     from hydra.core.hydra_config import HydraConfig
 
-    return os.environ.get("PNEUMO_EXP_DEBUG", "") not in ("", "0") or bool(HydraConfig.get().verbose)
+    return debug_in_environment() or bool(HydraConfig.get().verbose)
+
+
+def debug_in_environment() -> bool:
+    return os.environ.get("PNEUMO_EXP_DEBUG", "") not in ("", "0")
 
 
 def exit_with_message(error: UserError) -> None:
@@ -54,7 +61,6 @@ def exit_with_message(error: UserError) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from pneumo_exp.rundir import is_main_process
-    from pneumo_exp.validate import SettingError
 
     record = logging.LogRecord("pneumo_exp", logging.ERROR, __file__, 0, "%s", (f"{type(error).__name__}: {error}",),
                                (type(error), error, error.__traceback__))
@@ -92,7 +98,8 @@ def objective(cfg: DictConfig, metrics: dict | None):
     if metrics is None:
         return float("nan")
     if cfg.sweep_objective not in metrics:
-        raise KeyError(f"sweep_objective={cfg.sweep_objective!r} is not among the run's metrics: {sorted(metrics)}")
+        raise SettingError(f"{cfg.sweep_objective!r} is not among the run's metrics", where="sweep_objective",
+                           fix=f"use one of {', '.join(sorted(metrics))}")
     return metrics[cfg.sweep_objective]
 
 
@@ -134,6 +141,65 @@ def distributed_run_dir(argv: list[str]) -> list[str]:
     return [f"hydra.run.dir=outputs/${{experiment_name}}/{stamp}"]
 
 
+@contextmanager
+def overrides_refused_in_one_line() -> Iterator[None]:
+    """Hydra prints a bad override (an unknown key, a value of the wrong type, a config group option that does not
+    exist) in several lines, advising `+key=value`, which adds a key no code reads: one line instead, naming the key
+    and the closest valid one, exit status 2. Hydra passes its errors on only under HYDRA_FULL_ERROR=1, set for the
+    call; a user who set it, or PNEUMO_EXP_DEBUG=1, gets Hydra's own error."""
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    from pneumo_exp.rundir import is_main_process
+
+    details_asked = os.environ.get("HYDRA_FULL_ERROR") == "1" or debug_in_environment()
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    except (ConfigCompositionException, OverrideParseException) as error:
+        if details_asked:
+            raise
+        if is_main_process():
+            print(f"pneumo-exp: error: {refused_override(error)}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
+
+
+def refused_override(error: Exception) -> SettingError:
+    """Hydra's composition error as one SettingError."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    cause = error.__cause__
+    if isinstance(error, OverrideParseException):
+        return SettingError(f"cannot read {error.override}",
+                            fix=f"{lines[0]} (see https://hydra.cc/docs/advanced/override_grammar/basic)")
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file and error.options is not None:
+        return missing_option(error.missing_cfg_file, error.options)
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):  # an override of a key that is not there
+        key = lines[0].split("'")[1]
+        if cause.object_type is dict:  # a free mapping (prompts, per-class counts) takes new entries with +
+            return SettingError(f"no entry {key}", fix="add it with " + lines[-1].split(" use ")[-1])
+        return SettingError(f"unknown key {key}", fix=did_you_mean(key))
+    if isinstance(cause, ValidationError):
+        return SettingError(str(cause).splitlines()[0], where=cause.full_key)
+    return SettingError(" ".join(lines))
+
+
+def missing_option(missing_file: str, options: list[str]) -> SettingError:
+    """`group=name` names no config file of the group: the closest option, or all of them."""
+    group, name = missing_file.rsplit("/", 1)
+    options = [option for option in options if not option.endswith("_schema")]
+    close = difflib.get_close_matches(name, options, n=1)
+    return SettingError(f"no {group} option {name!r}", where=f"{group}={name}",
+                        fix=f"did you mean {group}={close[0]}?" if close else f"use one of {', '.join(options)}")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
         sys.argv = [sys.argv[0], f"task={sys.argv[1]}", *sys.argv[2:]]
@@ -141,7 +207,8 @@ def main() -> None:
     register_schemas()
     from pneumo_exp import sweep  # registers the job-folder resolver; collects the failed jobs of a multirun
 
-    hydra_entry()
+    with overrides_refused_in_one_line():
+        hydra_entry()
     if sweep.failed_jobs:
         raise SystemExit(1)
 

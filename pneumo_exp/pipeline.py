@@ -21,7 +21,7 @@ from pneumo_exp.config import JobConfig, job_config
 from pneumo_exp.data import manifest
 from pneumo_exp.data.manifest import LeakageError
 from pneumo_exp.diffusion.stable_diffusion import TRAINING_SPLIT_FILE
-from pneumo_exp.data.prepare import PreparedData, prepare_data
+from pneumo_exp.data.prepare import PreparedData, check_splits_filled, prepare_data
 from pneumo_exp.errors import UserError
 from pneumo_exp.core.files import write_atomic, write_json_atomic
 from pneumo_exp.rundir import (changed_settings, is_main_process, job_folder_name, not_a_result, override_key,
@@ -92,9 +92,6 @@ def run(composed: DictConfig) -> dict[str, float]:
     if cfg.task == "report":
         from pneumo_exp.report import main_report
 
-        if not cfg.report.input:
-            raise SettingError("report needs a folder to read", where="report.input",
-                               fix="give report.input=<a sweep folder, or any folder holding run folders>")
         target = Path(cfg.report.output or Path(cfg.report.input) / "report")
         print(main_report(cfg.report.input, target, cfg.report.pairs, cfg.report.bootstrap_samples), flush=True)
         print(f"report written to {target}", flush=True)
@@ -108,6 +105,7 @@ def run(composed: DictConfig) -> dict[str, float]:
     if cfg.task == "summary" or list(cfg.stages) == ["data"]:
         return {}
     if cfg.task == "run" and "classify" in cfg.stages:
+        check_splits_filled(data, cfg.dataset.name)
         check_selection_split(cfg, [r.label for r in data.split("val")])
 
     if cfg.task == "pretrain_diffusion":

@@ -1,17 +1,25 @@
 """Every check of the config, in one place: the plan (task and stages) and every setting, when a job starts and
 before any work, naming the key that is out of range; and the per-class keys of counts and ratios.
 
-Composition (the typed schemas in `config.py`) already refuses unknown keys and wrong types; this refuses values
-of the right type that no run can use (`trainer.epochs=0`, `optim.lr=-1`, a diffusion resolution that is not a
-multiple of 8, ...).
+Composition (the typed schemas in `config.py`) already refuses unknown keys and wrong types (`cli.py` says so in one
+line, naming the closest key); this refuses keys added with `+key=value` that no code reads, values of the right
+type that no run can use (`trainer.epochs=0`, `optim.lr=-1`, a diffusion resolution that is not a multiple of 8,
+prompts missing a class, ...) and task inputs that are not there.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import math
+import typing
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from pneumo_exp.config import SCHEMAS
 from pneumo_exp.data.images import INTENSITY_METHODS
 from pneumo_exp.errors import UserError
 from pneumo_exp.labels import CLASSES
@@ -22,11 +30,11 @@ class SettingError(UserError, ValueError):
 
 
 def at_least(low: float) -> tuple[Callable[[Any], bool], str]:
-    return (lambda value: value >= low), f"use {low} or more"
+    return (lambda value: math.isfinite(value) and value >= low), f"use {low} or more"
 
 
 def above(low: float) -> tuple[Callable[[Any], bool], str]:
-    return (lambda value: value > low), f"use a value above {low}"
+    return (lambda value: math.isfinite(value) and value > low), f"use a value above {low}"
 
 
 def share(closed_low: bool = True, closed_high: bool = False) -> tuple[Callable[[Any], bool], str]:
@@ -121,6 +129,8 @@ def check_plan(cfg: DictConfig) -> None:
     if "quality" in cfg.stages and "classify" not in cfg.stages:
         raise SettingError("quality measures images in the feature space of the classifier the same run trains",
                            where="stages", fix="add the classify stage")
+    check_known_keys(cfg)
+    check_task_inputs(cfg)
     if cfg.task == "pretrain_diffusion":
         check_pretraining(cfg)
     check_settings(cfg)
@@ -166,7 +176,9 @@ def check_settings(cfg: DictConfig) -> None:
     for key, (allowed, requirement) in RULES:
         check(key, OmegaConf.select(cfg, key, default=None), allowed, requirement)
     for key, (allowed, requirement) in PER_CLASS_RULES:
-        for label, value in (OmegaConf.select(cfg, key, default=None) or {}).items():
+        per_class = OmegaConf.select(cfg, key, default=None) or {}
+        check_class_keys(per_class, key)
+        for label, value in per_class.items():
             check(f"{key}.{label}", value, allowed, requirement)
     for key in BETAS:
         betas = OmegaConf.select(cfg, key, default=None)
@@ -178,12 +190,24 @@ def check_settings(cfg: DictConfig) -> None:
     training = OmegaConf.select(cfg, "diffusion_lora.training", default=None)
     if training is not None and training.get("max_train_steps") is None:
         check("diffusion_lora.training.epochs", training.get("epochs"), *at_least(1))
+    if training is not None:
+        check_cached_latents(training)
     check_trainer_ranges(cfg)
+    check_prompts(cfg)
+    check_model_sources(cfg)
 
 
 def check(key: str, value: Any, allowed: Callable[[Any], bool], requirement: str) -> None:
     if value is not None and not allowed(value):
         raise SettingError(f"bad value {value}", where=key, fix=requirement)
+
+
+def check_cached_latents(training) -> None:
+    """`diffusion_lora.training`: latents cached once per image cannot follow random crops of its pixels."""
+    if training.cache_latents and training.crop_min_side < 1:
+        raise SettingError("cached latents take no random crops", where="diffusion_lora.training.crop_min_side",
+                           fix="set diffusion_lora.training.crop_min_side=1 with cache_latents=true, or turn "
+                               "cache_latents off to keep the crops")
 
 
 def check_trainer_ranges(cfg: DictConfig) -> None:
@@ -220,7 +244,111 @@ def check_selection_split(cfg, validation_labels: list[str]) -> None:
 
 
 def check_class_keys(mapping: dict, key: str) -> None:
-    """Per-class settings must name exactly the known classes."""
+    """Per-class settings must name known classes."""
     unknown = set(mapping) - set(CLASSES)
     if unknown:
-        raise ValueError(f"{key}: unknown class(es) {sorted(unknown)}; expected names from {list(CLASSES)}")
+        raise SettingError(f"unknown class(es) {sorted(unknown)}", where=key,
+                           fix=f"name classes from {', '.join(CLASSES)}")
+
+
+def check_class_prompts(prompts: dict, key: str) -> None:
+    """A prompt (or a list of templates) for each class, and for no other name."""
+    missing = [label for label in CLASSES if label not in prompts]
+    unknown = [label for label in prompts if label not in CLASSES]
+    if missing or unknown:
+        raise SettingError(f"prompts for the wrong classes: missing {missing}, unknown {unknown}", where=key,
+                           fix=f"give prompts for exactly {', '.join(CLASSES)}")
+
+
+def check_templates(prompts: dict, key: str) -> None:
+    """The classifier averages T templates per class: every class needs the same T >= 1."""
+    check_class_prompts(prompts, key)
+    counts = {label: len(prompts[label]) for label in CLASSES}
+    if len(set(counts.values())) != 1 or 0 in counts.values():
+        raise SettingError(f"every class needs the same number (>= 1) of templates, got {counts}", where=key,
+                           fix="give each class as many templates as the others")
+
+
+def check_prompts(cfg: DictConfig) -> None:
+    clip_prompts = OmegaConf.select(cfg, "clip_lora.prompts", default=None)
+    if clip_prompts is not None:
+        check_templates(clip_prompts, "clip_lora.prompts")
+    diffusion_prompts = OmegaConf.select(cfg, "diffusion_lora.prompts", default=None)
+    if diffusion_prompts is not None:
+        check_class_prompts(diffusion_prompts, "diffusion_lora.prompts")
+
+
+def check_model_sources(cfg: DictConfig) -> None:
+    """A model preset loads `pretrained` or builds `architecture` with random weights: one of them is needed."""
+    for group in ("clip_lora", "diffusion_lora"):
+        preset = OmegaConf.select(cfg, group, default=None)
+        if preset is not None and not preset.get("pretrained") and not preset.get("architecture"):
+            raise SettingError(f"{group}={preset.name} has no model to load and none to build",
+                               where=f"{group}.pretrained", fix=f"set {group}.pretrained=<hub id or local folder>, "
+                                                                f"or use a preset with an architecture ({group}=tiny)")
+
+
+def check_task_inputs(cfg: DictConfig) -> None:
+    """predict and report read what the user names: refused before the run folder is written if it is not there."""
+    if cfg.task == "predict":
+        run_dir = required_path(cfg, "predict.run_dir", "<the folder of a finished run>")
+        if not (run_dir / "config.yaml").is_file():
+            raise SettingError(f"{run_dir} holds no config.yaml", where="predict.run_dir",
+                               fix="give the folder of a finished run")
+        images = required_path(cfg, "predict.input", "<an image or a folder of images>")
+        if not images.exists():
+            raise SettingError(f"{images} does not exist", where="predict.input",
+                               fix="give an image or a folder of images")
+    if cfg.task == "report":
+        folder = required_path(cfg, "report.input", "<a sweep folder, or any folder holding run folders>")
+        if not folder.is_dir():
+            raise SettingError(f"no folder {folder}", where="report.input",
+                               fix="give a sweep folder, or any folder holding run folders")
+
+
+def required_path(cfg: DictConfig, key: str, example: str) -> Path:
+    value = OmegaConf.select(cfg, key, default=None)
+    if not value:
+        raise SettingError(f"task={cfg.task} needs {key}", where=key, fix=f"set {key}={example}")
+    return Path(value)
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """`+key=value` adds a key that no code reads to a typed node: refused, naming the closest known key."""
+    for key in unknown_keys(cfg):
+        raise SettingError(f"unknown key {key}", fix=did_you_mean(key))
+
+
+def unknown_keys(node: DictConfig, prefix: str = "") -> Iterator[str]:
+    """Keys of the typed nodes under `node` that their schema lacks (free mappings, such as prompts, hold any)."""
+    schema = OmegaConf.get_type(node)
+    known = {field.name for field in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    for key in node:
+        child = node._get_node(key)
+        if known is not None and key not in known:
+            yield f"{prefix}{key}"
+        elif isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            yield from unknown_keys(child, f"{prefix}{key}.")
+
+
+def did_you_mean(key: str) -> str:
+    """`did you mean <the closest key of the schemas>?`, or where to see them all."""
+    close = difflib.get_close_matches(key, schema_keys(), n=1, cutoff=0.8)
+    return f"did you mean {close[0]}?" if close else "see every key with pneumo-exp --cfg job"
+
+
+def schema_keys() -> list[str]:
+    """Every dotted key of a setting a composed config can hold (the dataset keys of every dataset kind)."""
+    keys: set[str] = set()
+    for (group, _), schema in SCHEMAS.items():
+        keys.update(dotted_fields(schema, f"{group}." if group else ""))
+    return sorted(keys)
+
+
+def dotted_fields(schema: type, prefix: str) -> Iterator[str]:
+    types = typing.get_type_hints(schema)
+    for field in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(types[field.name]):
+            yield from dotted_fields(types[field.name], f"{prefix}{field.name}.")
+        else:
+            yield prefix + field.name

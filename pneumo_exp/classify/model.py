@@ -22,6 +22,7 @@ from pneumo_exp.config import ClassifierMode, ClipConfig, plain
 from pneumo_exp.core.presets import MAX_TEXT_TOKENS, character_tokenizer, model_source
 from pneumo_exp.hub import cannot_load, note_loaded
 from pneumo_exp.labels import CLASSES
+from pneumo_exp.validate import check_templates
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 log = logging.getLogger(__name__)
@@ -77,18 +78,11 @@ def load_backbone(source: str, revision: str | None = None):
 
 def tokenize_prompts(tokenizer, prompts: dict, max_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Token ids (C*T, L) and mask for T templates per class, classes in `CLASSES` order."""
-    missing = [label for label in CLASSES if label not in prompts]
-    unknown = [label for label in prompts if label not in CLASSES]
-    if missing or unknown:
-        raise ValueError(f"clip_lora.prompts: needs exactly the classes {list(CLASSES)}; "
-                         f"missing {missing}, unknown {unknown}")
-    counts = {label: len(prompts[label]) for label in CLASSES}
-    if len(set(counts.values())) != 1 or 0 in counts.values():
-        raise ValueError(f"clip_lora.prompts: every class needs the same number (>= 1) of templates, got {counts}")
+    check_templates(prompts, "clip_lora.prompts")
     texts = [text for label in CLASSES for text in prompts[label]]
     encoded = tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt",
                         max_length=max_length)
-    return encoded.input_ids, encoded.attention_mask, counts[CLASSES[0]]
+    return encoded.input_ids, encoded.attention_mask, len(prompts[CLASSES[0]])
 
 
 class PromptClassifier(nn.Module):

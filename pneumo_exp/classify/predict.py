@@ -17,6 +17,7 @@ from pneumo_exp.core.training import fresh_accelerator
 from pneumo_exp.data.augment import to_unit_float
 from pneumo_exp.data.images import IMAGE_SUFFIXES, decode_grayscale, standardize_intensity
 from pneumo_exp.data.manifest import Record
+from pneumo_exp.errors import UserError
 from pneumo_exp.labels import CLASSES
 
 
@@ -27,15 +28,17 @@ def images_under(path: Path) -> list[Path]:
         found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if found:
             return found
-        raise FileNotFoundError(f"predict.input={path}: no {'/'.join(IMAGE_SUFFIXES)} images found in the folder")
-    raise FileNotFoundError(f"predict.input={path} does not exist")
+        raise UserError(f"no {'/'.join(IMAGE_SUFFIXES)} images in the folder {path}", where="predict.input",
+                        fix="give an image or a folder of images")
+    raise UserError(f"{path} does not exist", where="predict.input", fix="give an image or a folder of images")
 
 
 def load_trained(run_dir: Path, cache_dir: str):
     """The run's classifier with its best weights, and the run's config."""
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
-        raise FileNotFoundError(f"predict.run_dir={run_dir}: no config.yaml; give the folder of a finished run")
+        raise UserError(f"{run_dir} holds no config.yaml", where="predict.run_dir",
+                        fix="give the folder of a finished run")
     run_cfg = OmegaConf.load(config_file)
     classifier, peft_model = build_classifier(clip_config(run_cfg.clip_lora), cache_dir, seed=run_cfg.seed)
     mode = ClassifierMode(run_cfg.clip_lora.mode)
@@ -80,10 +83,8 @@ def write_predictions(records: list[Record], probabilities: torch.Tensor, path: 
 
 @torch.no_grad()
 def predict(cfg: JobConfig, output_dir: Path) -> Path:
-    if not cfg.predict.run_dir or not cfg.predict.input:
-        raise ValueError("predict needs predict.run_dir=<trained run folder> and predict.input=<image or folder>")
+    files = images_under(Path(cfg.predict.input))  # predict.run_dir and predict.input are set (validate.py)
     classifier, run_cfg, accelerator = load_as_trained(Path(cfg.predict.run_dir), cfg.paths.cache_dir)
-    files = images_under(Path(cfg.predict.input))
     resolution, intensity = run_cfg.dataset.resolution, run_cfg.dataset.get("intensity", "none")
     probabilities = []
     for start in range(0, len(files), cfg.trainer.eval_batch_size):

@@ -38,7 +38,7 @@ from pneumo_exp.core.training import (NonFiniteLossError, fresh_accelerator, opt
 from pneumo_exp.data.augment import random_augment, to_unit_float
 from pneumo_exp.data.cache import open_or_build
 from pneumo_exp.data.manifest import Record
-from pneumo_exp.data.prepare import PreparedData
+from pneumo_exp.data.prepare import PreparedData, check_splits_filled
 from pneumo_exp.errors import UserError
 from pneumo_exp.labels import CLASSES, class_index
 from pneumo_exp.plots import confusion_matrix_png, curves_png
@@ -63,8 +63,6 @@ def load_splits(data: PreparedData, resolution: int, cache_dir: str, progress: b
     splits = {}
     for name in ("train", "val", "test"):
         records = data.split(name)
-        if not records and name != "val":  # no validation split (dataset.val_fraction=0): the final fit
-            raise ValueError(f"the {name} split is empty: nothing to {'train on' if name == 'train' else 'evaluate'}")
         pixels = torch.from_numpy(np.ascontiguousarray(cache.pixels[cache.rows_of(records)]))
         labels = torch.tensor([class_index(r.label) for r in records], dtype=torch.long)
         splits[name] = SplitTensors(records, pixels, labels)
@@ -354,6 +352,7 @@ def train_and_evaluate(cfg: JobConfig, data: PreparedData, output_dir: str | os.
     output_dir = Path(output_dir)
     from accelerate.utils import set_seed
 
+    check_splits_filled(data, cfg.dataset.name)
     accelerator = fresh_accelerator(Precision(cfg.trainer.precision).value, cfg.trainer.cpu)
     set_seed(cfg.seed)
     with accelerator.main_process_first():

@@ -70,6 +70,16 @@ def prepare_data(cfg: DatasetConfig, cache_dir: str, output_dir: str | Path | No
     return data
 
 
+def check_splits_filled(data: PreparedData, dataset_name: str) -> None:
+    """The classifier trains on the train split and tests on the test split (validation may be empty: the final
+    fit): a source without one of them (a folder tree with no test/, a manifest without test rows) is refused."""
+    for name, purpose in (("train", "train on"), ("test", "evaluate")):
+        if not data.split(name):
+            raise DatasetError(f"the {name} split is empty: nothing to {purpose}", f"dataset={dataset_name}",
+                               f"give the dataset {name} images (a {name}/ folder, or manifest rows with "
+                               f"split={name})")
+
+
 def own_validation_note(cfg: DatasetConfig, records: list[Record]) -> str:
     """dataset.val_fraction carves validation only from a source without one."""
     images = sum(r.split == "val" for r in records)

@@ -48,6 +48,7 @@ from pneumo_exp.diffusion.stable_diffusion import (
 )
 from pneumo_exp.errors import UserError
 from pneumo_exp.labels import CLASSES
+from pneumo_exp.validate import check_cached_latents, check_class_prompts
 from pneumo_exp.tracking import RunLogger
 
 log = logging.getLogger(__name__)
@@ -132,9 +133,7 @@ def lora_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
 def encode_prompts(components: SDComponents, prompts: dict[str, str], device) -> torch.Tensor:
     """(C, L, D) text-encoder states of each class's prompt, classes in CLASSES order (the text encoder is frozen,
     so they are computed once). Tokenised as the pipeline does: padded to the tokenizer's max length."""
-    missing = [label for label in CLASSES if label not in prompts]
-    if missing:
-        raise ValueError(f"diffusion_lora.prompts: missing class(es) {missing}")
+    check_class_prompts(prompts, "diffusion_lora.prompts")
     tokens = components.tokenizer([prompts[label] for label in CLASSES], padding="max_length", truncation=True,
                                   max_length=components.tokenizer.model_max_length, return_tensors="pt")
     return components.text_encoder(tokens.input_ids.to(device), return_dict=False)[0]
@@ -191,7 +190,9 @@ def latent_loss(components: SDComponents, unet, latents: torch.Tensor, encoder_s
     elif scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
-        raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r} of {components.source}")
+        raise UserError(f"the scheduler predicts {scheduler.config.prediction_type!r}, which LoRA training does not "
+                        "support", where=str(components.source),
+                        fix="use a Stable Diffusion pipeline whose scheduler predicts epsilon or v_prediction")
     prediction = unet(noisy_latents, timesteps, encoder_states.to(dtype), return_dict=False)[0]
     if min_snr_gamma is None:
         return F.mse_loss(prediction.float(), target.float(), reduction="mean")
@@ -323,10 +324,7 @@ def _train(cfg: JobConfig, data: TrainingImages, output_dir: str | os.PathLike, 
     seed = int(cfg.seed if settings.seed is None else settings.seed)
     resolution = int(diffusion_cfg.resolution)
     prompts = plain(diffusion_cfg.prompts)
-    if settings.cache_latents and settings.crop_min_side < 1:
-        raise UserError("cached latents take no random crops", where="diffusion_lora.training.crop_min_side",
-                        fix="set diffusion_lora.training.crop_min_side=1 with cache_latents=true, or turn "
-                            "cache_latents off to keep the crops")
+    check_cached_latents(settings)  # refused before any work by validate.py; here for callers of the trainer
     source = components.source if components is not None else pipeline_source(diffusion_cfg, cfg.paths.cache_dir)
     native = check_resolution(diffusion_cfg, source)
     enlarged = warn_about_upsampling(data, resolution)

@@ -37,6 +37,7 @@ from pneumo_exp.report.published import ALWAYS_NORMAL, OFFICIAL_TEST_COUNTS, ORI
 from pneumo_exp.report.statistics import CURVE_METRICS, DEFAULT_METRICS, aggregate, metric_title
 from pneumo_exp.report.tables import (csv_text, epochs_document, failures_markdown, latex_table,
                                       not_results_markdown, pairs_csv, report_markdown)
+from pneumo_exp.validate import SettingError
 
 BAR_METRICS = ("test/acc", "test/f1_macro")
 
@@ -54,7 +55,8 @@ def write_report(root: str | os.PathLike, output_dir: str | os.PathLike, referen
     root, output_dir = Path(root).resolve(), Path(output_dir)
     runs = collect_runs(root)
     if not runs:
-        raise ValueError(f"report: no run folders (with .hydra/config.yaml or config.yaml) under {root}")
+        raise SettingError(f"no run folders (with .hydra/config.yaml or config.yaml) under {root}",
+                           where="report.input", fix="give a sweep folder, or any folder holding run folders")
     results = [run for run in runs if not run.not_a_result]  # a capped or subset test is never a result
     groups = aggregate(results, metrics)
     comparisons = compare_pairs(results, pairs, bootstrap_samples)

@@ -1,0 +1,152 @@
+"""A user's mistake ends in one line `pneumo-exp: error: ...` naming the key or file, with no traceback, and a
+setting that decides it is refused before any work: misspelt keys, prompts, task inputs, empty splits."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import write_image
+from pneumo_exp import cli, pipeline
+from pneumo_exp.labels import CLASSES
+from pneumo_exp.validate import SettingError
+
+DIFFUSION_STAGES = "stages=[data,diffusion,synthesize,classify]"
+
+
+@pytest.fixture
+def command_line(monkeypatch, capsys, tmp_path, model_cache):
+    """Runs `pneumo-exp ARGS` in this process; returns (exit status, stderr lines). The run folder is tmp_path/run."""
+
+    def run(*args: str) -> tuple[int, list[str]]:
+        monkeypatch.setattr(sys, "argv", ["pneumo-exp", *args, "logger=none", f"paths.cache_dir={model_cache}",
+                                          f"hydra.run.dir={tmp_path / 'run'}"])
+        with pytest.raises(SystemExit) as exited:
+            cli.main()
+        return exited.value.code, capsys.readouterr().err.strip().splitlines()
+
+    return run
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Reading the dataset is the first work a run does: a check that comes later fails the test."""
+    def work_started(*args, **kwargs):
+        raise AssertionError("the job started work before refusing the setting")
+
+    monkeypatch.setattr(pipeline, "prepare_data", work_started)
+
+
+def assert_one_line(status: int, lines: list[str], *parts: str, expected_status: int = 2) -> None:
+    assert len(lines) == 1 and "Traceback" not in lines[0], "\n".join(lines)
+    assert lines[0].startswith("pneumo-exp: error: ")
+    assert all(part in lines[0] for part in parts), lines[0]
+    assert status == expected_status
+
+
+@pytest.mark.parametrize("override,parts", [
+    ("trainer.epoch=2", ["trainer.epoch", "did you mean trainer.epochs?"]),
+    ("traner.epochs=2", ["traner", "did you mean trainer.epochs?"]),
+    ("optim.weight_decy=0.1", ["optim.weight_decy", "did you mean optim.weight_decay?"]),
+    ("trainer.zzz=1", ["trainer.zzz", "pneumo-exp --cfg job"]),
+    ("augmentation.per_class_ratio.VIRUS=2", ["augmentation.per_class_ratio.VIRUS",
+                                              "+augmentation.per_class_ratio.VIRUS=2"]),
+    ("trainer.epochs=abc", ["trainer.epochs", "abc"]),
+    ("dataset=phantm", ["dataset=phantm", "did you mean dataset=phantom?"]),
+    ("trainer.epochs=[", ["trainer.epochs=["]),
+])
+def test_a_misspelt_key_or_value_names_the_closest_valid_one(command_line, tmp_path, override, parts):
+    assert_one_line(*command_line(override), *parts)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides,parts", [
+    (["+trainer.epoch=2"], ["trainer.epoch", "did you mean trainer.epochs?"]),
+    (["augmentation=ratio", "+augmentation.per_class_ratio.VIRUSS=2"],
+     ["augmentation.per_class_ratio", "VIRUSS", "NORMAL, BACTERIA, VIRUS"]),
+    (["augmentation=ratio", "augmentation.ratio=inf"], ["augmentation.ratio"]),
+    ([DIFFUSION_STAGES, "~diffusion_lora.prompts.VIRUS"], ["diffusion_lora.prompts", "VIRUS"]),
+    (["~clip_lora.prompts.VIRUS"], ["clip_lora.prompts", "VIRUS"]),
+    (["+clip_lora.prompts.COVID=[a covid chest]"], ["clip_lora.prompts", "COVID"]),
+    (["clip_lora.prompts.NORMAL=[a,b,c,d,e,f,g,h,i]"], ["clip_lora.prompts", "same number"]),
+    (["diffusion_lora.training.cache_latents=true", "diffusion_lora.training.crop_min_side=0.9"],
+     ["diffusion_lora.training.crop_min_side", "cache_latents"]),
+    (["clip_lora=vit_b16", "clip_lora.pretrained=null"], ["clip_lora.pretrained", "architecture"]),
+])
+def test_a_bad_setting_is_refused_before_any_work(command_line, no_work, tmp_path, overrides, parts):
+    assert_one_line(*command_line(*overrides), *parts)
+    assert not (tmp_path / "run").exists()
+
+
+def finished_run_folder(tmp_path):
+    folder = tmp_path / "trained"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("task: run\n")
+    return folder
+
+
+@pytest.mark.parametrize("task_args,parts", [
+    (lambda tmp: ["predict"], ["predict.run_dir"]),
+    (lambda tmp: ["predict", f"predict.run_dir={tmp}", f"predict.input={tmp}"], ["predict.run_dir", "config.yaml"]),
+    (lambda tmp: ["predict", f"predict.run_dir={finished_run_folder(tmp)}"], ["predict.input"]),
+    (lambda tmp: ["predict", f"predict.run_dir={finished_run_folder(tmp)}", f"predict.input={tmp / 'missing.png'}"],
+     ["predict.input", "missing.png"]),
+    (lambda tmp: ["report"], ["report.input"]),
+    (lambda tmp: ["report", f"report.input={tmp / 'missing'}"], ["report.input", "missing"]),
+])
+def test_a_task_without_its_inputs_is_refused_before_any_work(command_line, tmp_path, task_args, parts):
+    assert_one_line(*command_line(*task_args(tmp_path)), *parts)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_report_over_a_folder_without_runs_ends_in_one_line(command_line, tmp_path):
+    (tmp_path / "sweep").mkdir()
+    assert_one_line(*command_line("report", f"report.input={tmp_path / 'sweep'}"), "no run folders", "report.input")
+
+
+def test_an_empty_split_is_refused_before_the_training_stages(command_line, monkeypatch, tmp_path):
+    for shade, (split, label, image) in enumerate((split, label, image) for split in ("train", "val")
+                                                  for label in CLASSES for image in range(2)):
+        write_image(tmp_path / "data" / split / label / f"{image}.png", shade=10 * shade)
+
+    def training_started(*args, **kwargs):
+        raise AssertionError("a training stage started before the empty split was refused")
+
+    monkeypatch.setattr(pipeline, "run_training_stages", training_started)
+    assert_one_line(*command_line("dataset=folder", f"dataset.root={tmp_path / 'data'}",
+                                 "dataset.resolution=${clip_lora.image_size}"), "test split is empty",
+                    "dataset=folder", expected_status=1)
+
+
+def test_a_sweep_objective_the_run_does_not_report_names_the_key():
+    with pytest.raises(SettingError) as refused:
+        cli.objective(OmegaConf.create({"sweep_objective": "val/f1"}), {"val/f1_macro": 0.5})
+    assert refused.value.where == "sweep_objective" and "val/f1_macro" in str(refused.value)
+
+
+@pytest.mark.slow
+def test_a_misspelt_key_ends_in_one_line_from_the_installed_command(tmp_path):
+    from test_errors import cli as run_command
+
+    done = run_command("trainer.epoch=2", f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "pneumo-exp: error: unknown key trainer.epoch: did you mean trainer.epochs?"]
+
+
+def test_a_pipeline_whose_scheduler_predicts_samples_is_named_as_the_problem():
+    from types import SimpleNamespace
+
+    import torch
+    from diffusers import DDPMScheduler
+
+    from pneumo_exp.diffusion.train import latent_loss
+    from pneumo_exp.errors import UserError
+
+    components = SimpleNamespace(noise_scheduler=DDPMScheduler(prediction_type="sample"),
+                                 vae=SimpleNamespace(dtype=torch.float32), source="some/pipeline")
+    with pytest.raises(UserError) as refused:
+        latent_loss(components, None, torch.zeros(1, 4, 8, 8), torch.zeros(1, 2, 8), torch.Generator())
+    assert refused.value.where == "some/pipeline" and "'sample'" in str(refused.value)
