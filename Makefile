@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test summary pretrain-diffusion augment-cpu sweep-demo paper-demo paper paper-cpu bench bench-kermany bench-kermany-final lock sync clean
+.PHONY: help install demo test summary pretrain-diffusion generator-study augment-cpu sweep-demo paper-demo paper paper-cpu bench bench-kermany bench-kermany-final lock sync clean
 
 PAPER_ROWS := original_study,original_no_augmentation,zero_shot,linear_probe,lora,full
 SEEDS ?= 0,1,2
@@ -38,6 +38,13 @@ summary: install ## counts and leakage check of a dataset: make summary DATA=pat
 pretrain-diffusion: install ## the cxr_small diffusion base, from scratch on the training split: make pretrain-diffusion DATA=...
 	$(BIN)/pneumo-exp task=pretrain_diffusion diffusion_lora=cxr_small dataset=kermany dataset.root=$(DATA) \
 	  experiment_name=pretrain_diffusion
+
+STUDY_BASE = $(if $(BASE),'$(BASE)',null)
+STUDY_LORA = $(if $(LORA),$(comma){name:base_lora$(comma)base:$(STUDY_BASE)$(comma)lora:'$(LORA)'})
+generator-study: install ## did cxr_small learn? make generator-study RUN=<real-only classifier run> DATA=... [LORA=...]
+	$(BIN)/pneumo-exp task=generator_study diffusion_lora=cxr_small dataset=kermany dataset.root=$(DATA) \
+	  generator_study.reference_run=$(RUN) experiment_name=generator_study \
+	  "generator_study.generators=[{name:noise,base:random},{name:base,base:$(STUDY_BASE)}$(STUDY_LORA)]"
 
 AUGMENT_ROWS := original_no_augmentation,original_study,ratio_half
 STUDY ?= main

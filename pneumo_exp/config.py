@@ -7,7 +7,8 @@ converts the composed config once (`job_config`) and the stages take the typed o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from typing import Any, Optional
 
@@ -290,6 +291,27 @@ class QualityConfig:
 
 
 @dataclass
+class StudyGenerator:
+    """One generator of `task=generator_study`: a base model and, optionally, a LoRA trained on it."""
+    name: str = MISSING  # its arm: a folder of the study and a row of its tables
+    base: Optional[str] = None  # null: the diffusion_lora preset's base; "random": the preset's architecture with
+    #                             random weights (the model before any training); or a diffusers folder or hub id
+    lora: Optional[str] = None  # a LoRA folder trained on that base (a run's diffusion/lora); null: the base alone
+
+
+@dataclass
+class GeneratorStudyConfig:
+    """`task=generator_study`: did the generators learn? Their images judged by a classifier trained on real images
+    only, beside the same numbers for real validation images."""
+    reference_run: Optional[str] = None  # the folder of a finished run whose classifier trained on real images only
+    generators: list[StudyGenerator] = field(default_factory=list)
+    images_per_class: int = 100  # drawn by each generator with the class prompt
+    copy_quantile: float = 0.01  # a likely copy: closer to a training image than this share of validation images
+    accuracy_score: bool = True  # the classification accuracy score: two more classifiers per generator
+    grid_images: int = 8  # images per row of each arm's samples.png
+
+
+@dataclass
 class JobConfig:
     """The whole config of a job (`conf/config.yaml`), as the stages take it."""
     task: str = "run"
@@ -302,6 +324,7 @@ class JobConfig:
     sweep_objective: Optional[str] = None
     predict: PredictConfig = field(default_factory=PredictConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
+    generator_study: GeneratorStudyConfig = field(default_factory=GeneratorStudyConfig)
     dataset: DatasetConfig = MISSING
     clip_lora: ClipConfig = MISSING
     diffusion_lora: DiffusionConfig = MISSING
@@ -347,3 +370,16 @@ def clip_config(values: Any) -> ClipConfig:
     """`clip_lora` settings stored by a run (a mapping or config node) as typed settings; keys added to the schema
     since the run take their defaults."""
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ClipConfig), values))
+
+
+def stored_job_config(values: Any) -> JobConfig:
+    """A run's stored config (its config.yaml, a mapping or config node) as typed settings, each group read against
+    its schema (the dataset's by its kind); keys added to the schemas since the run take their defaults."""
+    typed = OmegaConf.structured(JobConfig)
+    schemas = typing.get_type_hints(JobConfig)
+    for group in fields(JobConfig):
+        schema = schemas[group.name]
+        if group.default == MISSING and is_dataclass(schema):
+            kinds = [sub for sub in schema.__subclasses__() if sub.kind == values[group.name].get("kind")]
+            typed[group.name] = OmegaConf.structured(kinds[0] if kinds else schema)
+    return OmegaConf.to_object(OmegaConf.merge(typed, values))

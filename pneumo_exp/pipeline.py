@@ -96,6 +96,12 @@ def run(composed: DictConfig) -> dict[str, float]:
         print(main_report(cfg.report.input, target, cfg.report.pairs, cfg.report.bootstrap_samples), flush=True)
         print(f"report written to {target}", flush=True)
         return {}
+    if cfg.task == "generator_study":
+        from pneumo_exp.evaluation.generator_study import run_generator_study
+
+        print(run_generator_study(cfg, output_dir), flush=True)
+        print(f"generator study written to {output_dir / 'generator_study.md'} (and .json)", flush=True)
+        return {}
 
     data = prepare_data(cfg.dataset, cfg.paths.cache_dir, output_dir)
     if data.skipped:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pneumo_exp.config import SCHEMAS
 from pneumo_exp.data.images import INTENSITY_METHODS
+from pneumo_exp.data.manifest import read_csv
 from pneumo_exp.errors import UserError
 from pneumo_exp.labels import CLASSES
 
@@ -103,6 +105,9 @@ RULES: list[tuple[str, tuple[Callable[[Any], bool], str]]] = [
     ("quality.copy_fraction", above(0)),
     ("quality.kid_subset_size", at_least(2)),
     ("quality.kid_subsets", at_least(1)),
+    ("generator_study.images_per_class", at_least(1)),
+    ("generator_study.copy_quantile", share(closed_low=False)),
+    ("generator_study.grid_images", at_least(1)),
 ]
 PRECISIONS = ("no", "fp16", "bf16")
 OPTIONAL_PRECISIONS = ("diffusion_lora.training.precision", "diffusion_lora.generation.precision")
@@ -113,7 +118,7 @@ BETAS = ("optim.betas", "diffusion_lora.training.betas")
 KNOWN_STAGES = ("data", "diffusion", "synthesize", "classify", "quality")
 
 
-TASKS = ("run", "summary", "predict", "report", "pretrain_diffusion")
+TASKS = ("run", "summary", "predict", "report", "pretrain_diffusion", "generator_study")
 
 
 def check_plan(cfg: DictConfig) -> None:
@@ -289,7 +294,8 @@ def check_model_sources(cfg: DictConfig) -> None:
 
 
 def check_task_inputs(cfg: DictConfig) -> None:
-    """predict and report read what the user names: refused before the run folder is written if it is not there."""
+    """predict, report and generator_study read what the user names: refused before the run folder is written if it
+    is not there."""
     if cfg.task == "predict":
         run_dir = required_path(cfg, "predict.run_dir", "<the folder of a finished run>")
         if not (run_dir / "config.yaml").is_file():
@@ -304,6 +310,8 @@ def check_task_inputs(cfg: DictConfig) -> None:
         if not folder.is_dir():
             raise SettingError(f"no folder {folder}", where="report.input",
                                fix="give a sweep folder, or any folder holding run folders")
+    if cfg.task == "generator_study":
+        check_generator_study(cfg)
 
 
 def required_path(cfg: DictConfig, key: str, example: str) -> Path:
@@ -311,6 +319,66 @@ def required_path(cfg: DictConfig, key: str, example: str) -> Path:
     if not value:
         raise SettingError(f"task={cfg.task} needs {key}", where=key, fix=f"set {key}={example}")
     return Path(value)
+
+
+STUDY_REAL_ARM = "real_validation"  # the arm of real validation images every generator study holds
+RANDOM_BASE = "random"  # a study generator's base: the preset's architecture with random weights
+ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_generator_study(cfg: DictConfig) -> None:
+    """task=generator_study judges the generators it lists with the classifier of a run trained on real images only."""
+    reference = check_reference_run(required_path(cfg, "generator_study.reference_run", "<the folder of a run "
+                                                  "that trained a classifier on real images only>"))
+    generators = cfg.generator_study.generators
+    if not generators:
+        raise SettingError("no generator to study", where="generator_study.generators",
+                           fix="list them, e.g. generator_study.generators=[{name:noise,base:random},{name:base}]")
+    names = [generator.name for generator in generators]
+    for index, generator in enumerate(generators):
+        check_study_generator(cfg, generator, f"generator_study.generators[{index}]", names[:index],
+                              reference.dataset.name)
+
+
+def check_study_generator(cfg: DictConfig, generator: DictConfig, key: str, names_before: list[str],
+                          reference_dataset: str) -> None:
+    if not ARM_NAME.fullmatch(generator.name) or generator.name in (STUDY_REAL_ARM, *names_before):
+        raise SettingError(f"bad or repeated name {generator.name!r}", where=f"{key}.name",
+                           fix=f"give each generator its own name of letters, digits, '.', '_' or '-' (not "
+                               f"{STUDY_REAL_ARM})")
+    if generator.base == RANDOM_BASE and not cfg.diffusion_lora.get("architecture"):
+        raise SettingError(f"diffusion_lora={cfg.diffusion_lora.name} has no architecture to initialise at random",
+                           where=f"{key}.base", fix="use a preset with one (tiny, cxr_small) or give a base folder")
+    built_per_dataset = generator.base is None and cfg.diffusion_lora.get("pretraining") is not None
+    if built_per_dataset and cfg.dataset.name != reference_dataset:
+        raise SettingError(f"the base of diffusion_lora={cfg.diffusion_lora.name} is built per dataset, and this "
+                           f"study's dataset is {cfg.dataset.name}, the reference run's {reference_dataset}",
+                           where="dataset", fix=f"add dataset={reference_dataset} (and its dataset.root), or give "
+                                                f"the base folder as {key}.base")
+    if generator.lora and not Path(generator.lora).exists():
+        raise SettingError(f"no LoRA {generator.lora}", where=f"{key}.lora",
+                           fix="give a LoRA folder (a run's diffusion/lora), or null for the base alone")
+
+
+def check_reference_run(run_dir: Path) -> DictConfig:
+    """The study's judge: a finished run whose classifier trained on real images only. Returns its config."""
+    key = "generator_study.reference_run"
+    if not (run_dir / "config.yaml").is_file():
+        raise SettingError(f"{run_dir} holds no config.yaml", where=key, fix="give the folder of a finished run")
+    stored = OmegaConf.load(run_dir / "config.yaml")
+    finished = (run_dir / "results.json").is_file() and (run_dir / "manifest.csv").is_file()
+    if not finished or "classify" not in stored.get("stages", []):
+        raise SettingError(f"{run_dir} is not a finished classifier run (no results.json of the classify stage)",
+                           where=key, fix="give the folder of a run that trained and tested a classifier on real "
+                                          "images only")
+    records = read_csv(run_dir / "manifest.csv")
+    if any(record.source == "synthetic" for record in records):
+        raise SettingError(f"the classifier of {run_dir} trained on synthetic images too", where=key,
+                           fix="give a run that trained on real images only (augmentation=none)")
+    if not any(record.split == "val" for record in records):
+        raise SettingError(f"{run_dir} has no validation split, on which the study calibrates its copy threshold",
+                           where=key, fix="give a run with a validation split (dataset.val_fraction above 0)")
+    return stored
 
 
 def check_known_keys(cfg: DictConfig) -> None:

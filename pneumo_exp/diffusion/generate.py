@@ -61,12 +61,13 @@ def synthetic_counts(real_counts: dict[str, int], augmentation_cfg: Augmentation
     return result
 
 
-def generate_synthetic(pipeline_source: str, lora_folder: str | os.PathLike, counts: dict[str, int],
+def generate_synthetic(pipeline_source: str, lora_folder: str | os.PathLike | None, counts: dict[str, int],
                        prompts: dict[str, str], output_dir: str | os.PathLike, seed: int, steps: int,
                        guidance: float, batch_size: int, resolution: int, *, device: str | None = None,
                        precision: str = "no", progress: bool = True, revision: str | None = None) -> list[Record]:
     """Draw `counts[c]` images of each class c with the class prompt; returns their Records (split=train,
-    source=synthetic, sha256 of the PNG file). A missing or corrupt LoRA file raises LoraFileError naming it."""
+    source=synthetic, sha256 of the PNG file). A missing or corrupt LoRA file raises LoraFileError naming it;
+    `lora_folder=None` draws with the base model alone."""
     from accelerate.utils.memory import clear_device_cache
     from PIL import Image
     from tqdm.auto import tqdm
@@ -86,7 +87,7 @@ def generate_synthetic(pipeline_source: str, lora_folder: str | os.PathLike, cou
         raise ValueError(f"batch_size and steps must be >= 1 (got {batch_size}, {steps})")
     target = Path(output_dir).resolve() / SYNTHETIC_DIR
     total = sum(counts.values())
-    lora_sha256 = check_lora_file(lora_folder)[1] if total else ""
+    lora_sha256 = check_lora_file(lora_folder)[1] if total and lora_folder is not None else ""
     pipeline = load_pipeline(pipeline_source, lora_folder, device=device, dtype=WEIGHT_DTYPES[precision],
                              revision=revision) \
         if total else None
@@ -122,7 +123,8 @@ def generate_synthetic(pipeline_source: str, lora_folder: str | os.PathLike, cou
             writer.writeheader()
             writer.writerows(sidecar)
         write_json_atomic(staging / "generation.json", {
-            "base": pipeline_source, "lora": str(Path(lora_folder).resolve()), "lora_sha256": lora_sha256,
+            "base": pipeline_source, "lora_sha256": lora_sha256,
+            "lora": str(Path(lora_folder).resolve()) if lora_folder is not None else None,
             "counts": counts, "prompts": {k: prompts[k] for k in CLASSES if k in prompts}, "seed": seed,
             "steps": steps, "guidance": guidance, "resolution": resolution, "scheduler": "DPMSolverMultistep",
             "precision": precision})

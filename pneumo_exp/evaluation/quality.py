@@ -61,6 +61,11 @@ def _features(encoder: _Encoder, pixels: torch.Tensor, batch_size: int, num_feat
     return features
 
 
+def encode(pixels, feature: nn.Module, num_features: int, image_size: int = 64, batch_size: int = 64) -> torch.Tensor:
+    """float64 (N, num_features) features of uint8 (N, H, W) images resized to `image_size`, `batch_size` at a time."""
+    return _features(_Encoder(feature, image_size).eval(), _as_tensor(pixels), batch_size, num_features)
+
+
 def nearest_real_distances(real_features: torch.Tensor, synthetic_features: torch.Tensor) -> torch.Tensor:
     """(M,) Euclidean distance from each synthetic feature vector to its nearest real one."""
     return torch.cdist(synthetic_features.double(), real_features.double(), compute_mode=EXACT).min(dim=1).values
@@ -95,20 +100,25 @@ def class_quality(real_pixels, synthetic_pixels, feature: nn.Module, num_feature
                   copy_fraction: float = 0.25) -> dict:
     """FID, KID (mean, std), diversity relative to the real images, nearest-real-neighbour distances, and the
     likely copies (synthetic images `copy_fraction` x closer to a real one than real images are to each other) for
-    one class's real and synthetic images. The encoder sees at most `batch_size` images at a time.
+    one class's real and synthetic images. The encoder sees at most `batch_size` images at a time."""
+    return feature_quality(encode(real_pixels, feature, num_features, image_size, batch_size),
+                           encode(synthetic_pixels, feature, num_features, image_size, batch_size), num_features,
+                           kid_subset_size, kid_subsets, seed, copy_fraction)
+
+
+def feature_quality(real_features: torch.Tensor, synthetic_features: torch.Tensor, num_features: int,
+                    kid_subset_size: int = 50, kid_subsets: int = 100, seed: int = 0,
+                    copy_fraction: float = 0.25) -> dict:
+    """`class_quality` from features already computed (`encode`).
 
     FID is None, with the reason in `fid_note`, where a set has no more images than features (`fid_shortfall`);
     KID, an unbiased polynomial-kernel estimate that inverts no covariance, is computed from 2 images per set."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    real, synthetic = _as_tensor(real_pixels), _as_tensor(synthetic_pixels)
-    encoder = _Encoder(feature, image_size).eval()
-    real_features = _features(encoder, real, batch_size, num_features)
-    synthetic_features = _features(encoder, synthetic, batch_size, num_features)
-    result = {"real": len(real), "synthetic": len(synthetic), "fid": None, "kid_mean": math.nan,
+    result = {"real": len(real_features), "synthetic": len(synthetic_features), "fid": None, "kid_mean": math.nan,
               "kid_std": math.nan}
-    shortfall = fid_shortfall(len(real), len(synthetic), num_features)
+    shortfall = fid_shortfall(len(real_features), len(synthetic_features), num_features)
     if shortfall:
         result["fid_note"] = shortfall
     else:
@@ -116,22 +126,23 @@ def class_quality(real_pixels, synthetic_pixels, feature: nn.Module, num_feature
         fid.update(real_features, real=True)
         fid.update(synthetic_features, real=False)
         result["fid"] = float(fid.compute())
-    if len(real) >= 2 and len(synthetic) >= 2:
+    if len(real_features) >= 2 and len(synthetic_features) >= 2:
         with warnings.catch_warnings():  # "KID keeps all features in memory": they are (N, D), computed above
             warnings.simplefilter("ignore", UserWarning)
             kid = KernelInceptionDistance(feature=_Precomputed(num_features), subsets=kid_subsets,
-                                          subset_size=min(kid_subset_size, len(real), len(synthetic)))
+                                          subset_size=min(kid_subset_size, len(real_features),
+                                                          len(synthetic_features)))
         kid.update(real_features, real=True)
         kid.update(synthetic_features, real=False)
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # KID draws random subsets
             kid_mean, kid_std = kid.compute()
         result["kid_mean"], result["kid_std"] = float(kid_mean), float(kid_std)
-    if len(real) and len(synthetic):
+    if len(real_features) and len(synthetic_features):
         nearest = nearest_real_distances(real_features, synthetic_features)
         result.update(nn_mean=float(nearest.mean()), nn_min=float(nearest.min()),
                       nn_median=float(nearest.median()), nn_max=float(nearest.max()))
-        if len(real) >= 2:
+        if len(real_features) >= 2:
             result["real_nn_median"] = float(real_to_real_distances(real_features).median())
         result["diversity_synthetic_over_real"] = diversity(synthetic_features) / diversity(real_features)
         result["likely_copies"] = int((nearest < copy_fraction * result.get("real_nn_median", math.nan)).sum())

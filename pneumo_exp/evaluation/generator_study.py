@@ -1,0 +1,380 @@
+"""`task=generator_study`: did the generators learn? Each generator (a base model, optionally with a LoRA) draws
+`generator_study.images_per_class` images per class with the class prompts of `diffusion_lora`, and the classifier
+of a run trained on real images only (`generator_study.reference_run`, the judge) measures them beside the real
+validation images, the reference arm every study holds (`real_validation`):
+
+(a) class steering: the share of each class's images the judge assigns to the prompted class (chance 1/3); for the
+    real validation images this is the judge's per-class validation recall;
+(b) FID, KID and nearest-neighbour distances to the real training images of the class, in the judge's image
+    embedding, a feature space that never saw a synthetic image;
+(c) intensity statistics: mean, contrast (per-image std) and the dark border of real films (the outer 10 % frame
+    against the middle of the image);
+(d) memorisation: the images nearer a real training image than all but `copy_quantile` of the real validation
+    images are (the threshold is calibrated on validation-to-training distances in the same space);
+(e) the quality stage's classification accuracy score: the judge's recipe trained on the generator's images alone
+    and on as many real training images, both tested on the real test split.
+
+Every image reaches the judge as its own run's images did: a PNG decoded at the run's `dataset.resolution` with
+its `dataset.intensity` through the image cache, evaluated under the run's precision. Writes `generator_study.json`,
+`generator_study.md`, `<arm>/samples.png`, each generator's images under `<generator>/synthetic/` and the score's
+classifiers under `<generator>/quality/`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from pneumo_exp.config import JobConfig, LoggerMode, StudyGenerator, plain, stored_job_config
+from pneumo_exp.core.files import atomic_file, write_atomic, write_json_atomic
+from pneumo_exp.data.augment import to_unit_float
+from pneumo_exp.data.cache import open_or_build
+from pneumo_exp.data.manifest import Record, read_csv
+from pneumo_exp.data.prepare import PreparedData
+from pneumo_exp.evaluation.quality import encode, feature_quality, nearest_real_distances
+from pneumo_exp.labels import CLASSES, class_index
+from pneumo_exp.validate import RANDOM_BASE, STUDY_REAL_ARM
+
+log = logging.getLogger(__name__)
+
+BORDER = 0.1  # the outer frame, as a share of the side, that real films show dark
+CHANCE = 1 / len(CLASSES)
+
+
+@dataclass
+class Reference:
+    """The judge: a run's classifier on its device, the accelerator of its precision, its recipe and its images."""
+    run_dir: Path
+    recipe: JobConfig  # the run's config with this study's paths and seed, without W&B
+    data: PreparedData  # the run's manifest: the splits its classifier trained, validated and was tested on
+    classifier: torch.nn.Module
+    accelerator: object
+
+
+@dataclass
+class ImageSet:
+    """Images as the judge sees them: uint8 (N, R, R) at its run's resolution, after its intensity step."""
+    records: list[Record]
+    pixels: np.ndarray
+    labels: np.ndarray  # (N,) class indices
+
+    def of_class(self, index: int) -> np.ndarray:
+        return self.pixels[self.labels == index]
+
+
+def load_reference(cfg: JobConfig) -> Reference:
+    from pneumo_exp.classify.predict import load_as_trained
+
+    run_dir = Path(cfg.generator_study.reference_run)
+    classifier, _, accelerator = load_as_trained(run_dir, cfg.paths.cache_dir)
+    stored = stored_job_config(OmegaConf.load(run_dir / "config.yaml"))
+    recipe = replace(stored, paths=cfg.paths, seed=cfg.seed, resume=False,
+                     logger=replace(stored.logger, mode=LoggerMode.disabled))
+    return Reference(run_dir, recipe, PreparedData(records=read_csv(run_dir / "manifest.csv")), classifier,
+                     accelerator)
+
+
+def image_set(records: list[Record], reference: Reference, progress: bool = False) -> ImageSet:
+    """`records` through the judge's image cache: its resolution and intensity step."""
+    dataset = reference.recipe.dataset
+    cache = open_or_build(records, dataset.resolution, reference.recipe.paths.cache_dir, progress=progress,
+                          intensity=dataset.intensity)
+    return ImageSet(records, np.asarray(cache.pixels[cache.rows_of(records)]),
+                    np.array([class_index(r.label) for r in records], dtype=np.int64))
+
+
+# ------------------------------------------------------------------------------------------ measures
+
+
+def steering(predicted: np.ndarray, labels: np.ndarray) -> dict:
+    """Per prompted class, the share of its images assigned to that class, and how all of them were assigned."""
+    present = [index for index in range(len(CLASSES)) if (labels == index).any()]
+    rates = {CLASSES[i]: float(np.mean(predicted[labels == i] == i)) for i in present}
+    assigned = {CLASSES[i]: {CLASSES[j]: int(np.sum(predicted[labels == i] == j)) for j in range(len(CLASSES))}
+                for i in present}
+    return {"per_class": rates, "mean": float(np.mean(list(rates.values()))), "assigned": assigned}
+
+
+def intensity_statistics(pixels: np.ndarray) -> dict:
+    """Grey levels (0-255) of a set of images: their mean, contrast (the mean per-image std), and the border (the
+    outer 10 % frame) against the centre (the middle half of the side)."""
+    images = pixels.astype(np.float64)
+    side = images.shape[-1]
+    frame, quarter = max(1, round(BORDER * side)), side // 4
+    border = np.ones((side, side), dtype=bool)
+    border[frame:side - frame, frame:side - frame] = False
+    border_mean = float(images[:, border].mean())
+    centre_mean = float(images[:, quarter:side - quarter, quarter:side - quarter].mean())
+    return {"mean": float(images.mean()), "contrast": float(images.std(axis=(1, 2)).mean()), "border": border_mean,
+            "centre": centre_mean, "border_over_centre": border_mean / centre_mean if centre_mean else None}
+
+
+def intensity_by_class(images: ImageSet) -> dict:
+    return {label: intensity_statistics(images.of_class(index)) for index, label in enumerate(CLASSES)
+            if (images.labels == index).any()}
+
+
+def likely_copies(nearest: torch.Tensor, labels: np.ndarray, threshold: float) -> dict:
+    """The images whose nearest real training image is no farther than `threshold`, in all and per class."""
+    flagged = (nearest <= threshold).numpy()
+    return {"likely_copies": int(flagged.sum()), "images": len(flagged),
+            "per_class": {label: int(flagged[labels == index].sum()) for index, label in enumerate(CLASSES)
+                          if (labels == index).any()}}
+
+
+class Judge:
+    """The reference classifier and the real training images, as every arm's measures need them."""
+
+    def __init__(self, cfg: JobConfig, reference: Reference):
+        from pneumo_exp.evaluation.quality_stage import ImageEmbedding
+
+        self.cfg, self.reference = cfg, reference
+        self.embedding = ImageEmbedding(reference.classifier, reference.accelerator)
+        self.num_features = reference.classifier.clip.config.projection_dim
+        real = image_set(reference.data.records, reference, progress=True)  # the run's own cache: built once
+        self.train = self.subset(real, "train")
+        self.validation = self.subset(real, "val")
+        self.train_features = self.features(self.train)
+        self.validation_nearest = nearest_real_distances(self.train_features, self.features(self.validation))
+        self.copy_threshold = float(torch.quantile(self.validation_nearest, cfg.generator_study.copy_quantile))
+
+    @staticmethod
+    def subset(images: ImageSet, split: str) -> ImageSet:
+        rows = [row for row, record in enumerate(images.records) if record.split == split]
+        return ImageSet([images.records[row] for row in rows], images.pixels[rows], images.labels[rows])
+
+    def features(self, images: ImageSet) -> torch.Tensor:
+        return encode(images.pixels, self.embedding, self.num_features, self.reference.recipe.dataset.resolution,
+                      self.reference.recipe.trainer.eval_batch_size)
+
+    @torch.no_grad()
+    def predictions(self, images: ImageSet) -> np.ndarray:
+        from pneumo_exp.classify.predict import class_probabilities
+
+        batch = self.reference.recipe.trainer.eval_batch_size
+        probabilities = [class_probabilities(self.reference.classifier,
+                                             to_unit_float(torch.from_numpy(images.pixels[start:start + batch])),
+                                             self.reference.accelerator)
+                         for start in range(0, len(images.pixels), batch)]
+        return torch.cat(probabilities).argmax(-1).numpy()
+
+    def class_quality(self, features: torch.Tensor, labels: np.ndarray) -> dict:
+        """(b) per class: FID, KID and nearest-neighbour distances to the class's real training images."""
+        settings = self.cfg.quality
+        report = {}
+        for index, label in enumerate(CLASSES):
+            if (labels == index).any():
+                row = feature_quality(self.train_features[self.train.labels == index],
+                                      features[labels == index], self.num_features, settings.kid_subset_size,
+                                      settings.kid_subsets, self.cfg.seed)
+                row.pop("likely_copies")  # the study counts copies against its calibrated threshold, (d)
+                report[label] = row
+        return report
+
+    def report(self, images: ImageSet) -> dict:
+        """Measures (a) to (d) of one arm."""
+        features = self.features(images)
+        return {"images": {label: int((images.labels == index).sum()) for index, label in enumerate(CLASSES)},
+                "steering": steering(self.predictions(images), images.labels),
+                "quality": self.class_quality(features, images.labels),
+                "intensity": intensity_by_class(images),
+                "memorisation": likely_copies(nearest_real_distances(self.train_features, features), images.labels,
+                                              self.copy_threshold)}
+
+    def copy_threshold_note(self) -> str:
+        quantile = self.cfg.generator_study.copy_quantile
+        return (f"a likely copy is an image whose nearest real training image, in the judge's embedding, is no "
+                f"farther than {self.copy_threshold:.4g}: the {100 * quantile:g} % quantile "
+                f"(generator_study.copy_quantile={quantile:g}) of the distances from each of the "
+                f"{len(self.validation_nearest)} real validation images to its nearest training image, so an image "
+                f"is flagged when it sits nearer the training set than all but {100 * quantile:g} % of real "
+                f"held-out images do; the real_validation arm is the calibration set, flagged at that rate by "
+                f"construction")
+
+
+# ------------------------------------------------------------------------------------------ generators
+
+
+def generator_source(cfg: JobConfig, generator: StudyGenerator) -> str:
+    """The folder or hub id of the generator's base model."""
+    from pneumo_exp.diffusion.pretrain import require_built_base
+    from pneumo_exp.diffusion.stable_diffusion import pipeline_source
+
+    if generator.base == RANDOM_BASE:
+        return pipeline_source(replace(cfg.diffusion_lora, pretrained=None), cfg.paths.cache_dir)
+    if generator.base is None:
+        require_built_base(cfg.diffusion_lora)
+        return pipeline_source(cfg.diffusion_lora, cfg.paths.cache_dir)
+    return generator.base
+
+
+def checked_sources(cfg: JobConfig, data: PreparedData) -> dict[str, str]:
+    """Each generator's base, refused before any image is drawn where it cannot draw at `diffusion_lora.resolution`
+    or where it, or its LoRA, trained on another split than the judge's (it may have seen the test images)."""
+    from pneumo_exp.diffusion.stable_diffusion import check_resolution
+    from pneumo_exp.pipeline import check_base_training_split, check_lora_training_split
+
+    train = [r for r in data.split("train") if r.source == "real"]
+    sources = {}
+    for generator in cfg.generator_study.generators:
+        sources[generator.name] = generator_source(cfg, generator)
+        check_resolution(cfg.diffusion_lora, sources[generator.name])
+        check_base_training_split(sources[generator.name], train)
+        if generator.lora:
+            check_lora_training_split(generator.lora, data)
+    return sources
+
+
+def draw(cfg: JobConfig, generator: StudyGenerator, source: str, folder: Path) -> list[Record]:
+    """`images_per_class` images of every class, drawn as the synthesize stage draws them, into folder/synthetic."""
+    from pneumo_exp.diffusion.generate import generate_synthetic
+
+    preset, settings = cfg.diffusion_lora, cfg.diffusion_lora.generation
+    log.info("generator %s: drawing %d images per class", generator.name, cfg.generator_study.images_per_class)
+    return generate_synthetic(
+        source, generator.lora, {label: cfg.generator_study.images_per_class for label in CLASSES},
+        plain(preset.prompts), folder, seed=int(cfg.seed if settings.seed is None else settings.seed),
+        steps=settings.num_inference_steps, guidance=settings.guidance_scale, batch_size=settings.batch_size,
+        resolution=int(preset.resolution), device="cpu" if cfg.trainer.cpu else None,
+        precision=settings.precision, revision=preset.revision if generator.base is None else None)
+
+
+def accuracy_score(cfg: JobConfig, reference: Reference, synthetic: list[Record], folder: Path) -> dict:
+    """(e) the quality stage's classification accuracy score with the judge's recipe, splits and test images."""
+    from pneumo_exp.evaluation.quality_stage import classification_accuracy_score
+
+    if not cfg.generator_study.accuracy_score:
+        return {"not_run": "generator_study.accuracy_score=false"}
+    return classification_accuracy_score(reference.recipe, PreparedData(records=reference.data.records + synthetic),
+                                         folder)
+
+
+def write_grid(images: ImageSet, count: int, path: Path) -> None:
+    from pneumo_exp.diffusion.stable_diffusion import grid_image
+
+    rows = {label: images.of_class(index)[:count] for index, label in enumerate(CLASSES)
+            if (images.labels == index).any()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path, "wb") as handle:
+        grid_image(rows).save(handle, format="PNG")
+
+
+# ------------------------------------------------------------------------------------------ the task
+
+
+def run_generator_study(cfg: JobConfig, output_dir: Path) -> str:
+    """The study's JSON, markdown and sample grids in `output_dir`; returns the markdown."""
+    from accelerate.utils.memory import clear_device_cache
+
+    reference = load_reference(cfg)
+    sources = checked_sources(cfg, reference.data)
+    drawn = {generator.name: draw(cfg, generator, sources[generator.name], output_dir / generator.name)
+             for generator in cfg.generator_study.generators}
+    judge = Judge(cfg, reference)
+    arms = {STUDY_REAL_ARM: judge.report(judge.validation)}
+    write_grid(judge.validation, cfg.generator_study.grid_images, output_dir / STUDY_REAL_ARM / "samples.png")
+    for name, records in drawn.items():
+        images = image_set(records, reference)
+        arms[name] = judge.report(images)
+        write_grid(images, cfg.generator_study.grid_images, output_dir / name / "samples.png")
+    study = study_summary(cfg, judge, sources, arms)
+    del judge
+    reference.classifier = None  # the score's classifiers train next, on the same device
+    clear_device_cache(garbage_collection=True)
+    for name, records in drawn.items():
+        arms[name]["accuracy_score"] = accuracy_score(cfg, reference, records, output_dir / name)
+    write_json_atomic(output_dir / "generator_study.json", study)
+    markdown = format_study(study)
+    write_atomic(output_dir / "generator_study.md", markdown)
+    return markdown
+
+
+def study_summary(cfg: JobConfig, judge: Judge, sources: dict[str, str], arms: dict) -> dict:
+    recipe, generation = judge.reference.recipe, cfg.diffusion_lora.generation
+    return {
+        "reference_run": str(judge.reference.run_dir),
+        "judge": {"resolution": recipe.dataset.resolution, "intensity": recipe.dataset.intensity,
+                  "precision": recipe.trainer.precision.value,
+                  "feature_space": f"the judge's unit-norm image embedding ({judge.num_features}-d)"},
+        "sampling": {"diffusion_lora": cfg.diffusion_lora.name, "resolution": cfg.diffusion_lora.resolution,
+                     "images_per_class": cfg.generator_study.images_per_class,
+                     "steps": generation.num_inference_steps, "guidance": generation.guidance_scale,
+                     "seed": cfg.seed if generation.seed is None else generation.seed},
+        "generators": {generator.name: {"base": sources[generator.name], "lora": generator.lora}
+                       for generator in cfg.generator_study.generators},
+        "chance_steering": CHANCE,
+        "copy_threshold": {"value": judge.copy_threshold, "how": judge.copy_threshold_note()},
+        "training_images": {"images": {label: int((judge.train.labels == index).sum())
+                                       for index, label in enumerate(CLASSES)},
+                            "intensity": intensity_by_class(judge.train)},
+        "arms": arms,
+    }
+
+
+# ------------------------------------------------------------------------------------------ markdown
+
+
+def cell(value) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header),
+            *("| " + " | ".join(cell(value) for value in row) + " |" for row in rows), ""]
+
+
+def format_study(study: dict) -> str:
+    arms, judge = study["arms"], study["judge"]
+    lines = ["# Generator study", "",
+             f"Judge: the classifier of `{study['reference_run']}` (trained on real images only); every image is "
+             f"seen at {judge['resolution']} px, intensity `{judge['intensity']}`, precision `{judge['precision']}`. "
+             f"Generators: " + ", ".join(f"`{name}` = {g['base']}" + (f" + LoRA {g['lora']}" if g["lora"] else "")
+                                         for name, g in study["generators"].items()) + ".", "",
+             f"## (a) Class steering: share classified as the prompted class (chance {study['chance_steering']:.3f})",
+             ""]
+    lines += table(["arm", *CLASSES, "mean"], [[name, *(arm["steering"]["per_class"].get(label) for label in CLASSES),
+                                               arm["steering"]["mean"]] for name, arm in arms.items()])
+    lines += ["## (b) Distance to the real training images of the class (judge's embedding)", ""]
+    columns = ("synthetic", "fid", "kid_mean", "nn_median", "real_nn_median", "diversity_synthetic_over_real")
+    lines += table(["arm", "class", "images", "FID", "KID", "NN median", "train-train NN median", "diversity"],
+                   [[name, label, *(row.get(column) for column in columns)]
+                    for name, arm in arms.items() for label, row in arm["quality"].items()])
+    lines += [f"- {name} {label}: FID {row['fid_note']}" for name, arm in arms.items()
+              for label, row in arm["quality"].items() if "fid_note" in row]
+    lines += ["", "## (c) Intensity (grey levels 0-255, as the judge sees them)", ""]
+    intensity_rows = {"real training": study["training_images"]["intensity"],
+                      **{name: arm["intensity"] for name, arm in arms.items()}}
+    statistics = ("mean", "contrast", "border", "centre", "border_over_centre")
+    lines += table(["images", "class", "mean", "contrast (std)", "border (outer 10 %)", "centre", "border / centre"],
+                   [[name, label, *(row[key] for key in statistics)]
+                    for name, by_class in intensity_rows.items() for label, row in by_class.items()])
+    lines += ["## (d) Memorisation: likely copies of training images", "", study["copy_threshold"]["how"] + ".", ""]
+    lines += table(["arm", "likely copies", "images", *CLASSES],
+                   [[name, arm["memorisation"]["likely_copies"], arm["memorisation"]["images"],
+                     *(arm["memorisation"]["per_class"].get(label) for label in CLASSES)]
+                    for name, arm in arms.items()])
+    lines += ["## (e) Classification accuracy score (the judge's recipe, tested on the real test split)", ""]
+    lines += accuracy_score_lines(arms)
+    return "\n".join(lines)
+
+
+def accuracy_score_lines(arms: dict) -> list[str]:
+    rows, notes = [], []
+    for name, arm in arms.items():
+        scores = arm.get("accuracy_score")
+        if scores is None:
+            continue
+        if "not_run" in scores:
+            notes.append(f"- {name}: not run ({scores['not_run']})")
+            continue
+        rows += [[name, arm_name, row["train_images"], row["test/acc"], row["test/f1_macro"]]
+                 for arm_name, row in scores.items()]
+    header = ["generator", "trained on", "images", "test acc", "test macro F1"]
+    return (table(header, rows) if rows else []) + notes
