@@ -230,6 +230,7 @@ class TrainerConfig:
     augment_settings: AugmentSettings = field(default_factory=AugmentSettings)  # ranges of the random transforms
     ema_decay: float = 0.0  # >0: validate, keep and test an exponential moving average of the weights; 0 turns it off
     max_steps_per_epoch: Optional[int] = None  # cap for smoke tests
+    log_every_steps: Optional[int] = None  # a step row (train_step/*) every N optimizer steps; null: epoch rows only
     max_eval_batches: Optional[int] = None  # cap of validation batches per process, for smoke tests
     cap_test: bool = False  # the cap applies to the test split too (its metrics are then no result)
     evaluate_test: bool = True  # false: validation only, the test split is not read (recipe development)

@@ -1,4 +1,5 @@
-"""Per-epoch metrics: `metrics.jsonl` in the run folder (the source of truth) mirrored to Weights & Biases.
+"""Per-epoch metrics (and step rows with `trainer.log_every_steps`): `metrics.jsonl` in the run folder (the source
+of truth) mirrored to Weights & Biases.
 
 One W&B run per job, opened on the main process only, offline unless the user asks for online, with the resolved
 config, group = experiment, job_type = stage, and best-epoch summaries.
@@ -46,6 +47,8 @@ class RunLogger:
         run.define_metric("epoch")
         for prefix in ("train", "val", "val_live", "test"):
             run.define_metric(f"{prefix}/*", step_metric="epoch")
+        run.define_metric("step")
+        run.define_metric("train_step/*", step_metric="step")
         run.define_metric("diffusion/step")
         run.define_metric("diffusion/*", step_metric="diffusion/step")
         for name, summary in BEST_EPOCH_SUMMARIES.items():
@@ -53,10 +56,11 @@ class RunLogger:
         return run
 
     def rewrite_history(self, history: list[dict]) -> None:
-        """On resume: the file holds exactly the epochs the checkpoint completed."""
+        """On resume: the file holds exactly the rows of the epochs the checkpoint completed."""
         self.history.restart(history)
 
-    def log_epoch(self, row: dict) -> None:
+    def log_row(self, row: dict) -> None:
+        """A row of metrics.jsonl and W&B: an epoch's, or a step row of `trainer.log_every_steps`."""
         if self.history.enabled:
             self.history.append(row)
             self.log_metrics(row)

@@ -65,6 +65,7 @@ RULES: list[tuple[str, tuple[Callable[[Any], bool], str]]] = [
     ("trainer.grad_accum_steps", at_least(1)),
     ("trainer.max_grad_norm", at_least(0)),
     ("trainer.max_steps_per_epoch", at_least(1)),
+    ("trainer.log_every_steps", at_least(1)),
     ("trainer.max_eval_batches", at_least(1)),
     ("trainer.bootstrap_samples", at_least(1)),
     ("trainer.augment_settings.max_rotation_degrees", at_least(0)),

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +32,9 @@ from pneumo_exp.classify.predict import write_predictions
 from pneumo_exp.config import ClassBalance, ClassifierMode, JobConfig, Precision, TrainerConfig
 from pneumo_exp.core.checkpoint import last_checkpoint, restore_training
 from pneumo_exp.core.files import swap_folder, write_json_atomic
-from pneumo_exp.core.history import read_json_lines
+from pneumo_exp.core.history import epoch_rows, read_json_lines
 from pneumo_exp.core.seeds import epoch_seed, rank_seed
-from pneumo_exp.core.training import (NonFiniteLossError, fresh_accelerator, optimizer_step, optimizer_steps,
+from pneumo_exp.core.training import (DeviceMeans, NonFiniteWatch, fresh_accelerator, optimizer_step, optimizer_steps,
                                       optimizer_steps_per_epoch, progress_bar, shard_of)
 from pneumo_exp.data.augment import random_augment, to_unit_float
 from pneumo_exp.data.cache import open_or_build
@@ -47,7 +48,7 @@ from pneumo_exp.tracking import RunLogger
 from pneumo_exp.validate import check_selection_split
 
 log = logging.getLogger(__name__)
-HOST_CHECK_EVERY = 50  # optimizer steps between reads of the finite-loss flag (and progress bar updates)
+HOST_CHECK_EVERY = 50  # optimizer steps between reads of the non-finite-loss watch (and progress bar updates)
 
 
 @dataclass
@@ -110,22 +111,15 @@ def epoch_randomness(seed: int, epoch: int, process_index: int, labels: torch.Te
     return order, torch.Generator().manual_seed(own_seed)
 
 
-def stop_if_non_finite(first_non_finite_step: torch.Tensor, epoch: int, accelerator) -> None:
-    """One read of every rank's flag (step number of its first non-finite loss, 0 for none): all stop together."""
-    steps = accelerator.gather(first_non_finite_step.view(1))
-    steps = steps[steps > 0]
-    if len(steps):
-        raise NonFiniteLossError(f"the training loss became nan or inf at epoch {epoch}, step {int(steps.min())}",
-                                 "optim.lr, trainer.precision", "lower optim.lr, use trainer.precision=bf16 "
-                                 "instead of fp16, or check the input images")
-
-
 def train_one_epoch(model, optimizer, scheduler, train: SplitTensors, cfg: JobConfig, epoch: int, accelerator,
-                    loss_weights: torch.Tensor | None, average: WeightAverage | None) -> dict:
+                    loss_weights: torch.Tensor | None, average: WeightAverage | None,
+                    log_step_row: Callable[[dict], None] | None = None) -> dict:
     """One epoch; `loss` is the plain cross-entropy (comparable with `val/loss`), `objective` the loss optimised
-    (`training_objective`: class-weighted with `loss_weights`, smoothed uniformly by `trainer.label_smoothing`).
-    Nothing is read back to the host during the epoch except the finite-loss flag every HOST_CHECK_EVERY steps and
-    after the last step."""
+    (`training_objective`: class-weighted with `loss_weights`, smoothed uniformly by `trainer.label_smoothing`),
+    `grad_norm` the mean gradient norm of its steps (before clipping). With `trainer.log_every_steps` = N, every N
+    optimizer steps of the epoch `log_step_row` gets a step row: `step` (counted over the run) and `train_step/*`,
+    the means of those N steps. Nothing is read back to the host during the epoch except the non-finite watch every
+    HOST_CHECK_EVERY steps, at each step row and after the last step."""
     model.train()
     trainer = cfg.trainer
     order, generator = epoch_randomness(cfg.seed, epoch, accelerator.process_index, train.labels,
@@ -134,43 +128,48 @@ def train_one_epoch(model, optimizer, scheduler, train: SplitTensors, cfg: JobCo
                             trainer.batch_size, trainer.grad_accum_steps, trainer.max_steps_per_epoch)
     augment_settings = trainer.augment_settings
     probabilities, targets = [], []
-    loss_sums = torch.zeros(2, device=accelerator.device)  # cross-entropy and objective, summed over images
-    first_non_finite_step = torch.zeros((), dtype=torch.long, device=accelerator.device)
-    images_seen, step_number = 0, 0
+    row_every = trainer.log_every_steps if log_step_row is not None else None
+    epoch_means, window = DeviceMeans(), DeviceMeans()
+    tallies = (epoch_means, window) if row_every else (epoch_means,)
+    watch = NonFiniteWatch(accelerator.device, "the training loss", "optim.lr, trainer.precision",
+                           "lower optim.lr, use trainer.precision=bf16 instead of fp16, or check the input images")
 
     def objective_of(indices: torch.Tensor) -> torch.Tensor:
-        nonlocal loss_sums, first_non_finite_step, images_seen
         images = to_unit_float(train.pixels[indices]).to(accelerator.device)
         if trainer.augment:
             images = random_augment(images, augment_settings, generator)
         labels = train.labels[indices].to(accelerator.device)
         logits = model(images).float()
         objective = training_objective(logits, labels, loss_weights, trainer.label_smoothing)
-        non_finite = ~torch.isfinite(objective.detach()) & (first_non_finite_step == 0)
-        first_non_finite_step = torch.where(non_finite, step_number, first_non_finite_step)
-        loss_sums += torch.stack([F.cross_entropy(logits.detach(), labels, reduction="sum"),
-                                  objective.detach() * len(indices)])
+        for means in tallies:  # over images: summed losses and image counts
+            means.add("loss", F.cross_entropy(logits.detach(), labels, reduction="sum"), len(indices))
+            means.add("objective", objective.detach() * len(indices), len(indices))
         probabilities.append(logits.detach().softmax(-1))
         targets.append(labels)
-        images_seen += len(indices)
         return objective
 
     bar = progress_bar(steps, f"epoch {epoch}/{trainer.epochs} train", accelerator)
     start = time.perf_counter()
     for step_number, micro_batches in enumerate(bar, start=1):
-        optimizer_step(accelerator, model, optimizer, scheduler, micro_batches, objective_of, model.parameters(),
-                       trainer.max_grad_norm)
+        step = optimizer_step(accelerator, model, optimizer, scheduler, micro_batches, objective_of,
+                              model.parameters(), trainer.max_grad_norm)
+        watch.observe(step.losses, step_number)
+        for means in tallies:
+            means.add("grad_norm", step.grad_norm)
         if average is not None and not accelerator.optimizer_step_was_skipped:  # fp16 skips inf/nan steps
             average.update(accelerator.unwrap_model(model))
-        if step_number % HOST_CHECK_EVERY == 0 or step_number == len(steps):
-            stop_if_non_finite(first_non_finite_step, epoch, accelerator)
-            bar.set_postfix(loss=f"{loss_sums[0].item() / images_seen:.3f}")
+        row_due = bool(row_every) and step_number % row_every == 0
+        if step_number % HOST_CHECK_EVERY == 0 or step_number == len(steps) or row_due:
+            watch.check(accelerator, f"epoch {epoch}, ")
+            bar.set_postfix(loss=f"{epoch_means.local_mean('loss'):.3f}")
+        if row_due:
+            row = {"epoch": epoch, "lr": scheduler.get_last_lr()[0], **window.pop(accelerator)}
+            log_step_row({"step": (epoch - 1) * len(steps) + step_number, **prefixed("train_step", row)})
     seconds = time.perf_counter() - start
     probabilities = accelerator.gather(torch.cat(probabilities))
     targets = accelerator.gather(torch.cat(targets))
-    loss_sums = accelerator.gather(loss_sums.view(1, 2)).sum(0)
     metrics = classification_metrics(probabilities.cpu(), targets.cpu())
-    metrics["loss"], metrics["objective"] = (loss_sums / len(targets)).tolist()
+    metrics.update(epoch_means.pop(accelerator))
     metrics["step_seconds"] = seconds / len(steps)
     metrics["images_per_second"] = len(targets) / seconds
     return metrics
@@ -245,10 +244,14 @@ def fit(cfg: JobConfig, splits: dict[str, SplitTensors], output_dir: Path, accel
             log.warning("resume=true but %s holds no checkpoint: starting from epoch 1", checkpoints)
     logger.rewrite_history(history)  # exactly the epochs done so far: none when starting from epoch 1
 
+    def log_step_row(row: dict) -> None:  # kept in the checkpoint's history too, so a resume rewrites it
+        history.append(row)
+        logger.log_row(row)
+
     validated = len(splits["val"].labels) > 0  # without a validation split every epoch is kept: the last one wins
     for epoch in range(start_epoch, cfg.trainer.epochs + 1):
         train_metrics = train_one_epoch(model, optimizer, scheduler, splits["train"], cfg, epoch, accelerator,
-                                        loss_weights, average)
+                                        loss_weights, average, log_step_row)
         row = {"epoch": epoch, "lr": scheduler.get_last_lr()[0], **prefixed("train", train_metrics)}
         if average is not None and validated:  # the live weights too, to show what the average adds
             live_metrics, _ = evaluate(model, splits["val"], cfg, accelerator, f"epoch {epoch} val (live)")
@@ -272,7 +275,7 @@ def fit(cfg: JobConfig, splits: dict[str, SplitTensors], output_dir: Path, accel
             save_checkpoint(checkpoints / "last", classifier, peft_model, mode,
                             optimizer if cfg.trainer.save_optimizer_state else None, scheduler, progress)
         accelerator.wait_for_everyone()
-        logger.log_epoch(row)
+        logger.log_row(row)
         if accelerator.is_main_process and validated:
             log.info("epoch %d: train acc %.3f f1 %.3f | val acc %.3f recall %.3f f1 %.3f%s", epoch,
                      row["train/acc"], row["train/f1_macro"], row["val/acc"], row["val/recall_macro"],
@@ -371,7 +374,7 @@ def train_and_evaluate(cfg: JobConfig, data: PreparedData, output_dir: str | os.
     results = test_best(cfg, splits, output_dir, accelerator)
     release_memory(accelerator)
     results["capped"] = capped
-    history = read_json_lines(output_dir / "metrics.jsonl")
+    history = epoch_rows(read_json_lines(output_dir / "metrics.jsonl"))
     results["best_epoch"] = kept_epoch(history, cfg.trainer.selection_metric)
     results["mode"] = mode.value
     results["seed"] = cfg.seed

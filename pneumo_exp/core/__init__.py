@@ -5,5 +5,6 @@ history.py     `.jsonl` histories (metrics.jsonl, diffusion/metrics.jsonl): one 
 seeds.py       the random generators' state (save and restore) and every derived seed
 presets.py     random-init model presets built once into the cache, and their character tokenizer
 checkpoint.py  training-state files (loaded without unpickling code), the last-checkpoint lookup
-training.py    the training skeleton both trainers share: accelerator, epoch plan, optimizer step, progress, non-finite error
+training.py    the training skeleton both trainers share: accelerator, epoch plan, optimizer step and gradient norm,
+               device-side means, progress, the non-finite-loss watch
 """

@@ -32,6 +32,11 @@ def read_json_lines(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def epoch_rows(rows: list[dict]) -> list[dict]:
+    """The epoch rows of a classifier history; the step rows of `trainer.log_every_steps` carry `step`, no `epoch`."""
+    return [row for row in rows if "epoch" in row]
+
+
 class HistoryFile:
     """The rows of a run so far, mirrored to `path` when `enabled` (the main process): `restart` rewrites the file
     to the given rows (those a resumed checkpoint completed, or none), `append` adds one line."""

@@ -1,12 +1,13 @@
 """What both trainers (classifier, diffusion LoRA) do the same way: the accelerator of a job, the plan of an epoch
-(this process's shard cut into optimizer steps of accumulated micro-batches), one optimizer step, the progress bar
-and the non-finite-loss error. Each trainer keeps its own loss, metrics, randomness and checkpoint contents."""
+(this process's shard cut into optimizer steps of accumulated micro-batches), one optimizer step and its gradient
+norm, means summed on the device, the progress bar and the non-finite-loss watch. Each trainer keeps its own loss,
+metrics, randomness and checkpoint contents."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -54,12 +55,17 @@ def optimizer_steps_per_epoch(images: int, num_processes: int, batch_size: int, 
     return math.ceil(batches / accumulation)
 
 
+class OptimizerStep(NamedTuple):
+    losses: list[torch.Tensor]  # each micro-batch's loss, detached and not read (a read waits for the device)
+    grad_norm: torch.Tensor  # the gradients' total norm before clipping (unscaled under fp16), on the device
+
+
 def optimizer_step(accelerator, model, optimizer, scheduler, micro_batches: list[torch.Tensor],
                    loss_of: Callable[[torch.Tensor], torch.Tensor], parameters: Iterable[torch.nn.Parameter],
-                   max_grad_norm: float) -> list[torch.Tensor]:
+                   max_grad_norm: float) -> OptimizerStep:
     """One optimizer step: `loss_of(indices)` of each micro-batch, gradients accumulated (synchronised across
     processes at the last micro-batch only), clipped to `max_grad_norm` (0: not clipped) and applied; the schedule
-    advances. Returns each micro-batch's loss, detached and not read (a read waits for the device)."""
+    advances."""
     losses = []
     for position, indices in enumerate(micro_batches):
         last = position == len(micro_batches) - 1
@@ -67,12 +73,73 @@ def optimizer_step(accelerator, model, optimizer, scheduler, micro_batches: list
             loss = loss_of(indices)
             accelerator.backward(loss / len(micro_batches))
         losses.append(loss.detach())
-    if max_grad_norm > 0:
-        accelerator.clip_grad_norm_(parameters, max_grad_norm)
+    grad_norm = gradient_norm(accelerator, optimizer, parameters, max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return losses
+    return OptimizerStep(losses, grad_norm)
+
+
+def gradient_norm(accelerator, optimizer, parameters: Iterable[torch.nn.Parameter],
+                  max_grad_norm: float) -> torch.Tensor:
+    """The total norm of the gradients, which are clipped to `max_grad_norm` (0: measured only)."""
+    if max_grad_norm > 0:
+        return accelerator.clip_grad_norm_(parameters, max_grad_norm)
+    accelerator.unscale_gradients(optimizer)  # fp16: the norm of the true gradients, not of the scaled ones
+    return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+
+
+class DeviceMeans:
+    """Running means of device scalars (losses, gradient norms) summed where they are, so that a loop reads the
+    device only when it logs: `pop` is one host read, summed over processes. Non-finite values are left out of a
+    mean (a step fp16 skipped); a non-finite loss is NonFiniteWatch's to report."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, total: torch.Tensor, count: float = 1.0) -> None:
+        """`total` (a scalar tensor) summed over `count` items: a mean of 3 images adds (3 x mean, 3)."""
+        total = total.detach().float()
+        finite = torch.isfinite(total)
+        pair = torch.stack([torch.where(finite, total, 0.0), finite.float() * count])
+        self.sums[name] = self.sums[name] + pair if name in self.sums else pair
+
+    def local_mean(self, name: str) -> float:
+        """This process's mean so far (for a progress bar): one host read, no collective."""
+        total, count = self.sums[name].tolist()
+        return total / count if count else math.nan
+
+    def pop(self, accelerator) -> dict[str, float]:
+        """The means since the last pop over every process (nan where nothing finite was added), then a fresh
+        start. Every process must call it at the same point: it is one collective reduce."""
+        if not self.sums:
+            return {}
+        names = list(self.sums)
+        totals = accelerator.reduce(torch.stack([self.sums[name] for name in names]), "sum").tolist()
+        self.sums = {}
+        return {name: total / count if count else math.nan for name, (total, count) in zip(names, totals, strict=True)}
+
+
+class NonFiniteWatch:
+    """The first optimizer step whose loss was nan or inf, recorded on the device (`observe`, no host read) and read
+    by `check` only: one gather over the processes, so every rank raises NonFiniteLossError at the same point.
+    A loop checks it where it reads the device anyway (a logged row) and before any checkpoint it writes."""
+
+    def __init__(self, device, loss_name: str, where: str, fix: str):
+        self.first_step = torch.zeros((), dtype=torch.long, device=device)
+        self.loss_name, self.where, self.fix = loss_name, where, fix
+
+    def observe(self, losses: list[torch.Tensor], step: int) -> None:
+        non_finite = ~torch.isfinite(torch.stack(losses)).all() & (self.first_step == 0)
+        self.first_step = torch.where(non_finite, step, self.first_step)
+
+    def check(self, accelerator, context: str = "") -> None:
+        """Raises on every rank when any rank saw a non-finite loss; `context` leads the step ("epoch 3, ")."""
+        steps = accelerator.gather(self.first_step.view(1))
+        steps = steps[steps > 0]
+        if len(steps):
+            raise NonFiniteLossError(f"{self.loss_name} became non-finite at {context}step {int(steps.min())}",
+                                     self.where, self.fix)
 
 
 def progress_bar(steps: list, desc: str, accelerator) -> tqdm:

@@ -30,7 +30,7 @@ from pneumo_exp.core.ema import WeightAverage
 from pneumo_exp.core.files import atomic_file, build_folder_once, swap_folder, write_atomic, write_json_atomic
 from pneumo_exp.core.history import HistoryFile
 from pneumo_exp.core.seeds import image_seed, seeded_generator
-from pneumo_exp.core.training import NonFiniteLossError, fresh_accelerator, optimizer_step
+from pneumo_exp.core.training import DeviceMeans, NonFiniteWatch, OptimizerStep, fresh_accelerator, optimizer_step
 from pneumo_exp.data import manifest
 from pneumo_exp.data.augment import to_unit_float
 from pneumo_exp.diffusion.stable_diffusion import (TRAINING_SPLIT_FILE, SDComponents, build_tiny_pipeline,
@@ -158,28 +158,32 @@ def cosine_schedule(optimizer, warmup_steps: int, total_steps: int):
 
 
 class LossRows:
-    """A phase's loss, averaged over `log_every` steps, as rows of the history (and W&B)."""
+    """A phase's loss and gradient norm, averaged over `log_every` steps on the device, as rows of the history (and
+    W&B); its non-finite-loss watch is read with each row and before each checkpoint (`check`)."""
 
-    def __init__(self, name: str, total: int, log_every: int, history: HistoryFile, logger):
+    def __init__(self, name: str, total: int, log_every: int, history: HistoryFile, logger, accelerator):
         self.name, self.total, self.log_every, self.history, self.logger = name, total, log_every, history, logger
-        self.window: list[float] = []
+        self.accelerator, self.means, self.window_steps = accelerator, DeviceMeans(), 0
+        self.watch = NonFiniteWatch(accelerator.device, f"the {name} loss", f"diffusion_lora.pretraining.{name}_lr",
+                                    f"lower diffusion_lora.pretraining.{name}_lr")
 
-    def record(self, step: int, loss: float, lr: float) -> None:
-        self.window.append(loss)
-        if len(self.window) >= self.log_every or step == self.total:
-            row = {f"pretrain/{self.name}_step": step, f"pretrain/{self.name}_loss": float(np.mean(self.window)),
-                   f"pretrain/{self.name}_lr": lr}
+    def record(self, step: int, result: OptimizerStep, lr: float, bar) -> None:
+        self.watch.observe(result.losses, step)
+        self.means.add("loss", result.losses[0])
+        self.means.add("grad_norm", result.grad_norm)
+        self.window_steps += 1
+        if self.window_steps >= self.log_every or step == self.total:
+            self.check()
+            means, self.window_steps = self.means.pop(self.accelerator), 0
+            bar.set_postfix(loss=f"{means['loss']:.4f}")
+            row = {f"pretrain/{self.name}_step": step, f"pretrain/{self.name}_loss": means["loss"],
+                   f"pretrain/{self.name}_lr": lr, f"pretrain/{self.name}_grad_norm": means["grad_norm"]}
             self.history.append(row)
             if self.logger is not None:
                 self.logger.log_metrics(row)
-            self.window = []
 
-
-def check_finite(loss: torch.Tensor, phase: str, step: int) -> None:
-    if not bool(torch.isfinite(loss.detach())):
-        raise NonFiniteLossError(f"the {phase} loss became non-finite at pretraining step {step}",
-                                 f"diffusion_lora.pretraining.{phase}_lr",
-                                 f"lower diffusion_lora.pretraining.{phase}_lr")
+    def check(self) -> None:
+        self.watch.check(self.accelerator, "pretraining ")
 
 
 def vae_loss(vae, pixels: torch.Tensor, kl_weight: float, generator: torch.Generator) -> torch.Tensor:
@@ -220,7 +224,7 @@ def train_vae(components: SDComponents, images: PretrainingImages, settings: Dif
         start = state.load({"vae": vae}, None, optimizer, scheduler)["step"]
         log.info("pretraining: the VAE resumes at step %d of %d", start, settings.vae_steps)
     model, optimizer = accelerator.prepare(vae, optimizer)
-    rows = LossRows("vae", settings.vae_steps, settings.log_every, history, logger)
+    rows = LossRows("vae", settings.vae_steps, settings.log_every, history, logger, accelerator)
     seconds = progress.get("vae_seconds", 0.0)
     bar = tqdm(range(start, settings.vae_steps), desc="pretraining the VAE", unit="step", initial=start,
                total=settings.vae_steps, mininterval=1.0)
@@ -230,15 +234,13 @@ def train_vae(components: SDComponents, images: PretrainingImages, settings: Dif
         indices = batch_indices(len(images.train), settings.vae_batch_size, step, settings.seed, "vae")
 
         def loss_of(indices: torch.Tensor) -> torch.Tensor:
-            loss = vae_loss(model, images.train[indices], settings.vae_kl_weight, draws)
-            check_finite(loss, "vae", step + 1)
-            return loss
+            return vae_loss(model, images.train[indices], settings.vae_kl_weight, draws)
 
-        loss = optimizer_step(accelerator, model, optimizer, scheduler, [indices], loss_of, vae.parameters(),
-                              settings.max_grad_norm)[0].item()
-        bar.set_postfix(loss=f"{loss:.4f}")
-        rows.record(step + 1, loss, scheduler.get_last_lr()[0])
+        result = optimizer_step(accelerator, model, optimizer, scheduler, [indices], loss_of, vae.parameters(),
+                                settings.max_grad_norm)
+        rows.record(step + 1, result, scheduler.get_last_lr()[0], bar)
         if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.vae_steps:
+            rows.check()
             seconds += time.perf_counter() - window_start
             window_start = time.perf_counter()
             state.save({"vae": vae}, None, optimizer, scheduler,
@@ -297,7 +299,7 @@ def train_unet(components: SDComponents, images: PretrainingImages, diffusion_cf
     latent_cache = cache_latent_distributions(components, images.train, images.train.shape[-1], 64, device)
     tokens = prompt_tokens(components, prompts).to(device)
     model, optimizer = accelerator.prepare(denoiser, optimizer)
-    rows = LossRows("unet", settings.unet_steps, settings.log_every, history, logger)
+    rows = LossRows("unet", settings.unet_steps, settings.log_every, history, logger, accelerator)
     seconds = progress.get("unet_seconds", 0.0)
     empty_prompt = len(CLASSES)
     bar = tqdm(range(start, settings.unet_steps), desc="pretraining the UNet", unit="step", initial=start,
@@ -312,20 +314,18 @@ def train_unet(components: SDComponents, images: PretrainingImages, diffusion_cf
             conditions[torch.rand(len(indices), generator=draws) < settings.empty_prompt_fraction] = empty_prompt
             states = denoiser.text_encoder(tokens, return_dict=False)[0][conditions.to(device)]
             latents = sample_latents(components, latent_cache[indices].to(device), draws)
-            loss = latent_loss(components, model, latents, states, draws, settings.min_snr_gamma)
-            check_finite(loss, "unet", step + 1)
-            return loss
+            return latent_loss(components, model, latents, states, draws, settings.min_snr_gamma)
 
-        loss = optimizer_step(accelerator, model, optimizer, scheduler, [indices], loss_of, denoiser.parameters(),
-                              settings.max_grad_norm)[0].item()
+        result = optimizer_step(accelerator, model, optimizer, scheduler, [indices], loss_of, denoiser.parameters(),
+                                settings.max_grad_norm)
         average.update(denoiser)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        rows.record(step + 1, loss, scheduler.get_last_lr()[0])
+        rows.record(step + 1, result, scheduler.get_last_lr()[0], bar)
         done = step + 1
         if settings.sample_every and done % settings.sample_every == 0 and done < settings.unet_steps:
             with average.applied(denoiser):
                 save_grid(components, diffusion_cfg, samples_dir / f"step_{done:05d}.png", columns=4)
         if done % settings.checkpoint_every == 0 and done < settings.unet_steps:
+            rows.check()
             seconds += time.perf_counter() - window_start
             window_start = time.perf_counter()
             state.save({"vae": components.vae, "denoiser": denoiser}, average, optimizer, scheduler,

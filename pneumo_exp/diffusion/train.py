@@ -6,9 +6,10 @@ precision); per batch: VAE-encode the images (latent sample x scaling factor), a
 let the UNet predict the noise (or v) conditioned on the class prompt, MSE to that target (optionally min-SNR-gamma
 weighted); AdamW, cosine schedule with warm-up, gradient clipping, gradient accumulation with accelerate.
 
-Reads top to bottom: images to model input, LoRA set-up, the loss, checkpoints, the loop. Everything lands under
-`output_dir/diffusion/`: `lora/` (the final LoRA in diffusers format + lora_info.json), `checkpoints/last/`
-(resume state, each epoch), `samples/step_XXXXX.png` (fixed-seed validation grids) and `metrics.jsonl`.
+Reads top to bottom: images to model input, LoRA set-up, the loss, validation grids, the loop (checkpoints and the
+saved LoRA are written by `lora_files.py`). Everything lands under `output_dir/diffusion/`: `lora/` (the final LoRA
+in diffusers format + lora_info.json), `checkpoints/last/` (resume state, each epoch), `samples/step_XXXXX.png`
+(fixed-seed validation grids) and `metrics.jsonl` (loss, gradient norm and learning rate every `log_every` steps).
 """
 
 from __future__ import annotations
@@ -25,17 +26,16 @@ import torch
 import torch.nn.functional as F
 
 from pneumo_exp.config import DiffusionConfig, DiffusionTrainingConfig, JobConfig, Precision, plain
-from pneumo_exp.core.checkpoint import (last_checkpoint, load_lora_strictly, load_state_file, read_weights,
-                                        restore_training, save_state_file)
-from pneumo_exp.core.files import atomic_file, sha256_file, swap_folder, write_json_atomic
+from pneumo_exp.core.checkpoint import last_checkpoint, restore_training
+from pneumo_exp.core.files import atomic_file
 from pneumo_exp.core.history import HistoryFile
 from pneumo_exp.core.seeds import derived_seed, image_seed, seeded_generator
-from pneumo_exp.core.training import (NonFiniteLossError, fresh_accelerator, optimizer_step, optimizer_steps,
-                                      optimizer_steps_per_epoch, progress_bar, shard_of)
+from pneumo_exp.core.training import (DeviceMeans, NonFiniteWatch, fresh_accelerator, optimizer_step,
+                                      optimizer_steps, optimizer_steps_per_epoch, progress_bar, shard_of)
+from pneumo_exp.core.training import NonFiniteLossError  # noqa: F401  (what the watch raises, for callers)
 from pneumo_exp.data.augment import resize, to_unit_float
+from pneumo_exp.diffusion.lora_files import load_checkpoint, save_checkpoint, save_lora
 from pneumo_exp.diffusion.stable_diffusion import (
-    LORA_INFO_NAME,
-    LORA_WEIGHT_NAME,
     WEIGHT_DTYPES,
     SDComponents,
     check_resolution,
@@ -48,14 +48,12 @@ from pneumo_exp.diffusion.stable_diffusion import (
 )
 from pneumo_exp.errors import UserError
 from pneumo_exp.labels import CLASSES
-from pneumo_exp.validate import check_cached_latents, check_class_prompts
 from pneumo_exp.tracking import RunLogger
+from pneumo_exp.validate import check_cached_latents, check_class_prompts
 
 log = logging.getLogger(__name__)
 
 STAGE_DIR = "diffusion"
-CHECKPOINT_LORA = "lora.safetensors"
-CHECKPOINT_STATE = "training_state.pt"
 MAX_UPSAMPLING = 1.5  # training images enlarged more than this from their source files: a warning
 
 
@@ -203,46 +201,7 @@ def latent_loss(components: SDComponents, unet, latents: torch.Tensor, encoder_s
     return (per_example * weights).mean()
 
 
-# ------------------------------------------------------------------------------------ checkpoints
-
-
-def save_checkpoint(folder: Path, unet, optimizer, scheduler, progress: dict) -> None:
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    def fill(staging: Path) -> None:
-        weights = {k: v.detach().float().contiguous().cpu() for k, v in get_peft_model_state_dict(unet).items()}
-        save_file(weights, staging / CHECKPOINT_LORA)
-        save_state_file(staging / CHECKPOINT_STATE, optimizer, scheduler, progress)
-
-    swap_folder(folder, fill)
-
-
-def load_checkpoint(folder: Path, unet) -> dict:
-    """Restore the LoRA weights strictly (every tensor must fit) and return the saved training state."""
-    weights = read_weights(folder / CHECKPOINT_LORA)
-    state = load_state_file(folder / CHECKPOINT_STATE)
-    load_lora_strictly(unet, weights, str(folder / CHECKPOINT_LORA))
-    return state
-
-
-def save_lora(folder: Path, unet, info: dict) -> Path:
-    """The final LoRA in diffusers format (loadable with `pipeline.load_lora_weights(folder)`), with its alpha and
-    rank in the file's metadata (without them diffusers would reload it at alpha = r) and lora_info.json."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    def fill(staging: Path) -> None:
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        layers = {k: v.detach().float().contiguous().cpu() for k, v in layers.items()}
-        StableDiffusionPipeline.save_lora_weights(staging, unet_lora_layers=layers, safe_serialization=True,
-                                                  unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
-        write_json_atomic(staging / LORA_INFO_NAME,
-                          {"file": LORA_WEIGHT_NAME, "sha256": sha256_file(staging / LORA_WEIGHT_NAME), **info})
-
-    swap_folder(folder, fill)
-    return folder
+# ------------------------------------------------------------------------------- validation grids
 
 
 def save_validation_grid(components: SDComponents, unet, settings: DiffusionTrainingConfig, prompts: dict,
@@ -376,9 +335,6 @@ def _train(cfg: JobConfig, data: TrainingImages, output_dir: str | os.PathLike, 
              diffusion_cfg.lora.alpha, ", latents cached" if latent_cache is not None else "")
     validation_images = DiffusionTrainingConfig.validation_images(settings, accelerator.device.type)
 
-    def mean_over_processes(values: list[float]) -> float:
-        return accelerator.reduce(torch.tensor(float(np.mean(values)), device=accelerator.device), "mean").item()
-
     def validate() -> None:
         if is_main and settings.validation_every > 0:
             path = save_validation_grid(components, raw_unet, settings, prompts, seed, resolution,
@@ -395,14 +351,12 @@ def _train(cfg: JobConfig, data: TrainingImages, output_dir: str | os.PathLike, 
 
     def loss_of(indices: torch.Tensor) -> torch.Tensor:
         states = class_states[data.labels[indices].to(class_states.device)]
-        loss = latent_loss(components, unet, batch_latents(indices, draws), states, draws, settings.min_snr_gamma,
+        return latent_loss(components, unet, batch_latents(indices, draws), states, draws, settings.min_snr_gamma,
                            settings.noise_offset)
-        if not bool(torch.isfinite(accelerator.gather(loss.detach().view(1))).all()):  # stops every rank
-            raise NonFiniteLossError(f"diffusion loss became non-finite at step {global_step + 1} (this process: "
-                                     f"{loss.item()})", "diffusion_lora.training.lr, diffusion_lora.training.precision",
-                                     "lower diffusion_lora.training.lr or use precision bf16 instead of fp16")
-        return loss
 
+    watch = NonFiniteWatch(accelerator.device, "diffusion loss",
+                           "diffusion_lora.training.lr, diffusion_lora.training.precision",
+                           "lower diffusion_lora.training.lr or use precision bf16 instead of fp16")
     unet.train()
     for epoch in range(start_epoch, epochs + 1):
         if global_step >= total_steps:
@@ -412,32 +366,34 @@ def _train(cfg: JobConfig, data: TrainingImages, output_dir: str | os.PathLike, 
         shard = shard_of(order, accelerator.process_index, accelerator.num_processes)
         steps = optimizer_steps(shard, settings.batch_size, settings.grad_accum_steps)[: total_steps - global_step]
         draws = seeded_generator(seed, epoch, accelerator.process_index, 1)  # crops, noise, timesteps: per process
-        epoch_losses, window, window_images, window_start = [], [], 0, time.perf_counter()
+        epoch_means, window = DeviceMeans(), DeviceMeans()  # read only when a row is logged
+        window_steps, window_images, window_start = 0, 0, time.perf_counter()
         bar = progress_bar(steps, f"diffusion LoRA epoch {epoch}/{epochs}", accelerator)
         for step_index, micro_batches in enumerate(bar):
-            losses = optimizer_step(accelerator, unet, optimizer, scheduler, micro_batches, loss_of,
-                                    lora_parameters(raw_unet), settings.max_grad_norm)
-            step_loss = 0.0
-            for loss in losses:
-                step_loss += loss.item() / len(micro_batches)
-            window_images += sum(map(len, micro_batches)) * accelerator.num_processes
+            step = optimizer_step(accelerator, unet, optimizer, scheduler, micro_batches, loss_of,
+                                  lora_parameters(raw_unet), settings.max_grad_norm)
             global_step += 1
-            epoch_losses.append(step_loss)
-            window.append(step_loss)
-            bar.set_postfix(loss=f"{step_loss:.4f}")
-            if len(window) >= settings.log_every or step_index == len(steps) - 1:
-                seconds = time.perf_counter() - window_start
-                log_row({"diffusion/step": global_step, "diffusion/epoch": epoch,
-                         "diffusion/loss": mean_over_processes(window), "diffusion/lr": scheduler.get_last_lr()[0],
-                         "diffusion/step_seconds": seconds / len(window),
+            watch.observe(step.losses, global_step)
+            for means in (epoch_means, window):
+                means.add("loss", torch.stack(step.losses).mean())
+            window.add("grad_norm", step.grad_norm)
+            window_steps += 1
+            window_images += sum(map(len, micro_batches)) * accelerator.num_processes
+            if window_steps >= settings.log_every or step_index == len(steps) - 1:  # always before a checkpoint
+                watch.check(accelerator)
+                seconds, means = time.perf_counter() - window_start, window.pop(accelerator)
+                bar.set_postfix(loss=f"{means['loss']:.4f}")
+                log_row({"diffusion/step": global_step, "diffusion/epoch": epoch, "diffusion/loss": means["loss"],
+                         "diffusion/grad_norm": means["grad_norm"], "diffusion/lr": scheduler.get_last_lr()[0],
+                         "diffusion/step_seconds": seconds / window_steps,
                          "diffusion/images_per_second": window_images / seconds})
-                window, window_images = [], 0
+                window_steps, window_images = 0, 0
             if settings.validation_every > 0 and global_step % settings.validation_every == 0:
                 validate()
-            if not window:
+            if not window_steps:
                 window_start = time.perf_counter()  # the next window's time leaves out logging and grids
         log_row({"diffusion/step": global_step, "diffusion/epoch": epoch,
-                 "diffusion/epoch_loss": mean_over_processes(epoch_losses)})
+                 "diffusion/epoch_loss": epoch_means.pop(accelerator)["loss"]})
         accelerator.wait_for_everyone()
         if is_main:
             save_checkpoint(stage_dir / "checkpoints" / "last", raw_unet, optimizer, scheduler,

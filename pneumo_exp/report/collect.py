@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from pneumo_exp.core.history import read_json_lines
+from pneumo_exp.core.history import epoch_rows, read_json_lines
 from pneumo_exp.rundir import (RESULT_NEUTRAL_KEYS, not_a_result, recorded_processes, resolved_settings,
                                shapes_result)
 
@@ -162,8 +162,8 @@ def read_json(path: Path) -> dict | None:
 
 
 def read_history(path: Path) -> list[dict]:
-    """Epoch rows; a line being appended by a running job (cut short) is skipped."""
-    return [row for row in read_json_lines(path) if "epoch" in row]
+    """Epoch rows (not step rows); a line being appended by a running job (cut short) is skipped."""
+    return epoch_rows(read_json_lines(path))
 
 
 def last_line(text: str | None) -> str:
