@@ -156,3 +156,9 @@ def test_a_judge_that_saw_synthetic_images_or_a_bad_generator_list_is_refused(tm
         "generator_study.generators[0].lora"
     assert refused(reference_run, "diffusion_lora=cxr_small", "dataset.name=another",
                    "generator_study.generators=[{name:base}]").where == "dataset"  # its base is built per dataset
+
+
+def test_small_numbers_keep_their_digits_in_the_tables():
+    from pneumo_exp.evaluation.generator_study import cell
+
+    assert cell(0.000123) == "0.000123" and cell(122.616) == "122.6" and cell(0.96) == "0.96" and cell(None) == "-"

@@ -114,7 +114,9 @@ def test_plain_diffusers_loads_the_base_and_its_card_names_the_training_split(ba
     assert card["training_split"]["fingerprint"] == manifest.fingerprint(train)
     assert card["training_split"]["images"] == len(train)
     assert json.loads((folder / "training_split.json").read_text())["fingerprint"] == manifest.fingerprint(train)
-    assert (folder / "samples.png").is_file() and "samples.png" in (folder / "README.md").read_text()
+    card_text = (folder / "README.md").read_text()
+    assert (folder / "samples.png").is_file() and "samples.png" in card_text
+    assert f"loss {card['unet']['loss']['first_logged']:.4g} -> {card['unet']['loss']['last_logged']:.4g}" in card_text
     assert pipeline.vae.config.scaling_factor == pytest.approx(card["vae"]["scaling_factor"])
     assert not folder.with_name(folder.name + ".state").exists()
 

@@ -389,6 +389,11 @@ def model_card(cfg: JobConfig, images: PretrainingImages, components: SDComponen
     }
 
 
+def loss_text(loss: dict) -> str:
+    """A phase's logged loss as `first -> last (lowest min)`."""
+    return f"{loss['first_logged']:.4g} -> {loss['last_logged']:.4g} (lowest {loss['min_logged']:.4g})"
+
+
 def card_text(card: dict) -> str:
     vae, unet, split = card["vae"], card["unet"], card["training_split"]
     return "\n".join([
@@ -397,10 +402,11 @@ def card_text(card: dict) -> str:
         f"{split['per_class']}; manifest fingerprint `{split['fingerprint']}`), at {card['resolution']} px.",
         f"Parameters: VAE {card['parameters']['vae']:,}, UNet {card['parameters']['unet']:,}, "
         f"text encoder {card['parameters']['text_encoder']:,}.", "",
-        f"- VAE: {vae['steps']} steps in {vae['wall_seconds'] / 60:.1f} min, loss {vae['loss']}, "
+        f"- VAE: {vae['steps']} steps in {vae['wall_seconds'] / 60:.1f} min, loss {loss_text(vae['loss'])}, "
         f"reconstruction PSNR on {vae['validation_images']} validation images {vae['validation_psnr_db']:.2f} dB, "
         f"latent scaling factor {vae['scaling_factor']:.4f}",
-        f"- UNet + text encoder: {unet['steps']} steps in {unet['wall_seconds'] / 60:.1f} min, loss {unet['loss']}",
+        f"- UNet + text encoder: {unet['steps']} steps in {unet['wall_seconds'] / 60:.1f} min, loss "
+        f"{loss_text(unet['loss'])}",
         "", "Prompts: " + "; ".join(f"{label}: \"{prompt}\"" for label, prompt in card["prompts"].items()),
         "", "![samples](samples.png)", ""])
 

@@ -322,7 +322,7 @@ def study_summary(cfg: JobConfig, judge: Judge, sources: dict[str, str], arms: d
 def cell(value) -> str:
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return "-"
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)  # 4 significant digits: KID is ~1e-4
 
 
 def table(header: list[str], rows: list[list]) -> list[str]:
