@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test summary pretrain-diffusion generator-study augment-cpu sweep-demo paper-demo paper paper-cpu bench bench-kermany bench-kermany-final lock sync clean
+.PHONY: help install demo test lint summary pretrain-diffusion generator-study augment-cpu sweep-demo paper-demo paper paper-cpu bench bench-kermany bench-kermany-final lock sync clean
 
 PAPER_ROWS := original_study,original_no_augmentation,zero_shot,linear_probe,lora,full
 SEEDS ?= 0,1,2
@@ -29,8 +29,11 @@ demo: install ## the main job on built-in phantom data (no download): classifier
 	$(BIN)/pneumo-exp experiment=demo
 	$(BIN)/pneumo-exp experiment=demo_augmented
 
-test: install ## the whole test suite (slow tests included)
+test: install lint ## the lint gate, then the whole test suite (slow tests included)
 	$(BIN)/python -m pytest
+
+lint: install ## ruff: pyflakes, pycodestyle (120 columns), import order, pyupgrade, bugbear (pyproject.toml)
+	$(BIN)/ruff check .
 
 summary: install ## counts and leakage check of a dataset: make summary DATA=path/to/chest_xray
 	$(BIN)/pneumo-exp summary dataset=kermany dataset.root=$(DATA)

@@ -36,11 +36,12 @@ from conftest import compose  # noqa: E402
 
 from pneumo_exp.classify.model import build_classifier, trainable_parameters  # noqa: E402
 from pneumo_exp.classify.train import (  # noqa: E402
-    SplitTensors, predict_probabilities, train_one_epoch,
+    SplitTensors,
+    predict_probabilities,
+    train_one_epoch,
 )
-from pneumo_exp.config import Precision  # noqa: E402
+from pneumo_exp.config import AugmentSettings, Precision  # noqa: E402
 from pneumo_exp.core.training import fresh_accelerator  # noqa: E402
-from pneumo_exp.config import AugmentSettings  # noqa: E402
 from pneumo_exp.data.augment import random_augment, to_unit_float  # noqa: E402
 from pneumo_exp.data.images import decode_grayscale  # noqa: E402
 from pneumo_exp.data.phantom import phantom_records, render  # noqa: E402
@@ -194,7 +195,8 @@ def main() -> None:
         print(f"\n{row['preset']} ({row['images']} images, {row['image_size']} px, batch {row['batch_size']})")
         for name, value in row["images_per_second"].items():
             print(f"  {name:<24}{value:>10.1f} images/s")
-        print(f"  framework overhead vs plain loop on the same tensors: {row['framework_overhead_vs_plain_cached']:+.1%}")
+        overhead = row["framework_overhead_vs_plain_cached"]
+        print(f"  framework overhead vs plain loop on the same tensors: {overhead:+.1%}")
         print(f"  predict overhead vs plain no-grad loop:              {row['predict_overhead_vs_plain']:+.1%}")
         print(f"  cached epoch vs original (decode + tokenise), both at batch {ORIGINAL_BATCH}: framework "
               f"{row['cached_epoch_speedup_vs_original']}x, plain loop {row['cached_batch4_speedup_vs_original']}x")

@@ -35,8 +35,7 @@ from conftest import RecordedRows, compose  # noqa: E402
 from pneumo_exp.data.cache import load_pixels  # noqa: E402
 from pneumo_exp.data.phantom import phantom_records  # noqa: E402
 from pneumo_exp.diffusion.generate import generate_synthetic  # noqa: E402
-from pneumo_exp.diffusion.stable_diffusion import (load_components, load_pipeline, pipeline_source,  # noqa: E402
-                                                   to_vae_input)
+from pneumo_exp.diffusion.stable_diffusion import load_components, load_pipeline, pipeline_source, to_vae_input  # noqa: E402
 from pneumo_exp.diffusion.train import TrainingImages, add_lora, encode_prompts, train_diffusion_lora  # noqa: E402
 from pneumo_exp.labels import class_index  # noqa: E402
 
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer = torch.optim.AdamW([p for p in parts.unet.parameters() if p.requires_grad], lr=settings.lr)
         generator = torch.Generator().manual_seed(0)
         step_losses, start = [], time.perf_counter()
-        for step in range(args.steps):
+        for _ in range(args.steps):
             index = torch.randint(0, len(labels), (batch,), generator=generator)
             images = pixels[index].unsqueeze(1).float() / 255
             with torch.no_grad():
@@ -156,7 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print(f"latent cache: {result['latent_cache_loop_ratio_vs_plain']:.2f}x the steps/s of the plain diffusers loop "
-          f"in the loop, {result['latent_cache_ratio_vs_plain']:.2f}x with loading and encoding (mean loss {losses['framework_cached_training']:.4f} cached vs {losses['plain_training']:.4f} plain, "
+          f"in the loop, {result['latent_cache_ratio_vs_plain']:.2f}x with loading and encoding "
+          f"(mean loss {losses['framework_cached_training']:.4f} cached vs {losses['plain_training']:.4f} plain, "
           f"{losses['framework_training']:.4f} framework without the cache)")
     return result
 

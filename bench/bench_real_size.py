@@ -38,7 +38,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 import torch  # noqa: E402
-
 from conftest import compose  # noqa: E402
 
 from pneumo_exp.core.files import build_folder_once, write_json_atomic  # noqa: E402

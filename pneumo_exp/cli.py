@@ -37,7 +37,7 @@ def hydra_entry(cfg: DictConfig):
             exit_with_message(error)
     try:
         return objective(cfg, run(cfg))
-    except Exception as error:  # noqa: BLE001: any failure of one job must not stop the others
+    except Exception as error:  # any failure of one job must not stop the others
         record_failure(cfg, error)
         return objective(cfg, None)
 

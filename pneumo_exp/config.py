@@ -10,7 +10,7 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -26,7 +26,7 @@ class DatasetConfig:
     intensity: str = "none"  # none | equalize: per-image histogram equalisation before the cache, every split alike
     val_fraction: float = 0.15  # share of training patients moved to validation
     split_seed: int = 0
-    limit_per_class: Optional[int] = None  # a short run: whole patients, up to N images per class and split; null = all
+    limit_per_class: int | None = None  # a short run: whole patients, up to N images per class and split; null = all
     skip_bad_images: bool = False  # True: skip unreadable or unrecognised files and report them
     check_images: bool = True  # verify every image header while building the manifest
     min_image_side: int = 32  # with check_images: refuse (or skip) images whose shorter side has fewer pixels
@@ -46,7 +46,7 @@ class PhantomDatasetConfig(DatasetConfig):
 class KermanyDatasetConfig(DatasetConfig):
     kind: str = "kermany"
     root: str = MISSING  # a folder or a .zip in the Kaggle, Mendeley or class-folder layout
-    extract_dir: Optional[str] = None  # where a .zip is extracted; default under paths.cache_dir
+    extract_dir: str | None = None  # where a .zip is extracted; default under paths.cache_dir
     max_extract_bytes: int = 20_000_000_000  # a .zip that would inflate to more is refused before extraction
     max_compression_ratio: float = 200.0  # so is one with a member inflating more than this many times
 
@@ -54,8 +54,8 @@ class KermanyDatasetConfig(DatasetConfig):
 @dataclass
 class FolderDatasetConfig(DatasetConfig):
     kind: str = "folder"
-    root: Optional[str] = None  # a {split}/{class}/image tree
-    manifest: Optional[str] = None  # or a CSV with columns path,label,patient_id,split
+    root: str | None = None  # a {split}/{class}/image tree
+    manifest: str | None = None  # or a CSV with columns path,label,patient_id,split
     class_aliases: dict[str, str] = field(default_factory=dict)
 
 
@@ -82,9 +82,9 @@ class ImageTower(str, Enum):
 @dataclass
 class ClipConfig:
     name: str = MISSING
-    pretrained: Optional[str] = None  # hub id or local directory; null builds `architecture` with random weights
-    revision: Optional[str] = None  # hub commit hash (or branch/tag) to load; null: the hub's main
-    architecture: Optional[dict[str, Any]] = None  # CLIPConfig keyword arguments for the random-init presets
+    pretrained: str | None = None  # hub id or local directory; null builds `architecture` with random weights
+    revision: str | None = None  # hub commit hash (or branch/tag) to load; null: the hub's main
+    architecture: dict[str, Any] | None = None  # CLIPConfig keyword arguments for the random-init presets
     image_size: int = 224
     allow_resize: bool = False  # true: train on dataset.resolution images resized to image_size in every batch
     image_tower: ImageTower = ImageTower.vit  # conv: a residual CNN in place of the ViT (from-scratch presets)
@@ -105,7 +105,7 @@ class Precision(str, Enum):
 @dataclass
 class DiffusionTrainingConfig:
     epochs: int = 5
-    max_train_steps: Optional[int] = None  # optimizer steps; when set, it ends training (and overrides epochs)
+    max_train_steps: int | None = None  # optimizer steps; when set, it ends training (and overrides epochs)
     batch_size: int = 4  # per process and micro-batch
     grad_accum_steps: int = 1  # optimizer step every N micro-batches: effective batch = batch x N x processes
     lr: float = 1.0e-4
@@ -114,16 +114,16 @@ class DiffusionTrainingConfig:
     eps: float = 1.0e-8
     warmup_ratio: float = 0.05  # share of optimizer steps with linear warm-up, then cosine decay to zero
     max_grad_norm: float = 1.0  # 0 turns clipping off
-    min_snr_gamma: Optional[float] = None  # e.g. 5.0: min-SNR-gamma loss weighting; null = plain MSE
+    min_snr_gamma: float | None = None  # e.g. 5.0: min-SNR-gamma loss weighting; null = plain MSE
     noise_offset: float = 0.0
     crop_min_side: float = 0.9  # random square crops of side in [crop_min_side, 1] x image side; 1 = no crop
     cache_latents: bool = False  # VAE posteriors computed once per image before training (needs crop_min_side=1)
     gradient_checkpointing: bool = False  # UNet activations recomputed in the backward pass: less memory, slower
-    precision: Optional[str] = None  # no | bf16 | fp16 (LoRA parameters stay fp32); null: trainer.precision
-    seed: Optional[int] = None  # null: the run's top-level seed
+    precision: str | None = None  # no | bf16 | fp16 (LoRA parameters stay fp32); null: trainer.precision
+    seed: int | None = None  # null: the run's top-level seed
     log_every: int = 10  # optimizer steps between loss rows in diffusion/metrics.jsonl (and W&B)
     validation_every: int = 500  # optimizer steps between validation grids (and one at the end); 0 = none
-    validation_images_per_class: Optional[int] = None  # null: 4 on a GPU, 1 on the CPU
+    validation_images_per_class: int | None = None  # null: 4 on a GPU, 1 on the CPU
     validation_inference_steps: int = 20
     validation_guidance_scale: float = 7.5
 
@@ -138,7 +138,7 @@ class DiffusionGenerationConfig:
     num_inference_steps: int = 25  # DPM-Solver++ multistep
     guidance_scale: float = 7.5
     batch_size: int = 8
-    seed: Optional[int] = None  # null: the run's top-level seed
+    seed: int | None = None  # null: the run's top-level seed
     precision: str = "no"  # no | fp16 | bf16: the dtype of the pipeline's weights while sampling
 
 
@@ -156,7 +156,7 @@ class DiffusionPretrainingConfig:
     text_encoder_lr: float = 1.0e-4  # the text encoder learns with the UNet, so the class prompts come apart
     unet_precision: str = "no"  # no | bf16 | fp16 (the VAE trains in fp32); bf16 pays only with bf16 hardware
     empty_prompt_fraction: float = 0.1  # share of UNet examples with the empty prompt: classifier-free guidance
-    min_snr_gamma: Optional[float] = 5.0
+    min_snr_gamma: float | None = 5.0
     ema_decay: float = 0.999  # the UNet and text encoder saved are this moving average of the trained weights
     warmup_steps: int = 100
     max_grad_norm: float = 1.0
@@ -170,9 +170,9 @@ class DiffusionPretrainingConfig:
 @dataclass
 class DiffusionConfig:
     name: str = MISSING
-    pretrained: Optional[str] = None  # hub id or local directory of a Stable Diffusion pipeline
-    revision: Optional[str] = None  # hub commit hash (or branch/tag) to load; null: the hub's main
-    architecture: Optional[dict[str, Any]] = None  # sizes of the random-init tiny pipeline
+    pretrained: str | None = None  # hub id or local directory of a Stable Diffusion pipeline
+    revision: str | None = None  # hub commit hash (or branch/tag) to load; null: the hub's main
+    architecture: dict[str, Any] | None = None  # sizes of the random-init tiny pipeline
     resolution: int = 512  # must match the base model: 512 for SD 1.5 / 2.1-base, 768 for SD 2
     allow_non_native_resolution: bool = False  # true: train at a resolution other than the base model's
     lora: LoraSpec = field(default_factory=lambda: LoraSpec(r=4, alpha=16.0, dropout=0.1,
@@ -180,8 +180,8 @@ class DiffusionConfig:
     prompts: dict[str, str] = MISSING  # class -> generation prompt: conf/diffusion_lora/prompts/
     training: DiffusionTrainingConfig = field(default_factory=DiffusionTrainingConfig)
     generation: DiffusionGenerationConfig = field(default_factory=DiffusionGenerationConfig)
-    trained_lora: Optional[str] = None  # a LoRA folder from an earlier run: synthesize without the diffusion stage
-    pretraining: Optional[DiffusionPretrainingConfig] = None  # set: the base is built by task=pretrain_diffusion
+    trained_lora: str | None = None  # a LoRA folder from an earlier run: synthesize without the diffusion stage
+    pretraining: DiffusionPretrainingConfig | None = None  # set: the base is built by task=pretrain_diffusion
 
 
 class AugmentationStrategy(str, Enum):
@@ -229,9 +229,9 @@ class TrainerConfig:
     augment: bool = True
     augment_settings: AugmentSettings = field(default_factory=AugmentSettings)  # ranges of the random transforms
     ema_decay: float = 0.0  # >0: validate, keep and test an exponential moving average of the weights; 0 turns it off
-    max_steps_per_epoch: Optional[int] = None  # cap for smoke tests
-    log_every_steps: Optional[int] = None  # a step row (train_step/*) every N optimizer steps; null: epoch rows only
-    max_eval_batches: Optional[int] = None  # cap of validation batches per process, for smoke tests
+    max_steps_per_epoch: int | None = None  # cap for smoke tests
+    log_every_steps: int | None = None  # a step row (train_step/*) every N optimizer steps; null: epoch rows only
+    max_eval_batches: int | None = None  # cap of validation batches per process, for smoke tests
     cap_test: bool = False  # the cap applies to the test split too (its metrics are then no result)
     evaluate_test: bool = True  # false: validation only, the test split is not read (recipe development)
     save_optimizer_state: bool = True  # false: checkpoints/last holds no optimizer state (resume restarts it)
@@ -258,7 +258,7 @@ class LoggerMode(str, Enum):
 class LoggerConfig:
     mode: LoggerMode = LoggerMode.offline
     project: str = "pneumo_exp"
-    entity: Optional[str] = None
+    entity: str | None = None
     group: str = "${experiment_name}"
 
 
@@ -270,16 +270,16 @@ class PathsConfig:
 
 @dataclass
 class PredictConfig:
-    run_dir: Optional[str] = None
-    input: Optional[str] = None
-    output: Optional[str] = None
+    run_dir: str | None = None
+    input: str | None = None
+    output: str | None = None
 
 
 @dataclass
 class ReportConfig:
-    input: Optional[str] = None
-    output: Optional[str] = None
-    pairs: Optional[list[list[str]]] = None
+    input: str | None = None
+    output: str | None = None
+    pairs: list[list[str]] | None = None
     bootstrap_samples: int = 2000
     published: Any = None  # the reference rows of every report (conf/report/default.yaml)
 
@@ -295,16 +295,16 @@ class QualityConfig:
 class StudyGenerator:
     """One generator of `task=generator_study`: a base model and, optionally, a LoRA trained on it."""
     name: str = MISSING  # its arm: a folder of the study and a row of its tables
-    base: Optional[str] = None  # null: the diffusion_lora preset's base; "random": the preset's architecture with
+    base: str | None = None  # null: the diffusion_lora preset's base; "random": the preset's architecture with
     #                             random weights (the model before any training); or a diffusers folder or hub id
-    lora: Optional[str] = None  # a LoRA folder trained on that base (a run's diffusion/lora); null: the base alone
+    lora: str | None = None  # a LoRA folder trained on that base (a run's diffusion/lora); null: the base alone
 
 
 @dataclass
 class GeneratorStudyConfig:
     """`task=generator_study`: did the generators learn? Their images judged by a classifier trained on real images
     only, beside the same numbers for real validation images."""
-    reference_run: Optional[str] = None  # the folder of a finished run whose classifier trained on real images only
+    reference_run: str | None = None  # the folder of a finished run whose classifier trained on real images only
     generators: list[StudyGenerator] = field(default_factory=list)
     images_per_class: int = 100  # drawn by each generator with the class prompt
     copy_quantile: float = 0.01  # a likely copy: closer to a training image than this share of validation images
@@ -322,7 +322,7 @@ class JobConfig:
     tags: list[str] = field(default_factory=list)
     resume: bool = False
     sweep_name: str = MISSING
-    sweep_objective: Optional[str] = None
+    sweep_objective: str | None = None
     predict: PredictConfig = field(default_factory=PredictConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
     generator_study: GeneratorStudyConfig = field(default_factory=GeneratorStudyConfig)

@@ -14,8 +14,8 @@ import json
 import os
 from pathlib import Path
 
-from pneumo_exp.errors import UserError
 from pneumo_exp.core.files import write_json_atomic
+from pneumo_exp.errors import UserError
 
 MODELS_FILE = "models.json"
 LOADED: dict[tuple[str, str | None], dict] = {}  # what this process loaded, by (source, revision), until recorded

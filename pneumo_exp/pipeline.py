@@ -16,16 +16,24 @@ from pathlib import Path
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-
 from pneumo_exp.config import JobConfig, job_config
+from pneumo_exp.core.files import write_atomic, write_json_atomic
 from pneumo_exp.data import manifest
 from pneumo_exp.data.manifest import LeakageError
-from pneumo_exp.diffusion.stable_diffusion import TRAINING_SPLIT_FILE
 from pneumo_exp.data.prepare import PreparedData, check_splits_filled, prepare_data
+from pneumo_exp.diffusion.stable_diffusion import TRAINING_SPLIT_FILE
 from pneumo_exp.errors import UserError
-from pneumo_exp.core.files import write_atomic, write_json_atomic
-from pneumo_exp.rundir import (changed_settings, is_main_process, job_folder_name, not_a_result, override_key,
-                               process_count, recorded_processes, shapes_result, write_run_info)
+from pneumo_exp.rundir import (
+    changed_settings,
+    is_main_process,
+    job_folder_name,
+    not_a_result,
+    override_key,
+    process_count,
+    recorded_processes,
+    shapes_result,
+    write_run_info,
+)
 from pneumo_exp.summary import format_summary
 from pneumo_exp.tracking import RunLogger
 from pneumo_exp.validate import SettingError, check_plan, check_selection_split
@@ -228,8 +236,8 @@ def check_lora_training_split(lora_folder: str, data: PreparedData) -> None:
                                     fix="train the LoRA in this run (the diffusion stage) or point "
                                         "diffusion_lora.trained_lora at a LoRA folder written by pneumo-exp")
     if json.loads(record_file.read_text())["fingerprint"] != manifest.fingerprint(train):
-        raise LeakageError(f"the LoRA was trained on another training split than this run's (dataset, "
-                           f"val_fraction, split_seed or limit_per_class differ): it may have seen validation or test images",
+        raise LeakageError("the LoRA was trained on another training split than this run's (dataset, val_fraction, "
+                           "split_seed or limit_per_class differ): it may have seen validation or test images",
                            where=str(lora_folder), fix="train the LoRA in this run (the diffusion stage) or point "
                            "diffusion_lora.trained_lora at a LoRA trained on this split")
 
@@ -249,9 +257,9 @@ def add_synthetic(cfg: JobConfig, data: PreparedData, lora_folder: str, output_d
     """Synthetic images join the training split, never validation or test; the manifest is rewritten."""
     from collections import Counter
 
-    from pneumo_exp.diffusion.generate import synthesize_for_run
-
     from accelerate import PartialState
+
+    from pneumo_exp.diffusion.generate import synthesize_for_run
 
     real_counts = Counter(r.label for r in data.split("train") if r.source == "real")
     if is_main_process():  # one process draws; the others read its manifest

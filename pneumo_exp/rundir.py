@@ -8,13 +8,13 @@ import os
 import re
 import subprocess
 import typing
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 
 from pneumo_exp.config import JobConfig
-
 from pneumo_exp.core.files import write_atomic, write_json_atomic
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,8 @@ def git_version() -> dict[str, Any]:
         return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip()
     try:
-        return {"sha": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        return {"sha": git("rev-parse", "HEAD") or None, "dirty": dirty}
     except (OSError, subprocess.SubprocessError):
         return {"sha": None, "dirty": None}
 

@@ -14,9 +14,9 @@ import difflib
 import math
 import re
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -189,7 +189,8 @@ def check_settings(cfg: DictConfig) -> None:
     for key in BETAS:
         betas = OmegaConf.select(cfg, key, default=None)
         if betas is not None and (len(betas) != 2 or not all(0 <= beta < 1 for beta in betas)):
-            raise SettingError(f"bad value {list(betas)}", where=key, fix="give two values in [0, 1), e.g. [0.9, 0.999]")
+            raise SettingError(f"bad value {list(betas)}", where=key,
+                               fix="give two values in [0, 1), e.g. [0.9, 0.999]")
     for key in OPTIONAL_PRECISIONS:
         check(key, OmegaConf.select(cfg, key, default=None), lambda value: value in PRECISIONS,
               f"use one of {', '.join(PRECISIONS)}")

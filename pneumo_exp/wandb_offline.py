@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 BLOCK_SIZE = 32768
 CHUNK_HEADER = struct.Struct("<IHB")

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO, compose
 from PIL import Image
 
-from conftest import REPO, compose
 from pneumo_exp.config import job_config
 from pneumo_exp.data import manifest
 from pneumo_exp.data.augment import to_unit_float

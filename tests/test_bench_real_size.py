@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import REPO, compose
+from PIL import Image
 
 KERMANY_NAMES = {"NORMAL": "IM-{patient:04d}-0001.jpeg", "BACTERIA": "person{patient}_bacteria_1.jpeg",
                  "VIRUS": "person{patient}_virus_1.jpeg"}

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from pneumo_exp.classify.checkpoint import load_weights, save_weights
-from pneumo_exp.core.checkpoint import CheckpointError
 from pneumo_exp.classify.model import build_classifier, trainable_parameters
 from pneumo_exp.config import ClassifierMode
+from pneumo_exp.core.checkpoint import CheckpointError
 from pneumo_exp.labels import CLASSES
 
 
@@ -253,9 +253,9 @@ def test_conv_tower_says_it_ignores_gradient_checkpointing(make_cfg, caplog):
 
 def test_a_run_config_from_before_gradient_checkpointing_still_builds(model_cache):
     """`predict` loads a run's stored config.yaml without the schema: a key added later must not be required."""
+    from conftest import compose
     from omegaconf import OmegaConf
 
-    from conftest import compose
     from pneumo_exp.classify.model import build_classifier
     from pneumo_exp.config import clip_config
 

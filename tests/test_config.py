@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from conftest import CONF_DIR, REPO, compose
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
-
-from conftest import CONF_DIR, REPO, compose
 
 GROUPS = ["dataset", "clip_lora", "diffusion_lora", "augmentation", "optim", "trainer", "logger", "hparams_search",
           "hydra/launcher"]

@@ -10,10 +10,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
 from conftest import REAL_DATA, REPO, requires_real_data
-from pneumo_exp.data import manifest
+
 from pneumo_exp.config import AugmentSettings
+from pneumo_exp.data import manifest
 from pneumo_exp.data.augment import random_augment, to_unit_float
 from pneumo_exp.data.cache import open_or_build
 from pneumo_exp.data.manifest import LeakageError, Record

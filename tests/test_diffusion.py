@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import RecordedRows
 from omegaconf import OmegaConf
 
-from conftest import RecordedRows
+from pneumo_exp.config import DiffusionTrainingConfig, job_config
 from pneumo_exp.data.cache import load_pixels
 from pneumo_exp.data.manifest import read_csv
 from pneumo_exp.data.phantom import phantom_records
@@ -29,7 +30,6 @@ from pneumo_exp.diffusion.stable_diffusion import (
     pipeline_source,
     sample,
 )
-from pneumo_exp.config import DiffusionTrainingConfig, job_config
 from pneumo_exp.diffusion.train import (
     TrainingImages,
     add_lora,

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, RecordedRows, compose, stop_in_diffusion_epoch_two
+
+from pneumo_exp.config import DiffusionTrainingConfig
 from pneumo_exp.data.cache import load_pixels
 from pneumo_exp.data.manifest import Record
 from pneumo_exp.data.phantom import phantom_records
 from pneumo_exp.diffusion.stable_diffusion import pipeline_source
-from pneumo_exp.config import DiffusionTrainingConfig
 from pneumo_exp.diffusion.train import TrainingImages, source_image_sides, train_diffusion_lora
 from pneumo_exp.errors import UserError
 from pneumo_exp.labels import class_index
@@ -60,7 +60,8 @@ def test_a_resolution_other_than_the_models_is_refused_unless_allowed(model_cach
     cfg = config(tmp_path, model_cache, f"diffusion_lora.pretrained={native_source}",
                  "diffusion_lora.resolution=32", max_train_steps=1)
     data = dataclasses.replace(phantom_batch(32), source_sides=[20] * 12)
-    with pytest.raises(UserError, match=r"diffusion_lora.resolution=32 is not the native resolution.*\(64 px") as refused:
+    not_native = r"diffusion_lora.resolution=32 is not the native resolution.*\(64 px"
+    with pytest.raises(UserError, match=not_native) as refused:
         train_diffusion_lora(cfg, data, tmp_path)
     assert refused.value.where == "diffusion_lora.resolution"
     assert "allow_non_native_resolution" in refused.value.fix
@@ -225,7 +226,8 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(model_cache, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}",
            "OMP_NUM_THREADS": "1"}
     launch = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
-                             "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                             "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                             "--dynamo_backend", "no",
                              str(script), str(tmp_path / "run"), str(model_cache)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     output = launch.stdout + launch.stderr
@@ -262,7 +264,8 @@ def test_quality_features_in_batches_equal_one_pass_and_respect_the_batch_size()
 
 @pytest.mark.slow
 def test_quality_stage_batches_on_the_device_and_scores_only_the_synthetic_classes(make_cfg, monkeypatch):
-    from pneumo_exp.classify import predict, train as classify_train
+    from pneumo_exp.classify import predict
+    from pneumo_exp.classify import train as classify_train
     from pneumo_exp.classify.model import build_classifier
     from pneumo_exp.config import job_config
     from pneumo_exp.data.prepare import PreparedData, prepare_data

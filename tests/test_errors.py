@@ -13,17 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
+
 from pneumo_exp.classify.checkpoint import load_training_state
 from pneumo_exp.core.checkpoint import CheckpointError
 from pneumo_exp.core.files import write_json_atomic
 from pneumo_exp.core.seeds import restore_rng, rng_state
 from pneumo_exp.errors import UserError
 from pneumo_exp.pipeline import finished_before, run
-from pneumo_exp.validate import check_plan
 from pneumo_exp.rundir import folder_value, job_folder_name, write_run_info
-from pneumo_exp.validate import SettingError
+from pneumo_exp.validate import SettingError, check_plan
 
 QUICK = ["dataset.patients_per_class=4", "dataset.test_patients_per_class=2", "trainer.epochs=2",
          "trainer.batch_size=8", "trainer.bootstrap_samples=20"]

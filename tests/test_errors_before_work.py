@@ -6,9 +6,9 @@ from __future__ import annotations
 import sys
 
 import pytest
+from conftest import write_image
 from omegaconf import OmegaConf
 
-from conftest import write_image
 from pneumo_exp import cli, pipeline
 from pneumo_exp.labels import CLASSES
 from pneumo_exp.validate import SettingError

@@ -6,11 +6,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import empty_folder, write_image
 
-from pneumo_exp.data.folder import folder_records
 from pneumo_exp.core.files import sha256_file
+from pneumo_exp.data.folder import folder_records
 from pneumo_exp.data.kermany import DatasetError
 
 ALIASES = {"bacterial": "BACTERIA", "Viral": "VIRUS"}
@@ -141,7 +140,7 @@ def test_manifest_resolves_paths_and_aliases(tmp_path):
 
 
 def test_manifest_paths_resolve_against_the_csv_not_the_working_directory(tmp_path, monkeypatch):
-    manifest = make_manifest(tmp_path / "ds")
+    make_manifest(tmp_path / "ds")
     monkeypatch.chdir(tmp_path)
     records, _ = folder_records(manifest=Path("ds/manifest.csv"), class_aliases=ALIASES)
     assert records[0].path == str(tmp_path / "ds" / "images" / "a.png")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import compose
 from PIL import Image
 
-from conftest import compose
 from pneumo_exp.config import job_config
 from pneumo_exp.data.cache import load_pixels
 from pneumo_exp.data.manifest import Record

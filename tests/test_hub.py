@@ -11,7 +11,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, compose
 
 COMMIT_A, COMMIT_B = "a" * 40, "b" * 40
@@ -93,8 +92,8 @@ def test_local_folder_is_recorded_by_content(tmp_path):
 
 
 def test_run_records_the_models_its_stages_loaded(make_cfg, tmp_path):
-    from pneumo_exp.hub import MODELS_FILE, folder_content_hash
     from pneumo_exp.classify.model import backbone_source
+    from pneumo_exp.hub import MODELS_FILE, folder_content_hash
     from pneumo_exp.pipeline import record_loaded_models
 
     cfg = make_cfg("experiment=demo")

@@ -1,4 +1,4 @@
-"""The Kermany dataset in its Kaggle, Mendeley and class-folder layouts, plain or zipped, and bad input of every kind."""
+"""The Kermany dataset in its Kaggle, Mendeley and class-folder layouts, plain or zipped, and bad input of each kind."""
 
 import logging
 import shutil
@@ -10,13 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import empty_folder, write_image
 from PIL import Image
 
-from conftest import empty_folder, write_image
-
 from pneumo_exp.core.files import sha256_file
-from pneumo_exp.data.kermany import (DatasetError, find_layout, kermany_records, label_from_name, patient_key,
-                                     split_group)
+from pneumo_exp.data.kermany import (
+    DatasetError,
+    find_layout,
+    kermany_records,
+    label_from_name,
+    patient_key,
+    split_group,
+)
 from pneumo_exp.data.zip_import import EXTRACTION_MARKER, extract_zip
 from pneumo_exp.labels import CLASSES
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import REPO, compose, write_image
 
 from pneumo_exp.labels import CLASSES, class_index

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import RecordedRows, compose
+
 from pneumo_exp.errors import UserError
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]

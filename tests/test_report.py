@@ -507,7 +507,7 @@ def test_seed_matched_t_interval_equals_scipys_paired_t_test(paper):
 def test_paired_bootstrap_is_centred_on_the_mean_seed_difference(paper):
     comparison = compare.compare_pair(*compare.AUGMENTATION_PAIR, group_runs(collect_runs(paper["root"])), 500)
     assert comparison["bootstrap_seeds"] == list(SEEDS)
-    for metric, values in comparison["metrics"].items():
+    for values in comparison["metrics"].values():
         assert values["bootstrap_low"] < values["difference"] < values["bootstrap_high"]
     point = paired_bootstrap_intervals(
         [compare.aligned_predictions(*(RunRecord(job_folder(paper, row, seed), "completed", [], {})

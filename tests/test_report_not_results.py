@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import compose, write_image
 from omegaconf import OmegaConf
 
-from conftest import compose, write_image
 from pneumo_exp.report import write_report
 from pneumo_exp.report.published import ALWAYS_NORMAL, ORIGINAL_STUDY
 from pneumo_exp.validate import SettingError

@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
+
 from pneumo_exp.report.collect import collect_runs, group_key
 
 pytestmark = pytest.mark.slow

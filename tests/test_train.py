@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
+
 from pneumo_exp import wandb_offline
 from pneumo_exp.core.history import read_json_lines
 from pneumo_exp.core.training import NonFiniteLossError

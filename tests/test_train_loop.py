@@ -9,7 +9,11 @@ import torch.nn.functional as F
 
 from pneumo_exp.classify.model import build_classifier, trainable_parameters
 from pneumo_exp.classify.train import (
-    SplitTensors, class_weights, epoch_randomness, shard_of, train_one_epoch,
+    SplitTensors,
+    class_weights,
+    epoch_randomness,
+    shard_of,
+    train_one_epoch,
 )
 from pneumo_exp.config import ClassBalance, Precision
 from pneumo_exp.core.training import fresh_accelerator

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
+
 from pneumo_exp.pipeline import run
 
 pytestmark = pytest.mark.slow

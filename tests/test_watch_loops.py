@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import RecordedRows, compose
+from test_train_loop import frozen_training, phantom_split
+
 from pneumo_exp.classify.train import epoch_randomness, train_one_epoch
 from pneumo_exp.config import ClassBalance
 from pneumo_exp.core.history import read_json_lines
@@ -23,7 +24,6 @@ from pneumo_exp.data.augment import to_unit_float
 from pneumo_exp.data.cache import load_pixels
 from pneumo_exp.data.phantom import phantom_records
 from pneumo_exp.labels import class_index
-from test_train_loop import frozen_training, phantom_split
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -14,8 +14,13 @@ import torch
 from safetensors.torch import save_file
 
 from pneumo_exp.config import ClassifierMode
-from pneumo_exp.core.checkpoint import (CheckpointError, load_lora_strictly, load_state_file, read_weights,
-                                        save_state_file)
+from pneumo_exp.core.checkpoint import (
+    CheckpointError,
+    load_lora_strictly,
+    load_state_file,
+    read_weights,
+    save_state_file,
+)
 from pneumo_exp.core.files import swap_folder
 
 ADAPTER_DIR = "adapter"

@@ -52,7 +52,7 @@ class ConvVisionTower(nn.Module):
         self.head = nn.Linear(channels, hidden_size)
         self.to(memory_format=self.memory_format)
 
-    def train(self, mode: bool = True) -> "ConvVisionTower":
+    def train(self, mode: bool = True) -> ConvVisionTower:
         """BatchNorm layers update their statistics only when their own weights train: with the tower frozen or
         adapted by LoRA, the statistics stay those of the base weights, so a saved adapter reproduces the model."""
         super().train(mode)

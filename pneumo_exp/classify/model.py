@@ -10,9 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import re
-from pathlib import Path
-
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F

@@ -25,17 +25,25 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pneumo_exp.classify.checkpoint import load_training_state, load_weights, save_checkpoint, save_weights
-from pneumo_exp.core.ema import WeightAverage
 from pneumo_exp.classify.metrics import bootstrap_intervals, classification_metrics
 from pneumo_exp.classify.model import build_classifier, trainable_parameters
 from pneumo_exp.classify.predict import write_predictions
 from pneumo_exp.config import ClassBalance, ClassifierMode, JobConfig, Precision, TrainerConfig
 from pneumo_exp.core.checkpoint import last_checkpoint, restore_training
+from pneumo_exp.core.ema import WeightAverage
 from pneumo_exp.core.files import swap_folder, write_json_atomic
 from pneumo_exp.core.history import epoch_rows, read_json_lines
 from pneumo_exp.core.seeds import epoch_seed, rank_seed
-from pneumo_exp.core.training import (DeviceMeans, NonFiniteWatch, fresh_accelerator, optimizer_step, optimizer_steps,
-                                      optimizer_steps_per_epoch, progress_bar, shard_of)
+from pneumo_exp.core.training import (
+    DeviceMeans,
+    NonFiniteWatch,
+    fresh_accelerator,
+    optimizer_step,
+    optimizer_steps,
+    optimizer_steps_per_epoch,
+    progress_bar,
+    shard_of,
+)
 from pneumo_exp.data.augment import random_augment, to_unit_float
 from pneumo_exp.data.cache import open_or_build
 from pneumo_exp.data.manifest import Record

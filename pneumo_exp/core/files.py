@@ -9,8 +9,9 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any
 
 HASH_CHUNK_BYTES = 1 << 20
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pneumo_exp.config import plain
 from pneumo_exp.core.files import build_folder_once

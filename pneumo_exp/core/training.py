@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterable, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from pneumo_exp.core.files import build_folder_once
 from pneumo_exp.data import phantom
 from pneumo_exp.data.images import decode_grayscale, standardize_intensity
 from pneumo_exp.data.manifest import Record
-from pneumo_exp.core.files import build_folder_once
 
 FORMAT_VERSION = 2  # 2: EXIF orientation applied
 
@@ -76,6 +76,6 @@ def _build(records: list[Record], resolution: int, intensity: str, staging: Path
         array[row] = load_pixels(record, resolution, intensity)
     array.flush()
     del array
-    index = {"format": FORMAT_VERSION, "resolution": resolution, "intensity": intensity, "paths": [r.path for r in records],
-             "sha256": [r.sha256 for r in records]}
+    index = {"format": FORMAT_VERSION, "resolution": resolution, "intensity": intensity,
+             "paths": [r.path for r in records], "sha256": [r.sha256 for r in records]}
     (staging / "index.json").write_text(json.dumps(index))

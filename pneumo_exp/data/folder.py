@@ -21,9 +21,15 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from pneumo_exp.data.files import (
+    Problems,
+    checked_sha256,
+    listed,
+    require_image_suffix,
+    subfolders_by_name,
+    usable_records,
+)
 from pneumo_exp.data.images import MIN_IMAGE_SIDE, BadImageError, readable_file
-from pneumo_exp.data.files import (Problems, checked_sha256, listed, require_image_suffix, subfolders_by_name,
-                                   usable_records)
 from pneumo_exp.data.manifest import SPLITS, DatasetError, Record, validate
 from pneumo_exp.labels import CLASSES
 
@@ -92,7 +98,7 @@ def _tree_records(root: Path, lookup: dict[str, str], check_images: bool, min_im
     records = []
     for split in (name for name in SPLITS if name in splits):
         for label, class_folder in _class_folders(splits[split], lookup).items():
-            records += usable_records(class_folder, problems, lambda file: _tree_record(
+            records += usable_records(class_folder, problems, lambda file, label=label, split=split: _tree_record(
                 root, file, label, split, check_images, min_image_side))
     problems.raise_if_any(f"image folder {root}")
     return records

@@ -22,8 +22,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
-from pneumo_exp.data.files import (Problems, checked_sha256, is_junk, require_image_suffix, subfolders_by_name,
-                                   usable_records)
+from pneumo_exp.data.files import (
+    Problems,
+    checked_sha256,
+    is_junk,
+    require_image_suffix,
+    subfolders_by_name,
+    usable_records,
+)
 from pneumo_exp.data.images import IMAGE_SUFFIXES, MIN_IMAGE_SIDE
 from pneumo_exp.data.manifest import DatasetError, Record
 from pneumo_exp.data.zip_import import MAX_COMPRESSION_RATIO, MAX_EXTRACT_BYTES, extract_zip
@@ -133,7 +139,7 @@ def kermany_records(root: str | os.PathLike, skip_bad_images: bool = False, chec
     problems = Problems(skip_bad_images)
     records = []
     for split, folder_class, class_folder in layout.class_folders:
-        records += usable_records(class_folder, problems, lambda file: _record(
+        records += usable_records(class_folder, problems, lambda file, folder_class=folder_class, split=split: _record(
             file, folder_class, split, check_images, min_image_side))
     problems.raise_if_any(f"Kermany dataset at {layout.root}")
     records.sort(key=lambda r: (("train", "test").index(r.split), CLASSES.index(r.label), r.path))

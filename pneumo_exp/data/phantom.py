@@ -457,7 +457,7 @@ def _lungs(frame: Frame, patient: Patient, domes: np.ndarray, heart: np.ndarray,
     apex = _unit_clip(depth / 0.3)
     half_width = patient.lung_half_width * np.sqrt(1.0 - (1.0 - apex) ** 2) * (0.85 + 0.25 * _unit_clip(depth.copy()))
     air = np.zeros_like(u)
-    for side, center_u in ((-1, -0.38), (1, 0.39)):
+    for center_u in (-0.38, 0.39):
         distance = np.minimum(half_width - np.abs(u - center_u), v - patient.lung_top)
         air = np.maximum(air, _soft_inside(distance, _edge(frame, 0.025)))
     above_diaphragm = _soft_inside(domes - v, _edge(frame, 0.02))

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pneumo_exp.config import DatasetConfig
-
 from pneumo_exp.data import kermany, manifest, phantom
 from pneumo_exp.data.folder import TREE_PATIENTS_NOTE, folder_records
 from pneumo_exp.data.manifest import DatasetError, Record

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import random
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 from pneumo_exp.data.manifest import Record
 from pneumo_exp.errors import UserError

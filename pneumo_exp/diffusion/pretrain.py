@@ -33,9 +33,16 @@ from pneumo_exp.core.seeds import image_seed, seeded_generator
 from pneumo_exp.core.training import DeviceMeans, NonFiniteWatch, OptimizerStep, fresh_accelerator, optimizer_step
 from pneumo_exp.data import manifest
 from pneumo_exp.data.augment import to_unit_float
-from pneumo_exp.diffusion.stable_diffusion import (TRAINING_SPLIT_FILE, SDComponents, build_tiny_pipeline,
-                                                   grid_image, load_components, pipeline_from_components, sample,
-                                                   to_vae_input)
+from pneumo_exp.diffusion.stable_diffusion import (
+    TRAINING_SPLIT_FILE,
+    SDComponents,
+    build_tiny_pipeline,
+    grid_image,
+    load_components,
+    pipeline_from_components,
+    sample,
+    to_vae_input,
+)
 from pneumo_exp.diffusion.train import cache_latent_distributions, latent_loss, sample_latents
 from pneumo_exp.errors import UserError
 from pneumo_exp.labels import CLASSES
@@ -233,7 +240,7 @@ def train_vae(components: SDComponents, images: PretrainingImages, settings: Dif
         draws = seeded_generator(settings.seed, 0, step)
         indices = batch_indices(len(images.train), settings.vae_batch_size, step, settings.seed, "vae")
 
-        def loss_of(indices: torch.Tensor) -> torch.Tensor:
+        def loss_of(indices: torch.Tensor, draws: torch.Generator = draws) -> torch.Tensor:
             return vae_loss(model, images.train[indices], settings.vae_kl_weight, draws)
 
         result = optimizer_step(accelerator, model, optimizer, scheduler, [indices], loss_of, vae.parameters(),
@@ -309,7 +316,7 @@ def train_unet(components: SDComponents, images: PretrainingImages, diffusion_cf
         draws = seeded_generator(settings.seed, 1, step)
         indices = batch_indices(len(images.train), settings.unet_batch_size, step, settings.seed, "unet")
 
-        def loss_of(indices: torch.Tensor) -> torch.Tensor:
+        def loss_of(indices: torch.Tensor, draws: torch.Generator = draws) -> torch.Tensor:
             conditions = images.labels[indices].clone()
             conditions[torch.rand(len(indices), generator=draws) < settings.empty_prompt_fraction] = empty_prompt
             states = denoiser.text_encoder(tokens, return_dict=False)[0][conditions.to(device)]

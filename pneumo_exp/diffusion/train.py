@@ -30,9 +30,17 @@ from pneumo_exp.core.checkpoint import last_checkpoint, restore_training
 from pneumo_exp.core.files import atomic_file
 from pneumo_exp.core.history import HistoryFile
 from pneumo_exp.core.seeds import derived_seed, image_seed, seeded_generator
-from pneumo_exp.core.training import (DeviceMeans, NonFiniteWatch, fresh_accelerator, optimizer_step,
-                                      optimizer_steps, optimizer_steps_per_epoch, progress_bar, shard_of)
-from pneumo_exp.core.training import NonFiniteLossError  # noqa: F401  (what the watch raises, for callers)
+from pneumo_exp.core.training import (
+    DeviceMeans,
+    NonFiniteLossError,  # noqa: F401  (what the watch raises, for callers)
+    NonFiniteWatch,
+    fresh_accelerator,
+    optimizer_step,
+    optimizer_steps,
+    optimizer_steps_per_epoch,
+    progress_bar,
+    shard_of,
+)
 from pneumo_exp.data.augment import resize, to_unit_float
 from pneumo_exp.diffusion.lora_files import load_checkpoint, save_checkpoint, save_lora
 from pneumo_exp.diffusion.stable_diffusion import (

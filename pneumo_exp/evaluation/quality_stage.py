@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pneumo_exp.config import JobConfig, LoggerMode
+from pneumo_exp.core.files import atomic_file, write_json_atomic
 from pneumo_exp.data.cache import open_or_build
 from pneumo_exp.data.manifest import Record
 from pneumo_exp.data.prepare import PreparedData
-from pneumo_exp.core.files import atomic_file, write_json_atomic
 from pneumo_exp.evaluation.quality import quality_report
 from pneumo_exp.labels import CLASSES
 

@@ -35,8 +35,15 @@ from pneumo_exp.report.collect import COMPLETED, RunRecord, collect_runs
 from pneumo_exp.report.compare import compare_pairs
 from pneumo_exp.report.published import ALWAYS_NORMAL, OFFICIAL_TEST_COUNTS, ORIGINAL_STUDY, always_normal_row
 from pneumo_exp.report.statistics import CURVE_METRICS, DEFAULT_METRICS, aggregate, metric_title
-from pneumo_exp.report.tables import (csv_text, epochs_document, failures_markdown, latex_table,
-                                      not_results_markdown, pairs_csv, report_markdown)
+from pneumo_exp.report.tables import (
+    csv_text,
+    epochs_document,
+    failures_markdown,
+    latex_table,
+    not_results_markdown,
+    pairs_csv,
+    report_markdown,
+)
 from pneumo_exp.validate import SettingError
 
 BAR_METRICS = ("test/acc", "test/f1_macro")

@@ -16,8 +16,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from pneumo_exp.core.history import epoch_rows, read_json_lines
-from pneumo_exp.rundir import (RESULT_NEUTRAL_KEYS, not_a_result, recorded_processes, resolved_settings,
-                               shapes_result)
+from pneumo_exp.rundir import RESULT_NEUTRAL_KEYS, not_a_result, recorded_processes, resolved_settings, shapes_result
 
 # Override keys (and their sub-keys) that never change what a job computes, so never split a configuration.
 NOT_A_SETTING = RESULT_NEUTRAL_KEYS

@@ -18,8 +18,7 @@ import numpy as np
 from pneumo_exp.classify.metrics import paired_bootstrap_intervals
 from pneumo_exp.errors import UserError
 from pneumo_exp.labels import CLASSES
-from pneumo_exp.report.collect import (COMPLETED, RunRecord, group_runs, newest_per_seed, override_parts,
-                                       parse_override)
+from pneumo_exp.report.collect import COMPLETED, RunRecord, group_runs, newest_per_seed, override_parts, parse_override
 from pneumo_exp.report.statistics import finite, metric_title, sign_flip_p, summarize
 
 # Pairs of configurations compared when `report.pairs` is not given: (A, B) reports A - B.

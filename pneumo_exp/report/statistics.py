@@ -10,8 +10,16 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from pneumo_exp.report.collect import (COMPLETED, FAILED, UNFINISHED, RunRecord, group_runs, newest_per_seed,
-                                       override_parts, shared_overrides)
+from pneumo_exp.report.collect import (
+    COMPLETED,
+    FAILED,
+    UNFINISHED,
+    RunRecord,
+    group_runs,
+    newest_per_seed,
+    override_parts,
+    shared_overrides,
+)
 
 DEFAULT_METRICS = ("test/acc", "test/recall_macro", "test/f1_macro", "test/auroc_macro", "test/recall_VIRUS")
 EPOCH_METRICS = ("train/acc", "train/f1_macro", "train/recall_macro")

@@ -38,10 +38,6 @@ def group_notes(group: dict) -> str:
     return "; ".join(notes)
 
 
-def metric_title(metric: str) -> str:
-    return metric.split("/", 1)[-1]
-
-
 def markdown_rows(header: list[str], rows: list[list[str]]) -> list[str]:
     def line(cells):
         return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
