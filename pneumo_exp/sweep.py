@@ -1,8 +1,10 @@
-"""What a sweep needs beyond Hydra: one folder per distinct job, and a non-zero exit when jobs failed.
+"""What a sweep needs beyond Hydra: one folder per distinct job, a non-zero exit when jobs failed, and the sweep's
+identity for W&B.
 
 `conf/hydra/default.yaml` names each job's folder `${pneumo_job_folder:${hydra.overrides.task}}` and lists
-`FailedJobs` among Hydra's callbacks. Launchers that run jobs in other processes (joblib, submitit) send the
-callbacks along, so unpickling `FailedJobs` there imports this module, which registers the resolver in time.
+`FailedJobs` and `SweepIdentity` among Hydra's callbacks. Launchers that run jobs in other processes (joblib,
+submitit) send the callbacks along, so unpickling them there imports this module, which registers the resolver in
+time.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from pneumo_exp.core.files import write_json_atomic
 from pneumo_exp.rundir import job_folder_name
 
 RESOLVER = "pneumo_job_folder"
@@ -40,3 +43,70 @@ class FailedJobs(Callback):
             lines = [f"pneumo-exp: error: {len(failed_jobs)} job(s) of the sweep in {sweep_dir} failed:"]
             lines += [f"  {folder}: {message}" for folder, message in failed_jobs]
             print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+SWEEP_FILE = "sweep.json"  # in the sweep folder: {"name": ..., "varied": [keys the sweep varies]}
+TAG_LENGTH = 64  # W&B's longest tag
+
+
+def varied_keys(config: DictConfig) -> list[str]:
+    """The keys a multirun varies: sweep overrides on the command line (`a=1,2`, `range(...)`, `choice(...)`) and
+    the sweeper's `params` (an experiment file's grid, an Optuna search space), in that order."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    lines = list(config.hydra.overrides.task)
+    lines += [f"{key}={value}" for key, value in (OmegaConf.select(config, "hydra.sweeper.params") or {}).items()]
+    keys = [override.key_or_group for override in OverridesParser.create().parse_overrides(lines)
+            if override.is_sweep_override()]
+    return list(dict.fromkeys(keys))
+
+
+def sweep_name(folder: Path) -> str:
+    """A sweep's name: its folder under multirun/, `<experiment>/<sweep>`."""
+    return f"{folder.parent.name}/{folder.name}"
+
+
+def sweep_tag(name: str) -> str:
+    """The W&B tag of a sweep's runs (a long name keeps its start and a hash, to fit W&B's 64 characters)."""
+    import hashlib
+
+    tag = f"sweep:{name}"
+    if len(tag) <= TAG_LENGTH:
+        return tag
+    return f"{tag[:TAG_LENGTH - 9]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+class SweepIdentity(Callback):
+    """Learns the varied keys once, from the multirun's own command line and sweeper, and writes them into the sweep
+    folder as each job starts (in the job's process, whatever the launcher), where the job's W&B run reads them."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.varied = varied_keys(config)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not hasattr(self, "varied"):  # a single run: no multirun started
+            return
+        folder = Path(config.hydra.sweep.dir)
+        record = {"name": sweep_name(folder.resolve()), "varied": self.varied}
+        if not (folder / SWEEP_FILE).is_file() or json.loads((folder / SWEEP_FILE).read_text()) != record:
+            write_json_atomic(folder / SWEEP_FILE, record)
+
+
+def job_sweep() -> dict | None:
+    """In a multirun job: the sweep's identity for the job's W&B config (`sweep`): its name, the keys it varies,
+    the W&B config keys its configurations differ in (`group_by`: the varied keys but seed; a varied config group
+    such as `experiment` by its choice, `sweep.choices.<group>`) and this job's choices of those groups. None in a
+    single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    hydra = HydraConfig.get()
+    folder = Path(hydra.sweep.dir).resolve()
+    record = json.loads((folder / SWEEP_FILE).read_text()) if (folder / SWEEP_FILE).is_file() else {}
+    varied = list(record.get("varied", []))
+    choices = {key: hydra.runtime.choices[key] for key in varied if key in hydra.runtime.choices}
+    return {"name": record.get("name", sweep_name(folder)), "folder": str(folder), "varied": varied,
+            "group_by": [f"sweep.choices.{key}" if key in choices else key for key in varied if key != "seed"],
+            "choices": choices}

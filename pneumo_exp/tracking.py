@@ -2,7 +2,8 @@
 of truth) mirrored to Weights & Biases.
 
 One W&B run per job, opened on the main process only, offline unless the user asks for online, with the resolved
-config, group = experiment, job_type = stage, and best-epoch summaries.
+config, group = experiment, job_type = stage, and best-epoch summaries. A job of a multirun also carries its sweep's
+identity (config key `sweep`, tag `sweep:<name>`: `pneumo_exp.sweep.job_sweep`), so one view selects one sweep.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from pneumo_exp.config import JobConfig, LoggerMode, plain
+from pneumo_exp.config import JobConfig, LoggerConfig, LoggerMode, plain
 from pneumo_exp.core.files import write_atomic
 from pneumo_exp.core.history import HistoryFile
 
@@ -22,6 +23,20 @@ BEST_EPOCH_SUMMARIES = {"val/f1_macro": "max", "val/acc": "max", "val/recall_mac
 
 def numeric_items(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def open_run(logger: LoggerConfig, folder: Path, job_type: str, name: str, group: str, tags: list[str],
+             config: dict):
+    """A W&B run whose files live in `folder/wandb`; its id is kept in `folder/wandb_id.txt`, so running again in
+    the same folder continues the same run."""
+    import wandb
+
+    id_file = folder / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+    write_atomic(id_file, run_id + "\n")
+    return wandb.init(project=logger.project, entity=logger.entity, group=group, job_type=job_type, name=name,
+                      tags=tags, config=config, dir=str(folder), mode=LoggerMode(logger.mode).value, id=run_id,
+                      resume="allow", settings=wandb.Settings(quiet=True, x_disable_stats=True))
 
 
 class RunLogger:
@@ -34,16 +49,14 @@ class RunLogger:
             self.run = self._start_wandb(cfg, job_type, run_name)
 
     def _start_wandb(self, cfg: JobConfig, job_type: str, run_name: str):
-        import wandb
+        from pneumo_exp.sweep import job_sweep, sweep_tag
 
-        id_file = self.output_dir / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
-        write_atomic(id_file, run_id + "\n")
-        config = plain(cfg)
-        run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
-                         job_type=job_type, name=run_name, tags=list(cfg.tags), config=config,
-                         dir=str(self.output_dir), mode=LoggerMode(cfg.logger.mode).value, id=run_id, resume="allow",
-                         settings=wandb.Settings(quiet=True, x_disable_stats=True))
+        config, tags, sweep = plain(cfg), list(cfg.tags), job_sweep()
+        if sweep is not None:
+            config["sweep"] = sweep
+            tags.append(sweep_tag(sweep["name"]))
+        run = open_run(cfg.logger, self.output_dir, job_type=job_type, name=run_name, group=cfg.logger.group,
+                       tags=tags, config=config)
         run.define_metric("epoch")
         for prefix in ("train", "val", "val_live", "test"):
             run.define_metric(f"{prefix}/*", step_metric="epoch")
