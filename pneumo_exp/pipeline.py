@@ -103,6 +103,12 @@ def run(composed: DictConfig) -> dict[str, float]:
         target = Path(cfg.report.output or Path(cfg.report.input) / "report")
         print(main_report(cfg.report.input, target, cfg.report.pairs, cfg.report.bootstrap_samples), flush=True)
         print(f"report written to {target}", flush=True)
+        if is_main_process():
+            from pneumo_exp.report.wandb_run import log_report_run
+
+            run_folder = log_report_run(cfg, Path(cfg.report.input), target)
+            if run_folder is not None:
+                print(f"W&B run 'report' ({cfg.logger.mode.value}) in {run_folder}", flush=True)
         return {}
     if cfg.task == "generator_study":
         from pneumo_exp.evaluation.generator_study import run_generator_study

@@ -31,7 +31,8 @@ EPOCHS = 3
 SWEEP = Path("multirun") / EXPERIMENT / "2026-01-05_10-00-00-000001"
 RETRY_SWEEP = Path("multirun") / EXPERIMENT / "2026-01-06_09-30-00-000002" / "retry"  # nested one level deeper
 PLOTS = ("curves.png", "confusion_test.png", "bars.png")
-OUTPUT_FILES = {"table.md", "table.csv", "table.tex", "pairs.csv", "epochs.md", "failures.md", *PLOTS}
+OUTPUT_FILES = {"table.md", "table.csv", "table.tex", "pairs.csv", "references.csv", "epochs.md", "failures.md",
+                *PLOTS}
 
 
 # ------------------------------------------------------------------------------------------- fake run folders

@@ -8,7 +8,8 @@ reads every such folder under a root, whatever its depth (`collect`), summarises
 - `table.md`, `table.csv`, `table.tex`: one row per configuration (the same overrides and resolved settings), test
   metrics of the best epoch as mean ± sample std [95 % CI of the mean over seeds, Student t with n-1 dof], with the
   original study's published numbers and always NORMAL for comparison (`published`, from conf/report/default.yaml)
-  where every result was tested on the official test split, else always NORMAL on the results' own test split;
+  where every result was tested on the official test split, else always NORMAL on the results' own test split
+  (those reference rows alone in `references.csv`);
 - a paired comparison of chosen configurations (`report.pairs`; default: the paper table's augmentation gain and each
   classifier mode against zero-shot): the difference in test accuracy and macro F1 with a Student-t CI over
   seed-matched differences, a paired patient-level bootstrap CI over the test split, and McNemar's exact p per
@@ -17,6 +18,8 @@ reads every such folder under a root, whatever its depth (`collect`), summarises
 - `failures.md`: failed jobs (folder, overrides, first line of the error) and unfinished ones, and the runs that are
   no result (a capped or subset test), which no table, plot or comparison counts;
 - `curves.png`, `confusion_test.png`, `bars.png` (see `pneumo_exp/report/plots.py`).
+
+`pneumo-exp report` also logs it all to one W&B run (`wandb_run`), unless `logger=none`.
 
 Every file is written atomically (temporary file in the output folder, then `os.replace`); nothing is written
 outside the output folder.
@@ -42,6 +45,7 @@ from pneumo_exp.report.tables import (
     latex_table,
     not_results_markdown,
     pairs_csv,
+    references_csv,
     report_markdown,
 )
 from pneumo_exp.validate import SettingError
@@ -74,6 +78,7 @@ def write_report(root: str | os.PathLike, output_dir: str | os.PathLike, referen
         "table.csv": csv_text(groups, metrics),
         "table.tex": latex_table(groups, metrics, references, comparisons),
         "pairs.csv": pairs_csv(comparisons),
+        "references.csv": references_csv(references or []),
         "epochs.md": epochs_document(groups, ORIGINAL_STUDY in (references or ())),
         "failures.md": "\n".join([*failures_markdown(runs, root), *not_results_markdown(runs, root)]) + "\n",
         "curves.png": report_plots.curves_png({g["label"]: g["epochs"] for g in completed}, CURVE_METRICS),

@@ -271,6 +271,17 @@ def pairs_csv(comparisons: Sequence[dict]) -> str:
     return buffer.getvalue()
 
 
+def references_csv(references: Sequence[dict]) -> str:
+    """The reference rows beside the table (published numbers, always NORMAL): name, then their test metrics."""
+    metrics = list(dict.fromkeys(metric for row in references for metric in row["test"]))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["name", *metrics])
+    for row in references:
+        writer.writerow([row["name"], *("" if row["test"].get(m) is None else repr(row["test"][m]) for m in metrics)])
+    return buffer.getvalue()
+
+
 LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 
