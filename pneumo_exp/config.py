@@ -79,12 +79,18 @@ class ImageTower(str, Enum):
     conv = "conv"
 
 
+class BackboneFamily(str, Enum):
+    clip = "clip"  # CLIPModel: softmax-trained, logits = scale x cosine
+    siglip = "siglip"  # SiglipModel (SigLIP, SigLIP 2 FixRes, MedSigLIP): sigmoid-trained, scale x cosine + bias
+
+
 @dataclass
 class ClipConfig:
     name: str = MISSING
+    family: BackboneFamily = BackboneFamily.clip  # which model class `pretrained` holds (classify/model.py)
     pretrained: str | None = None  # hub id or local directory; null builds `architecture` with random weights
     revision: str | None = None  # hub commit hash (or branch/tag) to load; null: the hub's main
-    architecture: dict[str, Any] | None = None  # CLIPConfig keyword arguments for the random-init presets
+    architecture: dict[str, Any] | None = None  # CLIPConfig / SiglipConfig keyword arguments (random-init presets)
     image_size: int = 224
     allow_resize: bool = False  # true: train on dataset.resolution images resized to image_size in every batch
     image_tower: ImageTower = ImageTower.vit  # conv: a residual CNN in place of the ViT (from-scratch presets)
@@ -93,6 +99,7 @@ class ClipConfig:
     train_text_encoder: bool = False  # the text side trains too: LoRA on it (lora) or all its weights (full)
     center_class_embeddings: bool = False  # subtract the class mean: keeps random-init text towers apart
     gradient_checkpointing: bool = False  # recompute the transformer layers in backward: less memory, more time
+    lowercase_prompts: bool = False  # lowercase the prompts first (SigLIP 2 trained on lowercased text)
     prompts: dict[str, list[str]] = MISSING  # class -> prompt templates: conf/clip_lora/prompts/
 
 

@@ -302,7 +302,9 @@ def test_best(cfg: JobConfig, splits: dict[str, SplitTensors], output_dir: Path,
     if mode != ClassifierMode.zero_shot:
         load_weights(classifier, peft_model, mode, best_folder)
     model = accelerator.prepare(classifier)
-    results: dict = {"metrics": {}, "ci95": {}, "confusion_matrix": {}, "images": {}}
+    results: dict = {"metrics": {}, "ci95": {}, "confusion_matrix": {}, "images": {},
+                     "backbone": {"family": classifier.family.value,  # how images reached it, from its checkpoint
+                                  "preprocessing": classifier.preprocessing.as_dict()}}
     for name in [name for name in ("val", "test") if len(splits[name].labels) > 0
                  and (name == "val" or cfg.trainer.evaluate_test)]:
         metrics, probabilities = evaluate(model, splits[name], cfg, accelerator, f"{name} (best weights)")

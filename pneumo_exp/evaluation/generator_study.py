@@ -135,7 +135,7 @@ class Judge:
 
         self.cfg, self.reference = cfg, reference
         self.embedding = ImageEmbedding(reference.classifier, reference.accelerator)
-        self.num_features = reference.classifier.clip.config.projection_dim
+        self.num_features = reference.classifier.embedding_dim
         real = image_set(reference.data.records, reference, progress=True)  # the run's own cache: built once
         self.train = self.subset(real, "train")
         self.validation = self.subset(real, "val")

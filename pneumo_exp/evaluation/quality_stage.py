@@ -46,8 +46,8 @@ class ImageEmbedding(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with self.accelerator.autocast():
             pixel_values = self.classifier.pixel_values(images.to(self.accelerator.device))
-            features = self.classifier.clip.get_image_features(pixel_values=pixel_values)
-        return F.normalize(features.pooler_output.float(), dim=-1).cpu()
+            features = self.classifier.image_features(pixel_values)
+        return F.normalize(features.float(), dim=-1).cpu()
 
 
 def pixels_by_class(data: PreparedData, source: str, cfg: JobConfig) -> dict[str, np.ndarray]:
@@ -144,7 +144,7 @@ def run_quality(cfg: JobConfig, data: PreparedData, output_dir: Path, logger) ->
     classifier, _ = load_trained(output_dir, cfg.paths.cache_dir)
     accelerator = evaluation_accelerator(cfg.trainer)
     encoder = ImageEmbedding(classifier.to(accelerator.device), accelerator)
-    dimension = classifier.clip.config.projection_dim
+    dimension = classifier.embedding_dim
     report = quality_report(real, synthetic, encoder, dimension, image_size=cfg.dataset.resolution, seed=cfg.seed,
                             batch_size=cfg.trainer.eval_batch_size, copy_fraction=cfg.quality.copy_fraction,
                             kid_subset_size=cfg.quality.kid_subset_size, kid_subsets=cfg.quality.kid_subsets)
