@@ -51,9 +51,12 @@ generator-study: install ## did cxr_small learn? make generator-study RUN=<real-
 
 AUGMENT_ROWS := original_no_augmentation,original_study,ratio_half
 STUDY ?= main
+AUGMENT_GENERATOR = multirun/augment_cpu/$(STUDY)-generator
 augment-cpu: install ## does augmentation help? recipe v3 with/without cxr_small images, 3 seeds: make augment-cpu DATA=...
-	$(BIN)/pneumo-exp -m experiment=$(subst $(comma),$(comma)augment_cpu/,augment_cpu/$(AUGMENT_ROWS)) seed=$(SEEDS) \
-	  dataset.root=$(DATA) hydra.sweep.dir=multirun/augment_cpu/$(STUDY)
+	$(BIN)/pneumo-exp experiment=augment_cpu/generator dataset.root=$(DATA) hydra.run.dir=$(AUGMENT_GENERATOR)
+	$(BIN)/pneumo-exp -m seed=$(SEEDS) experiment=$(subst $(comma),$(comma)augment_cpu/,augment_cpu/$(AUGMENT_ROWS)) \
+	  dataset.root=$(DATA) diffusion_lora.trained_lora=$(abspath $(AUGMENT_GENERATOR))/diffusion/lora \
+	  hydra.sweep.dir=multirun/augment_cpu/$(STUDY)
 	$(BIN)/pneumo-exp report report.input=multirun/augment_cpu/$(STUDY) \
 	  'report.pairs=[[original_study,original_no_augmentation],[ratio_half,original_no_augmentation]]'
 
