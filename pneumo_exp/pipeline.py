@@ -85,6 +85,8 @@ def run(composed: DictConfig) -> dict[str, float]:
         from pneumo_exp.diffusion.pretrain import require_built_base
 
         require_built_base(cfg.diffusion_lora)
+        if "diffusion" not in cfg.stages:
+            require_trained_lora(cfg.diffusion_lora.trained_lora)
     check_resumable(cfg, output_dir)
     if finished_before(cfg, output_dir):
         finished = output_dir / "results.json"
@@ -225,6 +227,13 @@ def train_diffusion(cfg: JobConfig, data: PreparedData, output_dir: Path, logger
     return str(lora_folder)
 
 
+
+
+def require_trained_lora(folder: str) -> None:
+    if not (Path(folder) / "lora_info.json").is_file():
+        raise SettingError(f"no trained LoRA at {folder}", where="diffusion_lora.trained_lora",
+                           fix="train one first with the diffusion stage (the augmentation study's: pneumo-exp "
+                               "experiment=augment_cpu/generator dataset.root=...) and name its diffusion/lora folder")
 
 
 class LoraSplitUnknownError(UserError, FileNotFoundError):

@@ -74,6 +74,8 @@ def test_a_misspelt_key_or_value_names_the_closest_valid_one(command_line, tmp_p
     (["diffusion_lora.training.cache_latents=true", "diffusion_lora.training.crop_min_side=0.9"],
      ["diffusion_lora.training.crop_min_side", "cache_latents"]),
     (["clip_lora=vit_b16", "clip_lora.pretrained=null"], ["clip_lora.pretrained", "architecture"]),
+    (["stages=[data,synthesize,classify]", "diffusion_lora.trained_lora=not_trained/lora"],
+     ["diffusion_lora.trained_lora", "not_trained/lora", "augment_cpu/generator"]),
 ])
 def test_a_bad_setting_is_refused_before_any_work(command_line, no_work, tmp_path, overrides, parts):
     assert_one_line(*command_line(*overrides), *parts)
