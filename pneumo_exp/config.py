@@ -292,6 +292,13 @@ class ReportConfig:
 
 
 @dataclass
+class DashboardConfig:
+    """`pneumo-exp dashboard report.input=<sweep folder>`: the sweep's saved W&B view (pneumo_exp/dashboard.py)."""
+    dry_run: bool = False  # true: write the view's spec to <sweep>/dashboard_spec.json, save nothing
+    name: str | None = None  # the view's name; null: "pneumo_exp sweep <experiment>/<sweep>"
+
+
+@dataclass
 class QualityConfig:
     copy_fraction: float = 0.25  # a synthetic image this much closer to a real one than real images are to each other
     kid_subset_size: int = 50
@@ -331,6 +338,7 @@ class JobConfig:
     sweep_name: str = MISSING
     sweep_objective: str | None = None
     predict: PredictConfig = field(default_factory=PredictConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
     generator_study: GeneratorStudyConfig = field(default_factory=GeneratorStudyConfig)
     dataset: DatasetConfig = MISSING

@@ -112,6 +112,11 @@ def run(composed: DictConfig) -> dict[str, float]:
             if run_folder is not None:
                 print(f"W&B run 'report' ({cfg.logger.mode.value}) in {run_folder}", flush=True)
         return {}
+    if cfg.task == "dashboard":
+        from pneumo_exp.dashboard import main_dashboard
+
+        print(main_dashboard(cfg), flush=True)
+        return {}
     if cfg.task == "generator_study":
         from pneumo_exp.evaluation.generator_study import run_generator_study
 

@@ -67,7 +67,7 @@ def write_run_info(cfg: JobConfig, output_dir: str | os.PathLike) -> None:
 # Config keys (and their sub-keys) that never change what a job computes: they neither name a sweep's job folder,
 # nor split a report's configurations, nor stop a resume or the skip of a finished job when they differ.
 RESULT_NEUTRAL_KEYS = ("task", "resume", "logger", "paths", "hydra", "tags", "sweep_name", "sweep_objective",
-                       "report", "predict", "generator_study")
+                       "report", "dashboard", "predict", "generator_study")
 
 
 def shapes_result(key: str, neutral: Iterable[str] = RESULT_NEUTRAL_KEYS) -> bool:

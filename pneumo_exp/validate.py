@@ -119,7 +119,7 @@ BETAS = ("optim.betas", "diffusion_lora.training.betas")
 KNOWN_STAGES = ("data", "diffusion", "synthesize", "classify", "quality")
 
 
-TASKS = ("run", "summary", "predict", "report", "pretrain_diffusion", "generator_study")
+TASKS = ("run", "summary", "predict", "report", "dashboard", "pretrain_diffusion", "generator_study")
 
 
 def check_plan(cfg: DictConfig) -> None:
@@ -296,8 +296,8 @@ def check_model_sources(cfg: DictConfig) -> None:
 
 
 def check_task_inputs(cfg: DictConfig) -> None:
-    """predict, report and generator_study read what the user names: refused before the run folder is written if it
-    is not there."""
+    """predict, report, dashboard and generator_study read what the user names: refused before the run folder is
+    written if it is not there."""
     if cfg.task == "predict":
         run_dir = required_path(cfg, "predict.run_dir", "<the folder of a finished run>")
         if not (run_dir / "config.yaml").is_file():
@@ -307,7 +307,7 @@ def check_task_inputs(cfg: DictConfig) -> None:
         if not images.exists():
             raise SettingError(f"{images} does not exist", where="predict.input",
                                fix="give an image or a folder of images")
-    if cfg.task == "report":
+    if cfg.task in ("report", "dashboard"):
         folder = required_path(cfg, "report.input", "<a sweep folder, or any folder holding run folders>")
         if not folder.is_dir():
             raise SettingError(f"no folder {folder}", where="report.input",
