@@ -27,6 +27,7 @@ $(STAMP): pyproject.toml requirements/lock.txt
 
 demo: install ## the main job on built-in phantom data (no download): classifier, then with diffusion augmentation
 	$(BIN)/pneumo-exp experiment=demo
+	$(BIN)/pneumo-exp task=pretrain_diffusion experiment=demo_augmented
 	$(BIN)/pneumo-exp experiment=demo_augmented
 
 test: install lint ## the lint gate, then the whole test suite (slow tests included)

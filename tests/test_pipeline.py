@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import compose
 
 from pneumo_exp.pipeline import run
 
@@ -17,8 +18,21 @@ SMALL = ["dataset.patients_per_class=8", "dataset.test_patients_per_class=4", "t
          "trainer.batch_size=8", "trainer.bootstrap_samples=100"]
 
 
-def test_augmented_run_keeps_synthetic_images_in_training_only(make_cfg):
-    cfg = make_cfg("experiment=demo_augmented", *SMALL, "diffusion_lora.training.epochs=1",
+@pytest.fixture(scope="module")
+def demo_base(tmp_path_factory, model_cache) -> Path:
+    """The demo's phantom_small base as `make demo` builds it (task=pretrain_diffusion experiment=demo_augmented),
+    on the SMALL split and for a few steps: tests/test_pretrain.py proves that the pretraining learns."""
+    folder = tmp_path_factory.mktemp("demo_base")
+    run(compose([f"paths.output_dir={folder / 'run'}", f"paths.cache_dir={model_cache}", "logger=none",
+                 "task=pretrain_diffusion", "experiment=demo_augmented", *SMALL,
+                 f"diffusion_lora.pretrained={folder / 'base'}", "diffusion_lora.pretraining.vae_steps=10",
+                 "diffusion_lora.pretraining.unet_steps=10"]))
+    return folder / "base"
+
+
+def test_augmented_run_keeps_synthetic_images_in_training_only(make_cfg, demo_base):
+    cfg = make_cfg("experiment=demo_augmented", *SMALL, f"diffusion_lora.pretrained={demo_base}",
+                   "diffusion_lora.training.epochs=1",
                    "diffusion_lora.training.validation_every=0", "diffusion_lora.generation.num_inference_steps=2")
     run(cfg)
     folder = Path(cfg.paths.output_dir)
