@@ -50,14 +50,21 @@ def model_class(family: BackboneFamily):
 
 
 def build_random(family: BackboneFamily, architecture: dict, image_size: int, folder: Path) -> None:
-    """Save a randomly initialised model of `family`, its tokenizer and image processor as a checkpoint folder."""
+    """Save a randomly initialised model of `family`, its tokenizer and image processor as a checkpoint folder,
+    drawn from seed 0 without touching the caller's random state (a run that built the folder draws its LoRA
+    weights as a run that found it built)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        save_random(family, architecture, image_size, folder)
+
+
+def save_random(family: BackboneFamily, architecture: dict, image_size: int, folder: Path) -> None:
     from transformers import CLIPConfig, CLIPImageProcessorPil, SiglipConfig, SiglipImageProcessorPil
 
     tokenizer = character_tokenizer()
     special = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     vision = {**architecture.get("vision", {}), "image_size": image_size, "num_channels": 3}
-    torch.manual_seed(0)
     if family == BackboneFamily.clip:
         text = {"max_position_embeddings": MAX_TEXT_TOKENS, **architecture.get("text", {}), **special}
         model = model_class(family)(CLIPConfig(text_config=text, vision_config=vision,
