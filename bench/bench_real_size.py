@@ -2,6 +2,7 @@
 
     python bench/bench_real_size.py [--configs ../shared/models] [--data ../shared/data/kermany-224]
                                     [--rows original_study,zero_shot] [--images-per-class 8] [--out FILE]
+                                    [--medsiglip | --medsiglip-only]
 
 Builds random-init CLIP ViT-L/14 and Stable Diffusion 2 (768 px) folders once from the official configuration files
 in `--configs` (any folder with the layout of `../shared/models`: clip-vit-large-patch14/, stable-diffusion-2/,
@@ -15,6 +16,9 @@ utilisation against the bf16 matmul peak measured in the same run), SD2-768 LoRA
 without latent caching at the preset's batch and accumulation (the rows train the LoRA at batch 1 x 1), and
 generation images/s at 25 steps. Writes one JSON (default bench/results/real_size.json); the numbers are of this
 machine, this load, this run.
+
+`--medsiglip` adds (`--medsiglip-only`: runs only) a few LoRA steps of clip_lora=medsiglip_448 on a random-init
+MedSigLIP-shaped model (`--configs`/medsiglip-448/ if present, else the published sizes), timed, with peak memory.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import torch  # noqa: E402
 from conftest import compose  # noqa: E402
 
+from pneumo_exp.config import plain  # noqa: E402
 from pneumo_exp.core.files import build_folder_once, write_json_atomic  # noqa: E402
 
 PAPER_ROWS = ("original_study", "original_no_augmentation", "zero_shot", "linear_probe", "lora", "full")
@@ -80,6 +85,35 @@ def build_sd2(configs: Path, folder: Path) -> None:
     copy_json_files(configs / "clip-bpe", folder / "tokenizer")
     shutil.copy(configs / "clip-bpe" / "merges.txt", folder / "tokenizer" / "merges.txt")
     shutil.copy(source / "model_index.json", folder / "model_index.json")
+
+
+# google/medsiglip-448 as published: SigLIP so400m-shaped towers (vision ViT patch 14 at 448 px, ~400 M parameters;
+# text 27 layers, ~450 M with its 32k vocabulary), used where --configs holds no medsiglip-448/config.json
+MEDSIGLIP_448 = {"vision_config": {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
+                                   "num_attention_heads": 16, "patch_size": 14, "image_size": 448},
+                 "text_config": {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
+                                 "num_attention_heads": 16, "max_position_embeddings": 64, "vocab_size": 32000}}
+
+
+def build_medsiglip(configs: Path, folder: Path) -> None:
+    """A random-init MedSigLIP-shaped SiglipModel: `configs/medsiglip-448/` (config.json, preprocessor_config.json)
+    where present, else the published sizes with SigLIP's processor at 448 px; the offline character tokenizer
+    (its ids fit any vocabulary)."""
+    from transformers import SiglipConfig, SiglipImageProcessorPil, SiglipModel
+
+    from pneumo_exp.core.presets import character_tokenizer
+
+    source = configs / "medsiglip-448"
+    config = (SiglipConfig.from_pretrained(source) if (source / "config.json").is_file()
+              else SiglipConfig(**MEDSIGLIP_448))
+    torch.manual_seed(0)
+    SiglipModel(config).save_pretrained(folder)
+    character_tokenizer().save_pretrained(folder)
+    if (source / "preprocessor_config.json").is_file():
+        shutil.copy(source / "preprocessor_config.json", folder / "preprocessor_config.json")
+    else:
+        side = config.vision_config.image_size
+        SiglipImageProcessorPil(size={"height": side, "width": side}).save_pretrained(folder)
 
 
 def real_size_models(configs: Path, cache: Path) -> dict[str, Path]:
@@ -271,9 +305,9 @@ def run_row(row: str, overrides: list[str], scratch: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ throughput
 
 GPU_SIZES = {"matmul_side": 8192, "clip_batch": 32, "clip_steps": 10, "diffusion_steps": 20, "images": 8,
-             "sampling_steps": 25}
+             "sampling_steps": 25, "siglip_batch": 8, "siglip_steps": 5}
 CPU_SIZES = {"matmul_side": 1024, "clip_batch": 2, "clip_steps": 1, "diffusion_steps": 2, "images": 2,
-             "sampling_steps": 2}  # only to exercise the code path: CPU numbers come from the rows
+             "sampling_steps": 2, "siglip_batch": 1, "siglip_steps": 1}  # only to exercise the code path
 
 
 def synchronize(device: str) -> None:
@@ -295,7 +329,8 @@ def bf16_matmul_peak_tflops(device: str, side: int, repeats: int = 20) -> float:
 
 
 def clip_lora_throughput(cfg, batch: int, steps: int, device: str) -> dict:
-    """CLIP LoRA training steps (the original study's adapters) under bf16 autocast: images/s and TFLOP/s."""
+    """LoRA training steps of `cfg.clip_lora` (CLIP-L: the original study's adapters) under bf16 autocast at its
+    image size: images/s and TFLOP/s."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from pneumo_exp.classify.model import build_classifier, trainable_parameters
@@ -303,7 +338,8 @@ def clip_lora_throughput(cfg, batch: int, steps: int, device: str) -> dict:
     classifier, _ = build_classifier(cfg.clip_lora, cfg.paths.cache_dir)
     classifier.to(device).train()
     optimizer = torch.optim.AdamW(trainable_parameters(classifier), lr=1e-5)
-    images = torch.rand(batch, 1, 224, 224, device=device)
+    side = cfg.clip_lora.image_size
+    images = torch.rand(batch, 1, side, side, device=device)
     labels = torch.randint(0, 3, (batch,), device=device)
 
     def step() -> None:
@@ -389,6 +425,22 @@ def throughput(overrides: list[str], scratch: Path, device: str) -> dict:
             "sd_lora": diffusion_throughput(overrides, scratch, sizes, device)}
 
 
+def medsiglip_lora(configs: Path, model_cache: Path, scratch: Path, device: str) -> dict:
+    """A few LoRA steps of clip_lora=medsiglip_448 (its adapters on both towers, its resolution) on a random-init
+    MedSigLIP-shaped model, timed, with the peak memory of building it and stepping."""
+    folder = build_folder_once(model_cache / "medsiglip-448", "config.json",
+                               lambda staging: build_medsiglip(configs, staging))
+    side = json.loads((folder / "config.json").read_text())["vision_config"]["image_size"]
+    cfg = compose(["clip_lora=medsiglip_448", f"clip_lora.pretrained={folder}", f"clip_lora.image_size={side}",
+                   f"dataset.resolution={side}", f"paths.cache_dir={scratch / 'cache'}"])
+    sizes = GPU_SIZES if device.startswith("cuda") else CPU_SIZES
+    print(f"medsiglip_448 LoRA: {sizes['siglip_steps']} steps at batch {sizes['siglip_batch']}, {side} px", flush=True)
+    with measured("medsiglip lora") as entry:
+        steps = clip_lora_throughput(cfg, sizes["siglip_batch"], sizes["siglip_steps"], device)
+    return {"model": str(folder), "image_size": side, "lora": plain(cfg.clip_lora.lora), **steps,
+            **{key: entry[key] for key in ("seconds", "rss_peak_gib", "cuda_max_allocated_gib") if key in entry}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", type=Path, default=REPO.parent / "shared" / "models")
@@ -398,27 +450,36 @@ def main() -> None:
     parser.add_argument("--model-cache", type=Path, default=Path.home() / ".cache" / "pneumo_exp" / "real-size")
     parser.add_argument("--override", action="append", default=[], help="an extra Hydra override (repeatable)")
     parser.add_argument("--throughput", action="store_true", help="the throughput section on a CPU too (tiny sizes)")
+    parser.add_argument("--medsiglip", action="store_true",
+                        help="also a few LoRA steps of a random-init MedSigLIP-shaped model (clip_lora=medsiglip_448)")
+    parser.add_argument("--medsiglip-only", action="store_true", help="only those steps: no rows, no throughput")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "real_size.json")
     args = parser.parse_args()
-    for needed in (args.configs / "clip-vit-large-patch14", args.configs / "stable-diffusion-2", args.data):
-        if not needed.is_dir():
-            raise SystemExit(f"bench_real_size: {needed} is not a folder (see --configs and --data)")
+    needed = [] if args.medsiglip_only else [args.configs / "clip-vit-large-patch14",
+                                             args.configs / "stable-diffusion-2", args.data]
+    for folder in needed:
+        if not folder.is_dir():
+            raise SystemExit(f"bench_real_size: {folder} is not a folder (see --configs and --data)")
     global SAMPLER
     SAMPLER = PeakSampler()
     instrument_stages()
-    models = real_size_models(args.configs, args.model_cache)
     scratch = Path(tempfile.mkdtemp(prefix="bench-real-size-"))
-    data = real_data_subset(args.data, args.images_per_class, scratch / "data")
     on_gpu = torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
     report = {"device": torch.cuda.get_device_name() if on_gpu else f"cpu ({os.cpu_count()} cores)",
               "torch": torch.__version__, "images_per_class": args.images_per_class, "rows": []}
-    overrides = section_overrides(models, data, not on_gpu, args.override)
     try:
-        for row in args.rows.split(","):
-            report["rows"].append(run_row(row, overrides["rows"], scratch))
-            write_json_atomic(args.out, report)
-        if on_gpu or args.throughput:
-            report["throughput"] = throughput(overrides["throughput"], scratch, "cuda" if on_gpu else "cpu")
+        if not args.medsiglip_only:
+            models = real_size_models(args.configs, args.model_cache)
+            data = real_data_subset(args.data, args.images_per_class, scratch / "data")
+            overrides = section_overrides(models, data, not on_gpu, args.override)
+            for row in args.rows.split(","):
+                report["rows"].append(run_row(row, overrides["rows"], scratch))
+                write_json_atomic(args.out, report)
+            if on_gpu or args.throughput:
+                report["throughput"] = throughput(overrides["throughput"], scratch, device)
+        if args.medsiglip or args.medsiglip_only:
+            report["medsiglip_lora"] = medsiglip_lora(args.configs, args.model_cache, scratch, device)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     write_json_atomic(args.out, report)
