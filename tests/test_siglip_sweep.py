@@ -23,7 +23,9 @@ def pneumo_exp(*args: str) -> str:
 
 
 def test_the_sweep_grid_is_backbone_by_alpha_by_lr_by_seed():
-    params = compose(["experiment=sweep/backbones"], ).hydra.sweeper.params
+    from omegaconf import OmegaConf
+
+    params = OmegaConf.load(REPO / "experiments" / "sweep" / "backbones.yaml").hydra.sweeper.params
     assert {key: len(str(value).split(",")) for key, value in params.items()} == {
         "clip_lora": 2, "clip_lora.lora.alpha": 3, "optim.lr": 2, "seed": 3}
     for backbone, side in (("tiny_siglip", 64), ("medsiglip_448", 448)):
