@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint summary pretrain-diffusion generator-study augment-cpu sweep-demo dashboard paper-demo paper paper-cpu bench bench-kermany bench-kermany-final lock sync clean
+.PHONY: help install demo test lint summary pretrain-diffusion generator-study augment-cpu sweep-demo sweep-backbones dashboard paper-demo paper paper-cpu bench bench-kermany bench-kermany-final lock sync clean
 
 PAPER_ROWS := original_study,original_no_augmentation,zero_shot,linear_probe,lora,full
 SEEDS ?= 0,1,2
@@ -64,6 +64,12 @@ augment-cpu: install ## does augmentation help? recipe v3 with/without cxr_small
 sweep-demo: install ## LoRA alpha x lr x 3 seeds on phantom data (~2 min), then its report
 	$(BIN)/pneumo-exp -m experiment=sweep/alpha_lr hydra.sweep.dir=multirun/sweep_alpha_lr/$(SWEEP)
 	$(BIN)/pneumo-exp report report.input=multirun/sweep_alpha_lr/$(SWEEP)
+
+BACKBONES ?= tiny_vit,tiny_siglip
+sweep-backbones: install ## backbone x LoRA alpha x lr x 3 seeds, then its report: [BACKBONES=...] [DATA=...] [PAIRS=...]
+	$(BIN)/pneumo-exp -m experiment=sweep/backbones clip_lora=$(BACKBONES) \
+	  $(if $(DATA),dataset=kermany dataset.root=$(DATA)) $(SWEEP_ARGS) hydra.sweep.dir=multirun/sweep_backbones/$(SWEEP)
+	$(BIN)/pneumo-exp report report.input=multirun/sweep_backbones/$(SWEEP) $(if $(PAIRS),'report.pairs=$(PAIRS)')
 
 dashboard: install ## the sweep's saved W&B view: make dashboard SWEEP_DIR=multirun/<experiment>/<sweep> (after make sync)
 	$(BIN)/pneumo-exp dashboard report.input=$(SWEEP_DIR)
