@@ -56,7 +56,7 @@ AUGMENT_GENERATOR = multirun/augment_cpu/$(STUDY)-generator
 augment-cpu: install ## does augmentation help? recipe v3 with/without cxr_small images, 3 seeds: make augment-cpu DATA=...
 	$(BIN)/pneumo-exp experiment=augment_cpu/generator dataset.root=$(DATA) hydra.run.dir=$(AUGMENT_GENERATOR)
 	$(BIN)/pneumo-exp -m seed=$(SEEDS) experiment=$(subst $(comma),$(comma)augment_cpu/,augment_cpu/$(AUGMENT_ROWS)) \
-	  dataset.root=$(DATA) diffusion_lora.trained_lora=$(abspath $(AUGMENT_GENERATOR))/diffusion/lora \
+	  dataset=kermany dataset.root=$(DATA) diffusion_lora.trained_lora=$(abspath $(AUGMENT_GENERATOR))/diffusion/lora \
 	  hydra.sweep.dir=multirun/augment_cpu/$(STUDY)
 	$(BIN)/pneumo-exp report report.input=multirun/augment_cpu/$(STUDY) \
 	  'report.pairs=[[original_study,original_no_augmentation],[ratio_half,original_no_augmentation]]'
@@ -82,12 +82,12 @@ paper-demo: install ## the paper table's rows at demo scale on phantom data, 3 s
 
 paper: install ## the paper table (GPU + hub access): make paper DATA=path/to/chest_xray
 	$(BIN)/pneumo-exp -m experiment=$(subst $(comma),$(comma)paper/,paper/$(PAPER_ROWS)) seed=$(SEEDS) \
-	  dataset.root=$(DATA) hydra.sweep.dir=multirun/paper/$(SWEEP)
+	  dataset=kermany dataset.root=$(DATA) hydra.sweep.dir=multirun/paper/$(SWEEP)
 	$(BIN)/pneumo-exp report report.input=multirun/paper/$(SWEEP)
 
 paper-cpu: install ## the same table with the small from-scratch presets on a CPU: make paper-cpu DATA=...
 	$(BIN)/pneumo-exp -m experiment=$(subst $(comma),$(comma)paper_cpu/,paper_cpu/$(PAPER_ROWS)) seed=$(SEEDS) \
-	  dataset.root=$(DATA) hydra.sweep.dir=multirun/paper_cpu/$(SWEEP)
+	  dataset=kermany dataset.root=$(DATA) hydra.sweep.dir=multirun/paper_cpu/$(SWEEP)
 	$(BIN)/pneumo-exp report report.input=multirun/paper_cpu/$(SWEEP)
 
 bench: install ## throughput: framework vs plain loops (classifier images/s, diffusion steps/s and images/s)

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from pneumo_exp.config import register_schemas
 from pneumo_exp.errors import UserError
-from pneumo_exp.validate import TASKS, SettingError, did_you_mean
+from pneumo_exp.validate import TASKS, SettingError, did_you_mean, options_with_key
 
 COMMANDS = TASKS  # the first word of the command line may name the task
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # the repository's conf/ (editable install)
@@ -185,6 +185,13 @@ def refused_override(error: Exception) -> SettingError:
         key = lines[0].split("'")[1]
         if cause.object_type is dict:  # a free mapping (prompts, per-class counts) takes new entries with +
             return SettingError(f"no entry {key}", fix="add it with " + lines[-1].split(" use ")[-1])
+        options = options_with_key(key)
+        if options:
+            group = key.split(".")[0]
+            choices = " or ".join(f"{group}={option}" for option in options)
+            return SettingError(f"{key} is not a setting of the {group} composed here",
+                                fix=f"choose {choices} on the command line (a multirun composes its first config "
+                                    f"without the options it sweeps, such as experiment=a,b)")
         return SettingError(f"unknown key {key}", fix=did_you_mean(key))
     if isinstance(cause, ValidationError):
         return SettingError(str(cause).splitlines()[0], where=cause.full_key)

@@ -407,6 +407,13 @@ def did_you_mean(key: str) -> str:
     return f"did you mean {close[0]}?" if close else "see every key with pneumo-exp --cfg job"
 
 
+def options_with_key(key: str) -> list[str]:
+    """The options of the key's group whose schema holds the key (`dataset.root`: kermany, folder)."""
+    group, _, rest = key.partition(".")
+    return sorted(name.removesuffix("_schema") for (schema_group, name), schema in SCHEMAS.items()
+                  if schema_group == group and rest in set(dotted_fields(schema, "")))
+
+
 def schema_keys() -> list[str]:
     """Every dotted key of a setting a composed config can hold (the dataset keys of every dataset kind)."""
     keys: set[str] = set()

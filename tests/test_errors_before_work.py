@@ -56,10 +56,18 @@ def assert_one_line(status: int, lines: list[str], *parts: str, expected_status:
     ("trainer.epochs=abc", ["trainer.epochs", "abc"]),
     ("dataset=phantm", ["dataset=phantm", "did you mean dataset=phantom?"]),
     ("trainer.epochs=[", ["trainer.epochs=["]),
+    ("dataset.root=/data", ["dataset.root is not a setting of the dataset", "dataset=folder or dataset=kermany"]),
 ])
 def test_a_misspelt_key_or_value_names_the_closest_valid_one(command_line, tmp_path, override, parts):
     assert_one_line(*command_line(override), *parts)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_multirun_over_experiments_names_the_group_its_first_config_lacks(command_line, tmp_path):
+    """Hydra composes a multirun's first config without the swept options: an experiment's dataset is not there."""
+    status, lines = command_line("-m", "experiment=augment_cpu/original_no_augmentation,augment_cpu/ratio_half",
+                                 "dataset.root=/data")
+    assert_one_line(status, lines, "dataset.root", "dataset=kermany", "multirun")
 
 
 @pytest.mark.parametrize("overrides,parts", [
