@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pneumo_exp.core.nested import nested_value
+
 BLOCK_SIZE = 32768
 CHUNK_HEADER = struct.Struct("<IHB")
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
@@ -75,12 +77,7 @@ class RunFile:
     summary: dict = field(default_factory=dict)  # the final summary, top-level keys
 
     def config_value(self, dotted_key: str, default: Any = None) -> Any:
-        node: Any = self.config
-        for part in dotted_key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return default
-            node = node[part]
-        return node
+        return nested_value(self.config, dotted_key, default)
 
     def has_config(self, dotted_key: str) -> bool:
         missing = object()

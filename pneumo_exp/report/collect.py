@@ -16,6 +16,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from pneumo_exp.core.history import epoch_rows, read_json_lines
+from pneumo_exp.core.nested import nested_value
 from pneumo_exp.rundir import RESULT_NEUTRAL_KEYS, not_a_result, recorded_processes, resolved_settings, shapes_result
 
 # Override keys (and their sub-keys) that never change what a job computes, so never split a configuration.
@@ -37,12 +38,7 @@ class RunRecord:
     error: str | None = None  # failed.json's error
 
     def value(self, dotted_key: str, default: Any = None) -> Any:
-        node: Any = self.config
-        for part in dotted_key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return default
-            node = node[part]
-        return node
+        return nested_value(self.config, dotted_key, default)
 
     @property
     def experiment_name(self) -> str:
