@@ -30,8 +30,8 @@ demo: install ## the main job on built-in phantom data (no download): classifier
 	$(BIN)/pneumo-exp task=pretrain_diffusion experiment=demo_augmented
 	$(BIN)/pneumo-exp experiment=demo_augmented
 
-test: install lint ## the lint gate, then the whole test suite (slow tests included)
-	$(BIN)/python -m pytest
+test: install lint ## the lint gate, then the whole test suite (slow tests included) over all cores, slowest 25 listed
+	$(BIN)/python -m pytest -n auto --dist loadgroup --durations=25
 
 lint: install ## ruff: pyflakes, pycodestyle (120 columns), import order, pyupgrade, bugbear (pyproject.toml)
 	$(BIN)/ruff check .
