@@ -8,7 +8,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 GROUPS = ["dataset", "clip_lora", "diffusion_lora", "augmentation", "optim", "trainer", "logger", "hparams_search",
-          "hydra/launcher"]
+          "debug", "hydra/launcher"]
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))]
 EXPERIMENTS = sorted(str(path.relative_to(REPO / "experiments").with_suffix(""))
                      for path in (REPO / "experiments").rglob("*.yaml"))
@@ -19,6 +19,8 @@ def test_every_group_option_composes(group, option):
     cfg = compose([f"{group}={option}", "dataset.root=/data" if option in ("kermany",) else "seed=0"])
     if group == "hparams_search":
         assert cfg.sweep_objective == "val/f1_macro"
+    elif group == "debug":  # a preset of values in other groups, no node of its own
+        assert "debug" not in cfg
     elif "/" not in group:  # hydra/* options live in the hydra node, which composition checks
         assert cfg[group] is not None
     OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)
@@ -48,6 +50,17 @@ def test_typos_and_bad_values_fail_at_composition(override):
     with pytest.raises(ConfigCompositionException) as error:
         compose([override])
     assert override.split("=")[0].split(".")[-1] in str(error.value) or override in str(error.value)
+
+
+def test_the_smoke_preset_wins_over_the_experiment_and_names_its_job_folder():
+    from pneumo_exp.rundir import job_folder_name
+
+    demo = compose(["experiment=demo"])
+    smoke = compose(["experiment=demo", "debug=smoke"])
+    assert (demo.trainer.epochs, demo.dataset.patients_per_class) == (15, 24)
+    assert (smoke.trainer.epochs, smoke.dataset.patients_per_class) == (2, 8)
+    assert compose(["experiment=demo", "debug=smoke", "trainer.epochs=3"]).trainer.epochs == 3
+    assert job_folder_name(["experiment=demo", "debug=smoke"]) == "debug=smoke,experiment=demo"
 
 
 def test_alpha_is_independent_of_rank():
