@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint summary pretrain-diffusion generator-study augment-cpu sweep-demo sweep-backbones dashboard paper-demo paper paper-cpu bench bench-kermany bench-kermany-final lock sync clean
+.PHONY: help install demo test lint readme-check summary pretrain-diffusion generator-study augment-cpu sweep-demo sweep-backbones dashboard paper-demo paper paper-cpu bench bench-kermany bench-kermany-final lock sync clean
 
 PAPER_ROWS := original_study,original_no_augmentation,zero_shot,linear_probe,lora,full
 SEEDS ?= 0,1,2
@@ -35,6 +35,10 @@ test: install lint ## the lint gate, then the whole test suite (slow tests inclu
 
 lint: install ## ruff: pyflakes, pycodestyle (120 columns), import order, pyupgrade, bugbear (pyproject.toml)
 	$(BIN)/ruff check .
+
+readme-check: install ## the README's printed blocks and names against the code, then against a fresh demo (~1 min)
+	$(BIN)/python -m pytest -q tests/test_readme.py
+	$(BIN)/python tests/test_readme.py
 
 summary: install ## counts and leakage check of a dataset: make summary DATA=path/to/chest_xray
 	$(BIN)/pneumo-exp summary dataset=kermany dataset.root=$(DATA)
