@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
+# pytest-xdist workers share the cores: each gets its share of torch threads (set before torch is imported), and so
+# do the processes it starts. Tests that start several processes each run in the group "subprocess", one at a time.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
@@ -84,6 +91,34 @@ def make_cfg(tmp_path, model_cache):
                         f"logger={logger}", *overrides])
 
     return make
+
+
+class Ran(NamedTuple):
+    status: int
+    out: str
+    err: list[str]  # the lines of stderr
+
+
+@pytest.fixture
+def command_line(monkeypatch, capsys, tmp_path, model_cache):
+    """Runs `pneumo-exp ARGS` in this process, as from a shell (no interpreter start, no imports again). Unless ARGS
+    set them: W&B off, the session's cache, the run folder tmp_path/run."""
+    from pneumo_exp import cli
+
+    def run(*args: str) -> Ran:
+        given = {arg.partition("=")[0] for arg in args}
+        defaults = {"logger": "none", "paths.cache_dir": model_cache, "hydra.run.dir": tmp_path / "run"}
+        monkeypatch.setattr(sys, "argv", ["pneumo-exp", *args,
+                                          *(f"{key}={value}" for key, value in defaults.items() if key not in given)])
+        try:
+            cli.main()
+            status = 0
+        except SystemExit as exited:
+            status = 0 if exited.code is None else exited.code
+        captured = capsys.readouterr()
+        return Ran(status, captured.out, captured.err.strip().splitlines())
+
+    return run
 
 
 class RecordedRows(list):

@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
 
 from pneumo_exp.classify.checkpoint import load_training_state
 from pneumo_exp.core.checkpoint import CheckpointError
@@ -23,15 +19,6 @@ from pneumo_exp.errors import UserError
 from pneumo_exp.pipeline import finished_before, run
 from pneumo_exp.rundir import folder_value, job_folder_name, write_run_info
 from pneumo_exp.validate import SettingError, check_plan
-
-QUICK = ["dataset.patients_per_class=4", "dataset.test_patients_per_class=2", "trainer.epochs=2",
-         "trainer.batch_size=8", "trainer.bootstrap_samples=20"]
-
-
-def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "pneumo_exp.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
 
 
 @pytest.mark.parametrize("override,key", [
@@ -68,35 +55,31 @@ def test_max_train_steps_replaces_diffusion_epochs(make_cfg):
     check_plan(make_cfg("diffusion_lora.training.epochs=0", "diffusion_lora.training.max_train_steps=3"))
 
 
-@pytest.mark.slow
-def test_a_bad_value_ends_in_one_line_and_leaves_no_run_folder(tmp_path, model_cache):
-    run_dir = tmp_path / "run"
-    done = cli("experiment=demo", "trainer.epochs=0", "logger=none", f"paths.cache_dir={model_cache}",
-               f"hydra.run.dir={run_dir}")
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == ["pneumo-exp: error: bad value 0 (trainer.epochs): use 1 or more"]
-    assert not run_dir.exists()
+def test_a_bad_value_ends_in_one_line_and_leaves_no_run_folder(command_line, monkeypatch, tmp_path):
+    done = command_line("experiment=demo", "trainer.epochs=0")
+    assert done.status == 2
+    assert done.err == ["pneumo-exp: error: bad value 0 (trainer.epochs): use 1 or more"]
+    assert not (tmp_path / "run").exists()
 
-    debug = cli("experiment=demo", "optim.lr=-1", "logger=none", f"hydra.run.dir={run_dir}",
-                env={"PNEUMO_EXP_DEBUG": "1"})
-    assert debug.returncode != 0 and "Traceback" in debug.stderr and "optim.lr" in debug.stderr
+    monkeypatch.setenv("PNEUMO_EXP_DEBUG", "1")
+    with pytest.raises(SettingError) as shown:  # with its traceback
+        command_line("experiment=demo", "optim.lr=-1")
+    assert shown.value.where == "optim.lr"
 
 
 @pytest.mark.slow
-def test_a_malicious_training_state_is_refused_and_never_runs(tmp_path, model_cache):
-    common = ["experiment=demo", *QUICK, "trainer.epochs=1", "logger=none", f"paths.cache_dir={model_cache}",
-              f"hydra.run.dir={tmp_path / 'run'}"]
-    assert cli(*common).returncode == 0
+def test_a_malicious_training_state_is_refused_and_never_runs(command_line, tmp_path):
+    common = ["experiment=demo", "debug=smoke", "trainer.epochs=1"]
+    assert command_line(*common).status == 0
     state_file = tmp_path / "run" / "checkpoints" / "last" / "training_state.pt"
     marker = tmp_path / "payload_ran"
     state_file.write_bytes(pickle.dumps({"optimizer": WritesAFile(str(marker))}))
     (tmp_path / "run" / "results.json").unlink()
 
-    done = cli(*common, "resume=true")
-    assert done.returncode == 1
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("pneumo-exp: error: cannot resume") and str(state_file) in lines[0]
-    assert "resume=false" in lines[0] and "Traceback" not in done.stderr
+    done = command_line(*common, "resume=true")
+    assert done.status == 1
+    assert len(done.err) == 1 and done.err[0].startswith("pneumo-exp: error: cannot resume")
+    assert str(state_file) in done.err[0] and "resume=false" in done.err[0]
     assert not marker.exists()
     assert "Traceback" in next((tmp_path / "run").glob("*.log")).read_text()  # the details are in the job log
 
@@ -136,7 +119,7 @@ def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
 
 @pytest.mark.slow
 def test_a_restart_from_epoch_one_rewrites_metrics_and_cleans_staging(make_cfg):
-    cfg = make_cfg(*QUICK)
+    cfg = make_cfg("debug=smoke")
     run(cfg)
     folder = Path(cfg.paths.output_dir)
     assert not list(folder.glob("checkpoints/*.tmp"))  # removed once each save completed
@@ -145,7 +128,7 @@ def test_a_restart_from_epoch_one_rewrites_metrics_and_cleans_staging(make_cfg):
     shutil.rmtree(folder / "checkpoints" / "last")  # `last` gone, `best` remains
     (folder / "checkpoints" / "last.k1ll3d.tmp").mkdir()  # what a killed save leaves
     (folder / "results.json").unlink()
-    run(make_cfg(*QUICK, "resume=true"))
+    run(make_cfg("debug=smoke", "resume=true"))
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2]
     assert not list(folder.glob("checkpoints/*.tmp"))
@@ -185,16 +168,16 @@ def test_job_folder_names_stay_within_the_file_systems_limit():
 
 
 def test_a_finished_job_is_skipped_only_with_the_same_settings(make_cfg):
-    cfg = make_cfg(*QUICK)
+    cfg = make_cfg("debug=smoke")
     folder = Path(cfg.paths.output_dir)
     write_run_info(cfg, folder)
     write_json_atomic(folder / "results.json", {"metrics": {}})
-    assert finished_before(make_cfg(*QUICK, "resume=true", logger="wandb"), folder)
+    assert finished_before(make_cfg("debug=smoke", "resume=true", logger="wandb"), folder)
     with pytest.raises(SettingError, match="optim.lr") as refused:
-        finished_before(make_cfg(*QUICK, "optim.lr=0.5"), folder)
+        finished_before(make_cfg("debug=smoke", "optim.lr=0.5"), folder)
     assert refused.value.where == str(folder)
     with pytest.raises(UserError, match="dataset.val_fraction"):
-        finished_before(make_cfg(*QUICK, "dataset.val_fraction=0.3"), folder)
+        finished_before(make_cfg("debug=smoke", "dataset.val_fraction=0.3"), folder)
 
 
 def test_history_files_are_strict_json_and_read_back_as_nan(tmp_path):
@@ -217,13 +200,13 @@ def test_a_setting_added_after_a_run_started_is_not_a_change(make_cfg, tmp_path)
 
     from pneumo_exp.rundir import changed_settings
 
-    cfg = make_cfg(*QUICK)
+    cfg = make_cfg("debug=smoke")
     stored = OmegaConf.to_container(cfg, resolve=True)
     del stored["trainer"]["cap_test"]
     stored_file = tmp_path / "config.yaml"
     stored_file.write_text(OmegaConf.to_yaml(OmegaConf.create(stored)))
     assert changed_settings(cfg, stored_file) == []
-    assert changed_settings(make_cfg(*QUICK, "trainer.epochs=7"), stored_file) == ["trainer.epochs"]
+    assert changed_settings(make_cfg("debug=smoke", "trainer.epochs=7"), stored_file) == ["trainer.epochs"]
 
 
 def test_val_fraction_zero_is_allowed():

@@ -3,10 +3,12 @@ setting that decides it is refused before any work: misspelt keys, prompts, task
 
 from __future__ import annotations
 
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from conftest import write_image
+from conftest import Ran, write_image
 from omegaconf import OmegaConf
 
 from pneumo_exp import cli, pipeline
@@ -14,20 +16,6 @@ from pneumo_exp.labels import CLASSES
 from pneumo_exp.validate import SettingError
 
 DIFFUSION_STAGES = "stages=[data,diffusion,synthesize,classify]"
-
-
-@pytest.fixture
-def command_line(monkeypatch, capsys, tmp_path, model_cache):
-    """Runs `pneumo-exp ARGS` in this process; returns (exit status, stderr lines). The run folder is tmp_path/run."""
-
-    def run(*args: str) -> tuple[int, list[str]]:
-        monkeypatch.setattr(sys, "argv", ["pneumo-exp", *args, "logger=none", f"paths.cache_dir={model_cache}",
-                                          f"hydra.run.dir={tmp_path / 'run'}"])
-        with pytest.raises(SystemExit) as exited:
-            cli.main()
-        return exited.value.code, capsys.readouterr().err.strip().splitlines()
-
-    return run
 
 
 @pytest.fixture
@@ -39,11 +27,11 @@ def no_work(monkeypatch):
     monkeypatch.setattr(pipeline, "prepare_data", work_started)
 
 
-def assert_one_line(status: int, lines: list[str], *parts: str, expected_status: int = 2) -> None:
-    assert len(lines) == 1 and "Traceback" not in lines[0], "\n".join(lines)
-    assert lines[0].startswith("pneumo-exp: error: ")
-    assert all(part in lines[0] for part in parts), lines[0]
-    assert status == expected_status
+def assert_one_line(ran: Ran, *parts: str, expected_status: int = 2) -> None:
+    assert len(ran.err) == 1 and "Traceback" not in ran.err[0], "\n".join(ran.err)
+    assert ran.err[0].startswith("pneumo-exp: error: ")
+    assert all(part in ran.err[0] for part in parts), ran.err[0]
+    assert ran.status == expected_status
 
 
 @pytest.mark.parametrize("override,parts", [
@@ -59,15 +47,14 @@ def assert_one_line(status: int, lines: list[str], *parts: str, expected_status:
     ("dataset.root=/data", ["dataset.root is not a setting of the dataset", "dataset=folder or dataset=kermany"]),
 ])
 def test_a_misspelt_key_or_value_names_the_closest_valid_one(command_line, tmp_path, override, parts):
-    assert_one_line(*command_line(override), *parts)
+    assert_one_line(command_line(override), *parts)
     assert not (tmp_path / "run").exists()
 
 
 def test_a_multirun_over_experiments_names_the_group_its_first_config_lacks(command_line, tmp_path):
     """Hydra composes a multirun's first config without the swept options: an experiment's dataset is not there."""
-    status, lines = command_line("-m", "experiment=augment_cpu/original_no_augmentation,augment_cpu/ratio_half",
-                                 "dataset.root=/data")
-    assert_one_line(status, lines, "dataset.root", "dataset=kermany", "multirun")
+    assert_one_line(command_line("-m", "experiment=augment_cpu/original_no_augmentation,augment_cpu/ratio_half",
+                                 "dataset.root=/data"), "dataset.root", "dataset=kermany", "multirun")
 
 
 @pytest.mark.parametrize("overrides,parts", [
@@ -86,7 +73,7 @@ def test_a_multirun_over_experiments_names_the_group_its_first_config_lacks(comm
      ["diffusion_lora.trained_lora", "not_trained/lora", "augment_cpu/generator"]),
 ])
 def test_a_bad_setting_is_refused_before_any_work(command_line, no_work, tmp_path, overrides, parts):
-    assert_one_line(*command_line(*overrides), *parts)
+    assert_one_line(command_line(*overrides), *parts)
     assert not (tmp_path / "run").exists()
 
 
@@ -107,13 +94,13 @@ def finished_run_folder(tmp_path):
     (lambda tmp: ["report", f"report.input={tmp / 'missing'}"], ["report.input", "missing"]),
 ])
 def test_a_task_without_its_inputs_is_refused_before_any_work(command_line, tmp_path, task_args, parts):
-    assert_one_line(*command_line(*task_args(tmp_path)), *parts)
+    assert_one_line(command_line(*task_args(tmp_path)), *parts)
     assert not (tmp_path / "run").exists()
 
 
 def test_a_report_over_a_folder_without_runs_ends_in_one_line(command_line, tmp_path):
     (tmp_path / "sweep").mkdir()
-    assert_one_line(*command_line("report", f"report.input={tmp_path / 'sweep'}"), "no run folders", "report.input")
+    assert_one_line(command_line("report", f"report.input={tmp_path / 'sweep'}"), "no run folders", "report.input")
 
 
 def test_an_empty_split_is_refused_before_the_training_stages(command_line, monkeypatch, tmp_path):
@@ -125,7 +112,7 @@ def test_an_empty_split_is_refused_before_the_training_stages(command_line, monk
         raise AssertionError("a training stage started before the empty split was refused")
 
     monkeypatch.setattr(pipeline, "run_training_stages", training_started)
-    assert_one_line(*command_line("dataset=folder", f"dataset.root={tmp_path / 'data'}",
+    assert_one_line(command_line("dataset=folder", f"dataset.root={tmp_path / 'data'}",
                                  "dataset.resolution=${clip_lora.image_size}"), "test split is empty",
                     "dataset=folder", expected_status=1)
 
@@ -138,9 +125,10 @@ def test_a_sweep_objective_the_run_does_not_report_names_the_key():
 
 @pytest.mark.slow
 def test_a_misspelt_key_ends_in_one_line_from_the_installed_command(tmp_path):
-    from test_errors import cli as run_command
-
-    done = run_command("trainer.epoch=2", f"hydra.run.dir={tmp_path / 'run'}")
+    """The script pip installed, in a process of its own (the tests above run the command in this process)."""
+    done = subprocess.run([str(Path(sys.executable).parent / "pneumo-exp"), "trainer.epoch=2",
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "pneumo-exp: error: unknown key trainer.epoch: did you mean trainer.epochs?"]
