@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections import Counter
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from conftest import REAL_DATA, REPO, requires_real_data
+from conftest import REAL_DATA, requires_real_data
 
 from pneumo_exp.config import AugmentSettings
 from pneumo_exp.data import manifest
@@ -166,22 +164,17 @@ def test_folder_dataset_needs_exactly_one_source(make_cfg):
         prepare_data(cfg.dataset, cfg.paths.cache_dir)
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pneumo_exp.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+def test_help_explains_the_commands_and_groups(command_line):
+    done = command_line("--help")
+    assert done.status == 0
+    for text in ("pneumo-exp summary", "clip_lora", "diffusion_lora", "augmentation", "experiment", "debug"):
+        assert text in done.out
 
 
-def test_help_explains_the_commands_and_groups():
-    done = run_cli("--help")
-    assert done.returncode == 0
-    for text in ("pneumo-exp summary", "clip_lora", "diffusion_lora", "augmentation", "experiment"):
-        assert text in done.stdout
-
-
-def test_summary_command_prints_counts_and_the_leakage_check(tmp_path):
-    done = run_cli("summary", f"hydra.run.dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "leakage check: OK" in done.stdout and "patients" in done.stdout
+def test_summary_command_prints_counts_and_the_leakage_check(command_line, tmp_path):
+    done = command_line("summary", f"hydra.run.dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}")
+    assert done.status == 0, done.err[-20:]
+    assert "leakage check: OK" in done.out and "patients" in done.out
     assert (tmp_path / "manifest.csv").is_file() and (tmp_path / "git.json").is_file()
 
 
