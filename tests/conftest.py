@@ -25,6 +25,18 @@ requires_real_data = pytest.mark.skipif(not (REAL_DATA / "train").is_dir(),
                                         reason=f"real dataset not found at {REAL_DATA}")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+    """The tests that use a module-scoped fixture of their own module (a trained run, a sweep) run on one worker,
+    so that it is built once: they form the group named after their module, unless they are in a group already."""
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        shared = any(definitions[-1].scope == "module" and definitions[-1].baseid == module
+                     for definitions in item._fixtureinfo.name2fixturedefs.values())
+        if shared and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(module))
+
+
 def write_image(path: Path, shade: int = 100) -> Path:
     """A 32x32 grey PNG or JPEG (by the suffix) of one shade, its folders made."""
     import numpy as np

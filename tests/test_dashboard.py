@@ -19,9 +19,7 @@ from pneumo_exp.config import job_config
 from pneumo_exp.errors import UserError
 from pneumo_exp.sweep import job_sweep, sweep_tag, varied_keys
 
-SWEEP = ["-m", "experiment=demo", "clip_lora=tiny_vit", "clip_lora.lora.alpha=8,16", "seed=0,1",
-         "dataset.patients_per_class=8", "dataset.test_patients_per_class=4", "trainer.epochs=2",
-         "trainer.bootstrap_samples=20"]
+SWEEP = ["-m", "experiment=demo", "debug=smoke", "clip_lora=tiny_vit", "clip_lora.lora.alpha=8,16", "seed=0,1"]
 
 
 @pytest.fixture(scope="module")

@@ -219,6 +219,7 @@ except train.NonFiniteLossError as error:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("subprocess")
 def test_a_non_finite_loss_on_one_rank_stops_every_rank(model_cache, tmp_path):
     script = tmp_path / "non_finite.py"
     script.write_text(NON_FINITE_ON_RANK_ONE)

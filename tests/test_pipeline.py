@@ -14,24 +14,22 @@ from pneumo_exp.pipeline import run
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["dataset.patients_per_class=8", "dataset.test_patients_per_class=4", "trainer.epochs=2",
-         "trainer.batch_size=8", "trainer.bootstrap_samples=100"]
 
 
 @pytest.fixture(scope="module")
 def demo_base(tmp_path_factory, model_cache) -> Path:
     """The demo's phantom_small base as `make demo` builds it (task=pretrain_diffusion experiment=demo_augmented),
-    on the SMALL split and for a few steps: tests/test_pretrain.py proves that the pretraining learns."""
+    on the smoke split (debug=smoke) and for a few steps: tests/test_pretrain.py proves that the pretraining learns."""
     folder = tmp_path_factory.mktemp("demo_base")
     run(compose([f"paths.output_dir={folder / 'run'}", f"paths.cache_dir={model_cache}", "logger=none",
-                 "task=pretrain_diffusion", "experiment=demo_augmented", *SMALL,
+                 "task=pretrain_diffusion", "experiment=demo_augmented", "debug=smoke",
                  f"diffusion_lora.pretrained={folder / 'base'}", "diffusion_lora.pretraining.vae_steps=10",
                  "diffusion_lora.pretraining.unet_steps=10"]))
     return folder / "base"
 
 
 def test_augmented_run_keeps_synthetic_images_in_training_only(make_cfg, demo_base):
-    cfg = make_cfg("experiment=demo_augmented", *SMALL, f"diffusion_lora.pretrained={demo_base}",
+    cfg = make_cfg("experiment=demo_augmented", "debug=smoke", f"diffusion_lora.pretrained={demo_base}",
                    "diffusion_lora.training.epochs=1",
                    "diffusion_lora.training.validation_every=0", "diffusion_lora.generation.num_inference_steps=2")
     run(cfg)
@@ -61,7 +59,7 @@ def test_augmented_run_keeps_synthetic_images_in_training_only(make_cfg, demo_ba
 
 
 def test_a_finished_job_is_not_run_again(make_cfg):
-    cfg = make_cfg(*SMALL)
+    cfg = make_cfg("debug=smoke")
     first = run(cfg)
     metrics_file = Path(cfg.paths.output_dir) / "metrics.jsonl"
     written = metrics_file.stat().st_mtime_ns
@@ -71,7 +69,7 @@ def test_a_finished_job_is_not_run_again(make_cfg):
 
 def test_synthesize_without_a_lora_is_refused_clearly(make_cfg):
     with pytest.raises(ValueError, match="synthesize needs a LoRA"):
-        run(make_cfg(*SMALL, "stages=[data,synthesize,classify]", "augmentation=balance"))
+        run(make_cfg("debug=smoke", "stages=[data,synthesize,classify]", "augmentation=balance"))
 
 
 @pytest.mark.parametrize("override,message", [("task=sumary", "unknown task 'sumary'"),
@@ -84,9 +82,9 @@ def test_impossible_plans_are_refused_before_any_work(make_cfg, override, messag
 
 
 def test_resume_refuses_changed_settings(make_cfg):
-    cfg = make_cfg(*SMALL)
+    cfg = make_cfg("debug=smoke")
     run(cfg)
-    changed = make_cfg(*SMALL, "optim.lr=0.5", "resume=true")
+    changed = make_cfg("debug=smoke", "optim.lr=0.5", "resume=true")
     (Path(changed.paths.output_dir) / "results.json").unlink()
     with pytest.raises(ValueError, match="optim"):
         run(changed)

@@ -17,8 +17,6 @@ from pneumo_exp.report.published import ALWAYS_NORMAL, ORIGINAL_STUDY
 from pneumo_exp.validate import SettingError
 
 PHANTOM_TEST = (30, 30, 30)  # images per class of a phantom test split, not the official Kermany one
-QUICK = ["dataset.patients_per_class=8", "dataset.test_patients_per_class=4", "trainer.epochs=2",
-         "trainer.batch_size=8", "trainer.bootstrap_samples=20"]
 
 
 def write_completed_run(folder: Path, row: str, seed: int, correct: int, capped: dict | None = None,
@@ -120,7 +118,7 @@ def test_a_capped_test_is_marked_on_the_command_line_and_in_wandb(make_cfg, monk
 
     wandb_run = FakeWandbRun()
     monkeypatch.setattr(RunLogger, "_start_wandb", lambda self, cfg, job_type, run_name: wandb_run)
-    run(make_cfg(*QUICK, "clip_lora.mode=zero_shot", "trainer.max_eval_batches=1", "trainer.eval_batch_size=4",
+    run(make_cfg("debug=smoke", "clip_lora.mode=zero_shot", "trainer.max_eval_batches=1", "trainer.eval_batch_size=4",
                  "trainer.cap_test=true", logger="wandb"))
     assert "not a result: test split capped to 4 of 36 images" in capsys.readouterr().out
     assert "test split capped to 4 of 36 images" in wandb_run.summary["not_a_result"]
@@ -129,7 +127,7 @@ def test_a_capped_test_is_marked_on_the_command_line_and_in_wandb(make_cfg, monk
 def test_no_validation_and_no_test_is_refused_before_any_work(make_cfg):
     from pneumo_exp.pipeline import run
 
-    cfg = make_cfg(*QUICK, "dataset.val_fraction=0", "trainer.evaluate_test=false")
+    cfg = make_cfg("debug=smoke", "dataset.val_fraction=0", "trainer.evaluate_test=false")
     with pytest.raises(SettingError, match="nothing") as refused:
         run(cfg)
     assert refused.value.where == "dataset.val_fraction"

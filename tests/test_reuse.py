@@ -16,8 +16,6 @@ from pneumo_exp.report.statistics import aggregate
 from pneumo_exp.rundir import changed_settings, write_run_info
 from pneumo_exp.validate import SettingError
 
-QUICK = ["dataset.patients_per_class=4", "dataset.test_patients_per_class=2", "trainer.epochs=2",
-         "trainer.batch_size=8", "trainer.bootstrap_samples=20"]
 # Keys added to the schema after runs were made, each with a value a recipe may now set.
 NEWER_KEYS = {"trainer.label_smoothing": "0.1", "dataset.intensity": "equalize", "trainer.cap_test": "true",
               "trainer.ema_decay": "0.9"}
@@ -35,23 +33,23 @@ def store_without(cfg, key: str, folder: Path) -> Path:
 
 @pytest.mark.parametrize("key", NEWER_KEYS)
 def test_a_key_missing_from_the_stored_config_counts_as_its_schema_default(make_cfg, tmp_path, key):
-    stored_file = store_without(make_cfg(*QUICK), key, tmp_path / "old")
-    assert changed_settings(make_cfg(*QUICK), stored_file) == []
-    assert changed_settings(make_cfg(*QUICK, f"{key}={NEWER_KEYS[key]}"), stored_file) == [key]
+    stored_file = store_without(make_cfg("debug=smoke"), key, tmp_path / "old")
+    assert changed_settings(make_cfg("debug=smoke"), stored_file) == []
+    assert changed_settings(make_cfg("debug=smoke", f"{key}={NEWER_KEYS[key]}"), stored_file) == [key]
 
 
 def test_a_finished_job_of_an_edited_recipe_is_not_skipped(make_cfg):
-    cfg = make_cfg(*QUICK)
+    cfg = make_cfg("debug=smoke")
     folder = Path(cfg.paths.output_dir)
     store_without(cfg, "trainer.label_smoothing", folder)
     write_json_atomic(folder / "results.json", {"metrics": {}})
     assert finished_before(cfg, folder)
     with pytest.raises(SettingError, match="trainer.label_smoothing"):
-        finished_before(make_cfg(*QUICK, "trainer.label_smoothing=0.1"), folder)
+        finished_before(make_cfg("debug=smoke", "trainer.label_smoothing=0.1"), folder)
 
 
 def test_a_finished_job_with_another_process_count_is_not_reused(make_cfg, monkeypatch):
-    cfg = make_cfg(*QUICK)
+    cfg = make_cfg("debug=smoke")
     folder = Path(cfg.paths.output_dir)
     write_run_info(cfg, folder)
     write_json_atomic(folder / "results.json", {"metrics": {}})  # written before the count was recorded: one
@@ -65,7 +63,7 @@ def test_a_finished_job_with_another_process_count_is_not_reused(make_cfg, monke
 
 
 def test_results_record_the_process_count(make_cfg):
-    cfg = make_cfg(*QUICK, "clip_lora.mode=zero_shot")
+    cfg = make_cfg("debug=smoke", "clip_lora.mode=zero_shot")
     run(cfg)
     assert json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())["processes"] == 1
 

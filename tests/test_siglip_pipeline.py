@@ -15,8 +15,6 @@ from pneumo_exp.pipeline import run
 pytestmark = pytest.mark.slow
 
 SIGLIP = ["experiment=demo", "clip_lora=tiny_siglip"]
-SMALL = ["dataset.patients_per_class=8", "dataset.test_patients_per_class=4", "trainer.epochs=2",
-         "trainer.batch_size=8", "trainer.bootstrap_samples=100"]
 TIMINGS = ("train/step_seconds", "train/images_per_second")
 
 
@@ -47,7 +45,7 @@ def test_the_demo_with_tiny_siglip_learns_with_lora(make_cfg):
 
 @pytest.mark.parametrize("mode", ["zero_shot", "linear_probe", "full"])
 def test_every_other_mode_runs(make_cfg, mode):
-    cfg = make_cfg(*SIGLIP, *SMALL, f"clip_lora.mode={mode}")
+    cfg = make_cfg(*SIGLIP, "debug=smoke", f"clip_lora.mode={mode}")
     run(cfg)
     results = results_of(cfg)
     assert results["mode"] == mode and 0.0 <= results["metrics"]["test/acc"] <= 1.0
@@ -57,7 +55,7 @@ def test_every_other_mode_runs(make_cfg, mode):
 def test_a_crashed_run_resumes_to_the_same_metrics(make_cfg, tmp_path, monkeypatch):
     from pneumo_exp.classify import train
 
-    straight = make_cfg(*SIGLIP, *SMALL, "trainer.epochs=3", f"paths.output_dir={tmp_path / 'straight'}")
+    straight = make_cfg(*SIGLIP, "debug=smoke", "trainer.epochs=3", f"paths.output_dir={tmp_path / 'straight'}")
     run(straight)
 
     original = train.train_one_epoch
@@ -70,12 +68,12 @@ def test_a_crashed_run_resumes_to_the_same_metrics(make_cfg, tmp_path, monkeypat
             raise Crash
         return original(*args, **kwargs)
 
-    crashed = make_cfg(*SIGLIP, *SMALL, "trainer.epochs=3", f"paths.output_dir={tmp_path / 'crashed'}")
+    crashed = make_cfg(*SIGLIP, "debug=smoke", "trainer.epochs=3", f"paths.output_dir={tmp_path / 'crashed'}")
     monkeypatch.setattr(train, "train_one_epoch", crash_in_epoch_three)
     with pytest.raises(Crash):
         run(crashed)
     monkeypatch.setattr(train, "train_one_epoch", original)
-    run(make_cfg(*SIGLIP, *SMALL, "trainer.epochs=3", f"paths.output_dir={tmp_path / 'crashed'}", "resume=true"))
+    run(make_cfg(*SIGLIP, "debug=smoke", "trainer.epochs=3", f"paths.output_dir={tmp_path / 'crashed'}", "resume=true"))
 
     def history(folder: Path) -> list[dict]:
         return [{k: v for k, v in row.items() if k not in TIMINGS} for row in read_json_lines(folder / "metrics.jsonl")]
@@ -94,7 +92,7 @@ def test_predict_reproduces_the_runs_test_predictions(make_cfg, tmp_path):
     from pneumo_exp.data.cache import open_or_build
     from pneumo_exp.data.manifest import read_csv
 
-    trained = make_cfg(*SIGLIP, *SMALL, f"paths.output_dir={tmp_path / 'trained'}")
+    trained = make_cfg(*SIGLIP, "debug=smoke", f"paths.output_dir={tmp_path / 'trained'}")
     run(trained)
     folder = Path(trained.paths.output_dir)
     records = [r for r in read_csv(folder / "manifest.csv") if r.split == "test"][:6]
@@ -118,7 +116,7 @@ def test_predict_reproduces_the_runs_test_predictions(make_cfg, tmp_path):
 
 
 def test_the_quality_stage_measures_in_the_siglip_embedding(make_cfg):
-    cfg = make_cfg("experiment=demo_augmented", "clip_lora=tiny_siglip", "diffusion_lora=tiny", *SMALL,
+    cfg = make_cfg("experiment=demo_augmented", "clip_lora=tiny_siglip", "diffusion_lora=tiny", "debug=smoke",
                    "diffusion_lora.training.epochs=1", "diffusion_lora.training.validation_every=0",
                    "diffusion_lora.generation.num_inference_steps=2")
     run(cfg)

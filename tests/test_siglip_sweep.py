@@ -35,9 +35,8 @@ def test_the_sweep_grid_is_backbone_by_alpha_by_lr_by_seed():
 def test_a_backbone_sweep_reports_a_pair_of_backbones(tmp_path, model_cache):
     sweep = tmp_path / "sweep"
     pneumo_exp("-m", "experiment=sweep/backbones", "clip_lora=tiny_vit,tiny_siglip", "clip_lora.lora.alpha=16",
-               "optim.lr=3e-3", "seed=0,1", "dataset.patients_per_class=8", "dataset.test_patients_per_class=4",
-               "trainer.epochs=1", "trainer.bootstrap_samples=50", "logger=none", f"hydra.sweep.dir={sweep}",
-               f"paths.cache_dir={model_cache}")
+               "optim.lr=3e-3", "seed=0,1", "debug=smoke", "trainer.epochs=1", "logger=none",
+               f"hydra.sweep.dir={sweep}", f"paths.cache_dir={model_cache}")
     assert len([job for job in sweep.iterdir() if (job / "results.json").is_file()]) == 4
     pair = '[["clip_lora=tiny_siglip,clip_lora.lora.alpha=16,optim.lr=3e-3","clip_lora=tiny_vit,optim.lr=0.003"]]'
     pneumo_exp("report", f"report.input={sweep}", f"report.output={tmp_path / 'report'}", f"report.pairs={pair}",

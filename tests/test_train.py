@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, compose
 
 from pneumo_exp import wandb_offline
 from pneumo_exp.core.history import read_json_lines
@@ -21,9 +21,6 @@ from pneumo_exp.pipeline import run
 
 pytestmark = pytest.mark.slow
 
-# Small enough for seconds on 2 CPU cores: 3 phantom patients' images per class and epoch cap.
-QUICK = ["dataset.patients_per_class=8", "dataset.test_patients_per_class=4", "trainer.epochs=2",
-         "trainer.batch_size=8", "trainer.bootstrap_samples=100"]
 # The learning test's budget: the demo recipe, which a broken loss or frozen weights cannot pass.
 LEARN = ["experiment=demo"]
 TIMINGS = {"train/step_seconds", "train/images_per_second"}
@@ -46,7 +43,7 @@ def test_tiny_classifier_learns_far_above_chance(make_cfg):
 
 def test_real_data_recipe_runs_a_few_steps_on_phantom_data(make_cfg):
     """experiment=kermany_cpu as it is (small preset, 128 px, augmentation ranges, weight average), shrunk."""
-    cfg = make_cfg("experiment=kermany_cpu", "dataset=phantom", *QUICK, "trainer.max_steps_per_epoch=2")
+    cfg = make_cfg("experiment=kermany_cpu", "dataset=phantom", "debug=smoke", "trainer.max_steps_per_epoch=2")
     assert cfg.trainer.ema_decay > 0 and cfg.clip_lora.name == "small"
     run(cfg)
     history = read_json_lines(run_dir(cfg) / "metrics.jsonl")
@@ -64,7 +61,7 @@ def test_a_validation_only_run_never_evaluates_the_test_split(make_cfg, monkeypa
     real_evaluate = train.evaluate
     monkeypatch.setattr(train, "evaluate", lambda model, split, cfg, accelerator, desc:
                         evaluated.append(desc) or real_evaluate(model, split, cfg, accelerator, desc))
-    cfg = make_cfg(*QUICK, "trainer.evaluate_test=false", "dataset.intensity=equalize")
+    cfg = make_cfg("debug=smoke", "trainer.evaluate_test=false", "dataset.intensity=equalize")
     metrics = run(cfg)
     assert evaluated and not [desc for desc in evaluated if desc.startswith("test")], evaluated
     assert metrics and not [key for key in metrics if key.startswith("test/")]
@@ -75,7 +72,7 @@ def test_a_validation_only_run_never_evaluates_the_test_split(make_cfg, monkeypa
 
 def test_a_final_fit_without_validation_keeps_and_tests_the_last_epoch(make_cfg):
     """dataset.val_fraction=0: train + val is fitted for the epochs chosen beforehand; nothing is selected."""
-    cfg = make_cfg(*QUICK, "dataset.val_fraction=0", "trainer.epochs=3", "trainer.ema_decay=0.9")
+    cfg = make_cfg("debug=smoke", "dataset.val_fraction=0", "trainer.epochs=3", "trainer.ema_decay=0.9")
     metrics = run(cfg)
     folder = run_dir(cfg)
     history = read_json_lines(folder / "metrics.jsonl")
@@ -90,10 +87,17 @@ def test_a_final_fit_without_validation_keeps_and_tests_the_last_epoch(make_cfg)
     assert kept.keys() == last.keys() and not all(torch.equal(kept[k], last[k]) for k in kept)  # the average
 
 
-def test_run_folder_holds_every_artifact(make_cfg):
-    cfg = make_cfg(*QUICK, "clip_lora=tiny_vit")
-    run(cfg)
-    folder = run_dir(cfg)
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, model_cache) -> Path:
+    """One finished smoke run of the ViT preset, for the tests that only read it."""
+    folder = tmp_path_factory.mktemp("smoke_run")
+    run(compose([f"paths.output_dir={folder}", f"paths.cache_dir={model_cache}", "logger=none", "debug=smoke",
+                 "clip_lora=tiny_vit"]))
+    return folder
+
+
+def test_run_folder_holds_every_artifact(smoke_run):
+    folder = smoke_run
     for name in ["config.yaml", "git.json", "manifest.csv", "metrics.jsonl", "results.json", "predictions.csv",
                  "confusion_test.png", "curves.png", "checkpoints/best/adapter/adapter_model.safetensors",
                  "checkpoints/last/training_state.pt"]:
@@ -108,7 +112,7 @@ def test_run_folder_holds_every_artifact(make_cfg):
 
 @pytest.mark.parametrize("mode", ["zero_shot", "linear_probe", "lora", "full"])
 def test_every_mode_runs(make_cfg, mode):
-    cfg = make_cfg(*QUICK, f"clip_lora.mode={mode}")
+    cfg = make_cfg("debug=smoke", f"clip_lora.mode={mode}")
     metrics = run(cfg)
     assert 0.0 <= metrics["test/acc"] <= 1.0
     has_checkpoints = (run_dir(cfg) / "checkpoints").exists()
@@ -117,14 +121,14 @@ def test_every_mode_runs(make_cfg, mode):
 
 @pytest.mark.parametrize("preset", ["tiny_vit", "tiny"])
 def test_gradient_accumulation_balanced_sampler_and_bf16_run(make_cfg, preset):
-    cfg = make_cfg(*QUICK, f"clip_lora={preset}", "clip_lora.mode=lora", "trainer.grad_accum_steps=3",
+    cfg = make_cfg("debug=smoke", f"clip_lora={preset}", "clip_lora.mode=lora", "trainer.grad_accum_steps=3",
                    "trainer.class_balance=sampler", "trainer.precision=bf16")
     run(cfg)
     assert len(read_json_lines(run_dir(cfg) / "metrics.jsonl")) == 2
 
 
 def test_wandb_offline_run_holds_per_epoch_train_and_val_metrics(make_cfg):
-    cfg = make_cfg(*QUICK, logger="wandb")
+    cfg = make_cfg("debug=smoke", logger="wandb")
     run(cfg)
     run_files = wandb_offline.run_files(run_dir(cfg))
     assert len(run_files) == 1
@@ -143,7 +147,7 @@ def test_non_finite_loss_stops_with_a_clear_message(make_cfg, monkeypatch):
     monkeypatch.setattr(model.PromptClassifier, "forward", lambda self, images: torch.full(
         (len(images), 3), float("nan"), requires_grad=True))
     with pytest.raises(NonFiniteLossError, match="epoch 1, step 1"):
-        run(make_cfg(*QUICK))
+        run(make_cfg("debug=smoke"))
 
 
 def cli(*args: str, **kwargs) -> subprocess.Popen:
@@ -163,6 +167,7 @@ def without_timings(history: list[dict]) -> list[dict]:
     return [{key: value for key, value in row.items() if key not in TIMINGS} for row in history]
 
 
+@pytest.mark.xdist_group("subprocess")
 def test_resume_after_a_kill_reaches_the_same_final_metrics(tmp_path, model_cache):
     common = ["experiment=demo", "logger=none", f"paths.cache_dir={model_cache}", "trainer.epochs=4",
               "dataset.patients_per_class=10", "trainer.bootstrap_samples=100", "trainer.ema_decay=0.9"]
@@ -187,9 +192,7 @@ def test_resume_after_a_kill_reaches_the_same_final_metrics(tmp_path, model_cach
             == json.loads((tmp_path / "straight" / "results.json").read_text())["metrics"])
 
 
-def test_predict_command_writes_the_same_csv_columns(tmp_path, model_cache):
-    trained = tmp_path / "trained"
-    finish(cli(*QUICK, "logger=none", f"paths.cache_dir={model_cache}", f"hydra.run.dir={trained}"))
+def test_predict_command_writes_the_same_csv_columns(command_line, smoke_run, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     from PIL import Image
@@ -199,20 +202,22 @@ def test_predict_command_writes_the_same_csv_columns(tmp_path, model_cache):
     for record in phantom_records(patients_per_class=1, test_patients_per_class=0, images_per_patient=1)[:3]:
         Image.fromarray(render(record.path, 96)).save(images / f"{record.label}.png")
     output = tmp_path / "new_predictions.csv"
-    finish(cli("predict", f"predict.run_dir={trained}", f"predict.input={images}", f"predict.output={output}",
-               f"paths.cache_dir={model_cache}", f"hydra.run.dir={tmp_path / 'predict'}"))
+    done = command_line("predict", f"predict.run_dir={smoke_run}", f"predict.input={images}",
+                        f"predict.output={output}")
+    assert done.status == 0, done.err[-20:]
     lines = output.read_text().splitlines()
     assert lines[0] == "path,label,prob_NORMAL,prob_BACTERIA,prob_VIRUS,prediction"
     assert len(lines) == 4
 
 
+@pytest.mark.xdist_group("subprocess")
 def test_accelerate_launch_two_processes_matches_one(tmp_path, model_cache):
     """Two CPU processes (gloo) with the per-process batch halved see the same images per optimizer step
     (7 full steps of 8 images: no ragged last batch that one process would split differently; the ViT preset,
     since BatchNorm statistics of the conv tower are per process, as in any DDP run)."""
-    same_work = [*QUICK, "clip_lora=tiny_vit", "logger=wandb", "logger.mode=offline", f"paths.cache_dir={model_cache}",
-                 "trainer.augment=false", "trainer.class_balance=none", "trainer.cpu=true",
-                 "trainer.max_steps_per_epoch=7"]
+    same_work = ["debug=smoke", "clip_lora=tiny_vit", "logger=wandb", "logger.mode=offline",
+                 f"paths.cache_dir={model_cache}", "trainer.augment=false", "trainer.class_balance=none",
+                 "trainer.cpu=true", "trainer.max_steps_per_epoch=7"]
     finish(cli(*same_work, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     launch = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
@@ -230,10 +235,9 @@ def test_accelerate_launch_two_processes_matches_one(tmp_path, model_cache):
             assert b[key] == pytest.approx(a[key], abs=2e-3), key
 
 
-def test_loss_curves_are_unweighted_and_the_objective_is_logged_apart(make_cfg):
-    cfg = make_cfg(*QUICK, "trainer.class_balance=weighted_loss")
-    run(cfg)
-    for row in read_json_lines(run_dir(cfg) / "metrics.jsonl"):
+def test_loss_curves_are_unweighted_and_the_objective_is_logged_apart(smoke_run):
+    assert compose(["debug=smoke"]).trainer.class_balance == "weighted_loss"
+    for row in read_json_lines(smoke_run / "metrics.jsonl"):
         assert {"train/loss", "train/objective", "val/loss", "train/step_seconds",
                 "train/images_per_second"} <= set(row)
 
@@ -241,7 +245,7 @@ def test_loss_curves_are_unweighted_and_the_objective_is_logged_apart(make_cfg):
 @pytest.mark.parametrize("preset", ["tiny_vit", "tiny"])
 def test_bf16_validation_in_results_equals_the_selected_epoch(make_cfg, preset):
     """Training validates and test_best re-evaluates with the same numerics (autocast over fp32 weights)."""
-    cfg = make_cfg(*QUICK, f"clip_lora={preset}", "trainer.precision=bf16", "trainer.epochs=3")
+    cfg = make_cfg("debug=smoke", f"clip_lora={preset}", "trainer.precision=bf16", "trainer.epochs=3")
     run(cfg)
     results = json.loads((run_dir(cfg) / "results.json").read_text())
     selected = read_json_lines(run_dir(cfg) / "metrics.jsonl")[results["best_epoch"] - 1]
@@ -267,14 +271,14 @@ def test_the_training_clip_is_freed_before_the_test_model_is_built(make_cfg, mon
         return classifier, peft_model
 
     monkeypatch.setattr(train, "build_classifier", recording)
-    run(make_cfg(*QUICK, "clip_lora=tiny_vit", "trainer.ema_decay=0.9"))
+    run(make_cfg("debug=smoke", "clip_lora=tiny_vit", "trainer.ema_decay=0.9"))
     gc.collect()
     assert len(built) == 2 and alive_at_next_build == [False]
     assert [ref() for ref in built] == [None, None]
 
 
 def test_evaluation_cap_limits_validation_and_says_when_the_test_split_was_capped(make_cfg):
-    cfg = make_cfg(*QUICK, "trainer.max_eval_batches=1", "trainer.eval_batch_size=4")
+    cfg = make_cfg("debug=smoke", "trainer.max_eval_batches=1", "trainer.eval_batch_size=4")
     run(cfg)
     results = json.loads((run_dir(cfg) / "results.json").read_text())
     assert results["images"]["val"] == 4 and results["images"]["test"] == 3 * 4 * 3  # 4 test patients x 3 images
@@ -282,7 +286,7 @@ def test_evaluation_cap_limits_validation_and_says_when_the_test_split_was_cappe
     for row in read_json_lines(run_dir(cfg) / "metrics.jsonl"):
         assert sum(map(sum, row["val/confusion_matrix"])) == 4
 
-    capped_test = make_cfg(*QUICK, "trainer.max_eval_batches=1", "trainer.eval_batch_size=4",
+    capped_test = make_cfg("debug=smoke", "trainer.max_eval_batches=1", "trainer.eval_batch_size=4",
                            "trainer.cap_test=true", f"paths.output_dir={run_dir(cfg).parent / 'capped_test'}")
     run(capped_test)
     results = json.loads((run_dir(capped_test) / "results.json").read_text())
@@ -300,7 +304,7 @@ def test_non_finite_loss_mid_epoch_stops_before_any_checkpoint_is_written(make_c
         return logits * float("nan") if calls[0] >= 3 else logits
 
     monkeypatch.setattr(model.PromptClassifier, "forward", nan_from_the_third_call)
-    cfg = make_cfg(*QUICK)
+    cfg = make_cfg("debug=smoke")
     with pytest.raises(NonFiniteLossError, match="epoch 1, step 3"):
         run(cfg)
     assert not (run_dir(cfg) / "checkpoints").exists()
@@ -309,11 +313,11 @@ def test_non_finite_loss_mid_epoch_stops_before_any_checkpoint_is_written(make_c
 def test_without_optimizer_state_resume_restarts_the_optimizer_and_says_so(make_cfg, caplog):
     from pneumo_exp.classify.checkpoint import load_training_state
 
-    cfg = make_cfg(*QUICK, "trainer.save_optimizer_state=false")
+    cfg = make_cfg("debug=smoke", "trainer.save_optimizer_state=false")
     run(cfg)
     assert load_training_state(run_dir(cfg) / "checkpoints" / "last")["optimizer"] is None
     (run_dir(cfg) / "results.json").unlink()
     with caplog.at_level("WARNING"):
-        run(make_cfg(*QUICK, "trainer.save_optimizer_state=false", "resume=true"))
+        run(make_cfg("debug=smoke", "trainer.save_optimizer_state=false", "resume=true"))
     assert "optimizer state" in caplog.text
     assert len(read_json_lines(run_dir(cfg) / "metrics.jsonl")) == 2

@@ -28,8 +28,7 @@ from pneumo_exp.labels import class_index
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # the classifier at a few seconds: 2 epochs of 3 steps
-QUICK = ["dataset.patients_per_class=8", "dataset.test_patients_per_class=4", "trainer.epochs=2",
-         "trainer.batch_size=8", "trainer.max_steps_per_epoch=3", "trainer.bootstrap_samples=100"]
+QUICK = ["debug=smoke", "trainer.max_steps_per_epoch=3"]
 TIMINGS = {"train/step_seconds", "train/images_per_second"}
 
 
