@@ -1,4 +1,5 @@
-"""`make bench`'s classifier script at tiny size, so that it cannot fall behind the code it measures."""
+"""`make bench`'s classifier script at tiny size, so that it cannot fall behind the code it measures: run once for
+the module, read by each test."""
 
 from __future__ import annotations
 
@@ -6,20 +7,36 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from conftest import REPO
+from test_bench_settings import bench_module
 
 pytestmark = pytest.mark.slow
 
 
-def test_classifier_bench_runs_at_tiny_size(tmp_path):
-    out = tmp_path / "classifier.json"
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory) -> SimpleNamespace:
+    out = tmp_path_factory.mktemp("bench") / "classifier.json"
     done = subprocess.run([sys.executable, "bench/bench_classifier.py", "--tiny", "--out", str(out)], cwd=REPO,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    results = json.loads(out.read_text())
-    [row] = results["presets"]
+    return SimpleNamespace(stdout=done.stdout, results=json.loads(out.read_text()))
+
+
+def test_classifier_bench_runs_at_tiny_size(tiny_bench):
+    [row] = tiny_bench.results["presets"]
     assert row["preset"] == "tiny" and row["images"] == 24
     assert all(value > 0 for value in row["images_per_second"].values())
-    assert "framework overhead" in done.stdout
+    assert "framework overhead" in tiny_bench.stdout
+
+
+def test_classifier_speedups_compare_runs_of_one_batch_size(tiny_bench):
+    [row] = tiny_bench.results["presets"]
+    bench = bench_module("bench_classifier")
+    for name, (slower, faster) in bench.SPEEDUPS.items():
+        assert row["batch_sizes"][slower] == row["batch_sizes"][faster] == bench.ORIGINAL_BATCH
+        rate = row["images_per_second"]
+        assert row[name] == pytest.approx(rate[faster] / rate[slower], rel=0.05, abs=0.01)
+    assert set(row["batch_sizes"]) == set(row["images_per_second"])

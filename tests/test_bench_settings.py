@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -61,24 +59,6 @@ def test_diffusion_rates_without_a_full_step_say_what_the_steps_held(tmp_path):
     history = diffusion_history(tmp_path, [(5.0, 8), (1.0, 8), (0.5, 4)])  # fewer images than one full step
     assert bench.diffusion_rates(history, full_step_images=16) == pytest.approx(
         {"steps_timed": 2, "steps_per_second": 2 / 1.5, "images_per_second": 12 / 1.5, "images_per_step": 6})
-
-
-# ----------------------------------------------------------------------------------------------- bench_classifier
-
-
-@pytest.mark.slow
-def test_classifier_speedups_compare_runs_of_one_batch_size(tmp_path):
-    out = tmp_path / "classifier.json"
-    done = subprocess.run([sys.executable, "bench/bench_classifier.py", "--tiny", "--out", str(out)], cwd=REPO,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    [row] = json.loads(out.read_text())["presets"]
-    bench = bench_module("bench_classifier")
-    for name, (slower, faster) in bench.SPEEDUPS.items():
-        assert row["batch_sizes"][slower] == row["batch_sizes"][faster] == bench.ORIGINAL_BATCH
-        rate = row["images_per_second"]
-        assert row[name] == pytest.approx(rate[faster] / rate[slower], rel=0.05, abs=0.01)
-    assert set(row["batch_sizes"]) == set(row["images_per_second"])
 
 
 # ------------------------------------------------------------------------------------------------ bench_precision

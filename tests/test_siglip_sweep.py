@@ -4,22 +4,12 @@ that pairs the two backbones at one setting."""
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 
 import pytest
 from conftest import REPO, compose
+from test_sweep import output_of
 
 pytestmark = pytest.mark.slow
-
-
-def pneumo_exp(*args: str) -> str:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "pneumo_exp.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return done.stdout + done.stderr
 
 
 def test_the_sweep_grid_is_backbone_by_alpha_by_lr_by_seed():
@@ -32,15 +22,16 @@ def test_the_sweep_grid_is_backbone_by_alpha_by_lr_by_seed():
         assert compose(["experiment=sweep/backbones", f"clip_lora={backbone}"]).dataset.resolution == side
 
 
-def test_a_backbone_sweep_reports_a_pair_of_backbones(tmp_path, model_cache):
+def test_a_backbone_sweep_reports_a_pair_of_backbones(tmp_path, model_cache, command_line):
     sweep = tmp_path / "sweep"
-    pneumo_exp("-m", "experiment=sweep/backbones", "clip_lora=tiny_vit,tiny_siglip", "clip_lora.lora.alpha=16",
-               "optim.lr=3e-3", "seed=0,1", "debug=smoke", "trainer.epochs=1", "logger=none",
-               f"hydra.sweep.dir={sweep}", f"paths.cache_dir={model_cache}")
+    output_of(command_line("-m", "experiment=sweep/backbones", "clip_lora=tiny_vit,tiny_siglip",
+                           "clip_lora.lora.alpha=16", "optim.lr=3e-3", "seed=0,1", "debug=smoke", "trainer.epochs=1",
+                           f"hydra.sweep.dir={sweep}", f"paths.cache_dir={model_cache}"))
     assert len([job for job in sweep.iterdir() if (job / "results.json").is_file()]) == 4
     pair = '[["clip_lora=tiny_siglip,clip_lora.lora.alpha=16,optim.lr=3e-3","clip_lora=tiny_vit,optim.lr=0.003"]]'
-    pneumo_exp("report", f"report.input={sweep}", f"report.output={tmp_path / 'report'}", f"report.pairs={pair}",
-               "report.bootstrap_samples=50", "logger=none", f"hydra.run.dir={tmp_path / 'report_job'}")
+    output_of(command_line("report", f"report.input={sweep}", f"report.output={tmp_path / 'report'}",
+                           f"report.pairs={pair}", "report.bootstrap_samples=50",
+                           f"hydra.run.dir={tmp_path / 'report_job'}"))
     with (tmp_path / "report" / "pairs.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert {row["metric"] for row in rows} == {"test/acc", "test/f1_macro"}

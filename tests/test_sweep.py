@@ -1,5 +1,6 @@
 """A real multirun: 2 x 2 grid on the tiny preset plus a job made to fail, a rerun that skips finished jobs,
-and the report's table checked against the runs' own results files."""
+and the report's table checked against the runs' own results files. The sweeps run in this process (Hydra's basic
+launcher runs its jobs in the calling process anyway); only the launchers that start processes are started apart."""
 
 from __future__ import annotations
 
@@ -28,10 +29,17 @@ def pneumo_exp(*args: str, returncode: int = 0) -> str:
     return done.stdout + done.stderr
 
 
-def test_grid_sweep_report_failure_and_rerun(tmp_path, model_cache):
+def output_of(ran, returncode: int = 0) -> str:
+    """What an in-process `pneumo-exp` (the command_line fixture) printed, after checking its exit status."""
+    output = ran.out + "\n".join(ran.err)
+    assert ran.status == returncode, output[-5000:]
+    return output
+
+
+def test_grid_sweep_report_failure_and_rerun(tmp_path, model_cache, command_line):
     sweep = tmp_path / "sweep"
     common = [f"hydra.sweep.dir={sweep}", f"paths.cache_dir={model_cache}"]
-    output = pneumo_exp(*GRID, "optim.lr=1e-3,2e-3,-1", *common, returncode=1)
+    output = output_of(command_line(*GRID, "optim.lr=1e-3,2e-3,-1", *common), returncode=1)
     jobs = sorted(path for path in sweep.iterdir() if (path / ".hydra").is_dir())
     finished = [job for job in jobs if (job / "results.json").is_file()]
     failed = [job for job in jobs if (job / "failed.json").is_file()]
@@ -42,11 +50,11 @@ def test_grid_sweep_report_failure_and_rerun(tmp_path, model_cache):
     assert "2 job(s) of the sweep" in output and f"{failed[0].name}: bad value -1.0 (optim.lr)" in output
 
     stamps = {job: (job / "results.json").stat().st_mtime_ns for job in finished}
-    pneumo_exp(*GRID, "optim.lr=1e-3,2e-3", *common)
+    output_of(command_line(*GRID, "optim.lr=1e-3,2e-3", *common))
     assert all((job / "results.json").stat().st_mtime_ns == stamp for job, stamp in stamps.items())
 
-    pneumo_exp("report", f"report.input={sweep}", f"report.output={tmp_path / 'report'}",
-               f"hydra.run.dir={tmp_path / 'report_job'}")
+    output_of(command_line("report", f"report.input={sweep}", f"report.output={tmp_path / 'report'}",
+                           f"hydra.run.dir={tmp_path / 'report_job'}"))
     with (tmp_path / "report" / "table.csv").open() as handle:
         rows = {row["configuration"]: row for row in csv.DictReader(handle)}
     key_of_job = {run.path: group_key(run) for run in collect_runs(sweep)}
@@ -75,7 +83,7 @@ def test_parallel_and_submitit_launchers_run_a_sweep(tmp_path, model_cache, laun
     assert all(list(path.parent.glob("wandb/offline-run-*")) for path in finished)
 
 
-def test_jobs_that_differ_only_in_a_path_get_their_own_folders(tmp_path, model_cache):
+def test_jobs_that_differ_only_in_a_path_get_their_own_folders(tmp_path, model_cache, command_line):
     """dataset.root=A,MISSING,B: three folders, two results, one failure listed, a non-zero exit."""
     import numpy as np
     from PIL import Image
@@ -91,9 +99,9 @@ def test_jobs_that_differ_only_in_a_path_get_their_own_folders(tmp_path, model_c
                     Image.fromarray(pixels).save(folder / f"{split}_{label.lower()}{i}.png")
     sweep = tmp_path / "sweep"
     roots = ",".join(str(tmp_path / name) for name in ("A", "MISSING", "B"))
-    output = pneumo_exp("-m", "dataset=folder", f"dataset.root={roots}", "dataset.resolution=64", "trainer.epochs=1",
-                        "trainer.batch_size=8", "trainer.bootstrap_samples=10", "logger=none",
-                        f"paths.cache_dir={model_cache}", f"hydra.sweep.dir={sweep}", returncode=1)
+    output = output_of(command_line("-m", "dataset=folder", f"dataset.root={roots}", "dataset.resolution=64",
+                                    "trainer.epochs=1", "trainer.batch_size=8", "trainer.bootstrap_samples=10",
+                                    f"paths.cache_dir={model_cache}", f"hydra.sweep.dir={sweep}"), returncode=1)
     jobs = sorted(path for path in sweep.iterdir() if (path / ".hydra").is_dir())
     assert len(jobs) == 3
     assert len(list(sweep.glob("*/results.json"))) == 2
