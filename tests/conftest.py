@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import os
 import sys
 from pathlib import Path
@@ -26,6 +27,21 @@ REAL_DATA = REPO.parent / "shared" / "data" / "kermany-224"
 
 requires_real_data = pytest.mark.skipif(not (REAL_DATA / "train").is_dir(),
                                         reason=f"real dataset not found at {REAL_DATA}")
+
+
+def pytest_collection_finish(session):
+    """A full garbage collection (accelerate's free_memory, each stage's release) walks every object alive, and the
+    libraries' own objects, imported once per worker, never become garbage: import them, then freeze them out of
+    the walk. Objects a test creates are collected as before."""
+    import accelerate  # noqa: F401
+    import matplotlib.pyplot  # noqa: F401
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401
+    from transformers import CLIPModel, SiglipModel  # noqa: F401
+
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
@@ -139,22 +155,28 @@ class Ran(NamedTuple):
 def command_line(monkeypatch, capsys, tmp_path, model_cache):
     """Runs `pneumo-exp ARGS` in this process, as from a shell (no interpreter start, no imports again). Unless ARGS
     set them: W&B off, the session's cache, the run folder tmp_path/run."""
-    from pneumo_exp import cli
 
     def run(*args: str) -> Ran:
         given = {arg.partition("=")[0] for arg in args}
         defaults = {"logger": "none", "paths.cache_dir": model_cache, "hydra.run.dir": tmp_path / "run"}
-        monkeypatch.setattr(sys, "argv", ["pneumo-exp", *args,
-                                          *(f"{key}={value}" for key, value in defaults.items() if key not in given)])
-        try:
-            cli.main()
-            status = 0
-        except SystemExit as exited:
-            status = 0 if exited.code is None else exited.code
+        status = exit_status_in_process(monkeypatch, *args, *(f"{key}={value}" for key, value in defaults.items()
+                                                              if key not in given))
         captured = capsys.readouterr()
         return Ran(status, captured.out, captured.err.strip().splitlines())
 
     return run
+
+
+def exit_status_in_process(monkeypatch, *args: str) -> int:
+    """`pneumo-exp ARGS` run by its entry point in this process; its exit status."""
+    from pneumo_exp import cli
+
+    monkeypatch.setattr(sys, "argv", ["pneumo-exp", *args])
+    try:
+        cli.main()
+    except SystemExit as exited:
+        return 0 if exited.code is None else exited.code
+    return 0
 
 
 class RecordedRows(list):

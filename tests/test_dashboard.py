@@ -11,8 +11,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import CONF_DIR, compose
-from test_sweep import pneumo_exp
+from conftest import CONF_DIR, compose, exit_status_in_process
+from test_sweep import output_of
 
 from pneumo_exp import dashboard, wandb_offline
 from pneumo_exp.config import job_config
@@ -26,9 +26,11 @@ SWEEP = ["-m", "experiment=demo", "debug=smoke", "clip_lora=tiny_vit", "clip_lor
 def sweep(tmp_path_factory, model_cache) -> Path:
     """multirun/sweep_demo/<sweep>: alpha 8, 16 x seeds 0, 1 (offline W&B runs), then its report run."""
     folder = tmp_path_factory.mktemp("dashboard") / "multirun" / "sweep_demo" / "2026-01-05_10-00-00"
-    pneumo_exp(*SWEEP, f"hydra.sweep.dir={folder}", f"paths.cache_dir={model_cache}")
-    pneumo_exp("report", f"report.input={folder}", "report.bootstrap_samples=20",
-               f"hydra.run.dir={folder.parent / 'report_job'}")
+    with pytest.MonkeyPatch.context() as monkeypatch:  # in this process: W&B's service and the imports start once
+        assert exit_status_in_process(monkeypatch, *SWEEP, f"hydra.sweep.dir={folder}",
+                                      f"paths.cache_dir={model_cache}") == 0
+        assert exit_status_in_process(monkeypatch, "report", f"report.input={folder}", "report.bootstrap_samples=20",
+                                      f"hydra.run.dir={folder.parent / 'report_job'}") == 0
     return folder
 
 
@@ -106,11 +108,11 @@ def test_every_job_carries_the_sweep_identity_and_sweep_json_names_the_varied_ke
     assert runs["report"].group == runs["jobs"][0].group == "demo"
 
 
-def test_dry_run_spec_names_only_what_the_runs_logged_and_reads_back(sweep):
+def test_dry_run_spec_names_only_what_the_runs_logged_and_reads_back(sweep, command_line):
     from wandb_workspaces.workspaces import Workspace, internal
 
-    output = pneumo_exp("dashboard", f"report.input={sweep}", "dashboard.dry_run=true",
-                        f"hydra.run.dir={sweep.parent / 'dashboard_job'}")
+    output = output_of(command_line("dashboard", f"report.input={sweep}", "dashboard.dry_run=true",
+                                    f"hydra.run.dir={sweep.parent / 'dashboard_job'}"))
     spec = json.loads((sweep / dashboard.SPEC_FILE).read_text())
     assert missing_keys(spec, offline_runs(sweep)) == []
     view = Workspace._from_model(internal.View.model_validate(spec))  # the package's own models accept it

@@ -28,7 +28,7 @@ TINY_BASE = ["diffusion_lora=cxr_small", "diffusion_lora.resolution=32",
              "dataset.patients_per_class=8", "dataset.test_patients_per_class=2", "dataset.difficulty=0.2"]
 
 
-def config(tmp_path: Path, cache: Path, *overrides: str, steps: tuple[int, int] = (150, 300)):
+def config(tmp_path: Path, cache: Path, *overrides: str, steps: tuple[int, int] = (100, 200)):
     return compose([f"paths.output_dir={tmp_path / 'run'}", f"paths.cache_dir={cache}", "logger=none",
                     "task=pretrain_diffusion", f"diffusion_lora.pretrained={tmp_path / 'base'}", *TINY_BASE,
                     f"diffusion_lora.pretraining.vae_steps={steps[0]}",

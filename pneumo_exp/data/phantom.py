@@ -23,6 +23,7 @@ its class (like automatic exposure control), so the global mean says nothing abo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -705,5 +706,6 @@ def phantom_records(patients_per_class: int = PHANTOM.patients_per_class,
     return records
 
 
+@functools.cache  # a pure function of the key; sweeps run in one process prepare the same images for every job
 def pixels_sha256(key: str) -> str:
     return hashlib.sha256(render(key, SHA256_SIZE).tobytes()).hexdigest()
