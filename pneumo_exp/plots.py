@@ -14,10 +14,11 @@ from pneumo_exp.core.files import atomic_file  # noqa: E402
 from pneumo_exp.labels import CLASSES  # noqa: E402
 
 
-def _save(figure, path: str | os.PathLike) -> Path:
+def _save(figure, path: str | os.PathLike, crop: bool = True) -> Path:
+    """`crop`: trim the margins (one more layout pass; a figure laid out by tight_layout needs none)."""
     try:
         with atomic_file(path, "wb") as handle:
-            figure.savefig(handle, format="png", dpi=110, bbox_inches="tight")
+            figure.savefig(handle, format="png", dpi=110, bbox_inches="tight" if crop else None)
     finally:
         plt.close(figure)
     return Path(path)
@@ -52,4 +53,4 @@ def curves_png(history: list[dict], path: str | os.PathLike,
         axis.grid(alpha=0.3)
     axes[0].legend()
     figure.tight_layout()
-    return _save(figure, path)
+    return _save(figure, path, crop=False)
