@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +26,24 @@ OmegaConf.register_new_resolver(RESOLVER, job_folder_name, replace=True)
 failed_jobs: list[tuple[str, str]] = []  # (job folder, one-line error) of the last multirun in this process
 
 
+def failure_records(sweep_dir: Path) -> dict[Path, tuple[int, int]]:
+    """Each job's failed.json in the sweep folder with its inode and mtime (ns): a record rewritten is a new one,
+    however soon after the last multirun, whatever process (launcher) wrote it."""
+    return {record: (stat.st_ino, stat.st_mtime_ns)
+            for record in sweep_dir.glob("*/failed.json") for stat in [record.stat()]}
+
+
 class FailedJobs(Callback):
     """After all jobs of a multirun: list the jobs that failed during it (their failed.json) on stderr."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.started = time.time()
+        self.earlier = failure_records(Path(config.hydra.sweep.dir))
         failed_jobs.clear()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        for record in sorted(sweep_dir.glob("*/failed.json")):
-            if record.stat().st_mtime >= self.started - 1:  # written by this multirun, not an earlier one
+        for record, identity in sorted(failure_records(sweep_dir).items()):
+            if self.earlier.get(record) != identity:  # written by this multirun, not left by an earlier one
                 failed_jobs.append((record.parent.name, json.loads(record.read_text()).get("message", "")))
         if failed_jobs:
             lines = [f"pneumo-exp: error: {len(failed_jobs)} job(s) of the sweep in {sweep_dir} failed:"]
