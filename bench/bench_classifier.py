@@ -173,7 +173,7 @@ def classifier_source(cfg) -> str:
     return backbone_source(cfg.clip_lora, cfg.paths.cache_dir)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=Path, help="a folder with {NORMAL,BACTERIA,VIRUS}/*.jpg (default: phantom)")
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
@@ -181,7 +181,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/results/classifier.json"))
     parser.add_argument("--tiny", action="store_true", help="a few seconds: --presets tiny --count 24 --repeats 1")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.tiny:
         args.presets, args.count, args.repeats = ["tiny"], 24, 1
     with tempfile.TemporaryDirectory() as scratch:

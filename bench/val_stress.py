@@ -90,7 +90,7 @@ def stress(run_dir: Path, cache_dir: str) -> dict[str, dict[str, float]]:
     return table
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, nargs="+", help="finished run folders (config.yaml, manifest.csv, "
                                                            "checkpoints/best)")
@@ -98,7 +98,7 @@ def main() -> None:
                         help="decoded images and random-init presets (default: $PNEUMO_EXP_CACHE or "
                              "~/.cache/pneumo_exp, as paths.cache_dir)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "val_stress.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     report = {}
     for run_dir in args.runs:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import gc
+import importlib.util
+import io
 import os
 import sys
 from pathlib import Path
@@ -177,6 +180,28 @@ def exit_status_in_process(monkeypatch, *args: str) -> int:
     except SystemExit as exited:
         return 0 if exited.code is None else exited.code
     return 0
+
+
+def bench_module(name: str):
+    """bench/<name>.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_main(name: str, *argv: str) -> str:
+    """`python bench/<name>.py ARGV` in this process (the libraries are imported here already): what it printed.
+    A script that sets torch's thread count for itself leaves this process's as it was."""
+    import torch
+
+    threads, printed = torch.get_num_threads(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            bench_module(name).main(list(argv))
+    finally:
+        torch.set_num_threads(threads)
+    return printed.getvalue()
 
 
 class RecordedRows(list):

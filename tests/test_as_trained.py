@@ -6,7 +6,6 @@ records the size its model saw."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, compose
+from conftest import bench_module, compose
 from PIL import Image
 
 from pneumo_exp.config import job_config
@@ -127,17 +126,10 @@ def test_the_quality_stage_measures_the_pixels_and_features_the_classifier_was_t
         assert seen["features"][label] == pytest.approx(as_trained, abs=1e-6), label
 
 
-def load_val_stress():
-    spec = importlib.util.spec_from_file_location("val_stress", REPO / "bench" / "val_stress.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_val_stress_shifts_the_source_pixels_then_standardises_and_evaluates_as_trained(bf16_run, monkeypatch):
     cfg, _ = bf16_run
     run_dir = Path(cfg.paths.output_dir)
-    val_stress = load_val_stress()
+    val_stress = bench_module("val_stress")
     recorded = {}
     shifts = iter(val_stress.SHIFTS)
     metrics = val_stress.classification_metrics

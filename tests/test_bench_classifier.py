@@ -4,14 +4,10 @@ the module, read by each test."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
-from conftest import REPO
-from test_bench_settings import bench_module
+from conftest import bench_main, bench_module
 
 pytestmark = pytest.mark.slow
 
@@ -19,10 +15,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def tiny_bench(tmp_path_factory) -> SimpleNamespace:
     out = tmp_path_factory.mktemp("bench") / "classifier.json"
-    done = subprocess.run([sys.executable, "bench/bench_classifier.py", "--tiny", "--out", str(out)], cwd=REPO,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    return SimpleNamespace(stdout=done.stdout, results=json.loads(out.read_text()))
+    printed = bench_main("bench_classifier", "--tiny", "--out", str(out))
+    return SimpleNamespace(stdout=printed, results=json.loads(out.read_text()))
 
 
 def test_classifier_bench_runs_at_tiny_size(tiny_bench):

@@ -3,21 +3,12 @@ like with like, and reports each run's own peak memory. Nothing here times anyth
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, compose
-
-
-def bench_module(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from conftest import bench_module, compose
 
 # ------------------------------------------------------------------------------------------------ bench_real_size
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, RecordedRows, compose, stop_in_diffusion_epoch_two
+from conftest import REPO, RecordedRows, bench_main, compose, stop_in_diffusion_epoch_two
 
 from pneumo_exp.config import DiffusionTrainingConfig
 from pneumo_exp.data.cache import load_pixels
@@ -321,13 +321,10 @@ def test_quality_stage_batches_on_the_device_and_scores_only_the_synthetic_class
 @pytest.mark.slow
 def test_the_diffusion_bench_runs_at_tiny_size(tmp_path):
     out = tmp_path / "diffusion.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    bench = subprocess.run([sys.executable, str(REPO / "bench" / "bench_diffusion.py"), "--tiny", "--out", str(out)],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert bench.returncode == 0, bench.stderr[-3000:]
+    printed = bench_main("bench_diffusion", "--tiny", "--out", str(out))
     result = json.loads(out.read_text())
     assert result["latent_cache_loop_ratio_vs_plain"] > 0 and result["latent_cache_ratio_vs_plain"] > 0
     assert set(result["train_mean_loss"]) == {"framework_training", "framework_cached_training", "plain_training"}
     assert result["train_mean_loss"]["framework_cached_training"] == pytest.approx(
         result["train_mean_loss"]["framework_training"], rel=1e-4)
-    assert "latent cache:" in bench.stdout
+    assert "latent cache:" in printed

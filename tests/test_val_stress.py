@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import bench_main, bench_module
 
 from pneumo_exp.pipeline import run
 
@@ -19,10 +17,7 @@ def test_stress_table_reproduces_the_runs_validation_and_covers_every_shift(make
                    "trainer.batch_size=8", "trainer.bootstrap_samples=100")
     run(cfg)
     out = tmp_path / "stress.json"
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "val_stress.py"), cfg.paths.output_dir,
-                           "--cache-dir", str(model_cache), "--out", str(out)], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    bench_main("val_stress", cfg.paths.output_dir, "--cache-dir", str(model_cache), "--out", str(out))
     table = json.loads(out.read_text())[cfg.paths.output_dir]
     assert list(table) == ["none", "gamma 0.7", "gamma 1.4", "contrast x0.75", "zoom in 15%", "zoom out 15%",
                            "blur 1px", "sharpen"]
@@ -33,13 +28,9 @@ def test_stress_table_reproduces_the_runs_validation_and_covers_every_shift(make
 
 
 def test_every_shift_changes_the_images():
-    import importlib.util
-
     import torch
 
-    spec = importlib.util.spec_from_file_location("val_stress", REPO / "bench" / "val_stress.py")
-    val_stress = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(val_stress)
+    val_stress = bench_module("val_stress")
     images = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     for name, shift in val_stress.SHIFTS.items():
         shifted = shift(images)
