@@ -180,7 +180,7 @@ def test_no_unet_outlives_its_training_or_synthesis_stage(model_cache, tmp_path,
 
     monkeypatch.setattr(train, "load_components", spy(train.load_components, lambda parts: parts.unet))
     monkeypatch.setattr(stable_diffusion, "load_pipeline", spy(stable_diffusion.load_pipeline, lambda pipe: pipe.unet))
-    cfg = config(tmp_path, model_cache, max_train_steps=2, validation_every=1, precision="bf16",
+    cfg = config(tmp_path, model_cache, max_train_steps=1, validation_every=1, precision="bf16",
                  validation_images_per_class=1, validation_inference_steps=1)
     lora = train_diffusion_lora(cfg, phantom_batch(), tmp_path)  # mixed precision: accelerate wraps forward
     assert len(alive) == 1 and alive[0]() is None, "the trained UNet is still alive after its stage"

@@ -170,10 +170,11 @@ def without_timings(history: list[dict]) -> list[dict]:
 
 
 @pytest.mark.xdist_group("subprocess")
-def test_resume_after_a_kill_reaches_the_same_final_metrics(tmp_path, model_cache):
+def test_resume_after_a_kill_reaches_the_same_final_metrics(tmp_path, model_cache, command_line):
+    """Only the killed run needs a process of its own; the uninterrupted and the resumed run are this one's."""
     common = ["experiment=demo", "logger=none", f"paths.cache_dir={model_cache}", "trainer.epochs=4",
               "dataset.patients_per_class=10", "trainer.bootstrap_samples=100", "trainer.ema_decay=0.9"]
-    finish(cli(*common, f"hydra.run.dir={tmp_path / 'straight'}"))
+    assert command_line(*common, f"hydra.run.dir={tmp_path / 'straight'}").status == 0
 
     killed = tmp_path / "killed"
     process = cli(*common, f"hydra.run.dir={killed}")
@@ -184,7 +185,8 @@ def test_resume_after_a_kill_reaches_the_same_final_metrics(tmp_path, model_cach
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (killed / "results.json").exists()
-    finish(cli(*common, f"hydra.run.dir={killed}", "resume=true"))
+    resumed_run = command_line(*common, f"hydra.run.dir={killed}", "resume=true")
+    assert resumed_run.status == 0, resumed_run.err[-20:]
 
     straight = without_timings(read_json_lines(tmp_path / "straight" / "metrics.jsonl"))
     resumed = without_timings(read_json_lines(killed / "metrics.jsonl"))
@@ -213,14 +215,14 @@ def test_predict_command_writes_the_same_csv_columns(command_line, smoke_run, tm
 
 
 @pytest.mark.xdist_group("subprocess")
-def test_accelerate_launch_two_processes_matches_one(tmp_path, model_cache):
+def test_accelerate_launch_two_processes_matches_one(tmp_path, model_cache, command_line):
     """Two CPU processes (gloo) with the per-process batch halved see the same images per optimizer step
     (7 full steps of 8 images: no ragged last batch that one process would split differently; the ViT preset,
     since BatchNorm statistics of the conv tower are per process, as in any DDP run)."""
     same_work = ["debug=smoke", "clip_lora=tiny_vit", "logger=wandb", "logger.mode=offline",
                  f"paths.cache_dir={model_cache}", "trainer.augment=false", "trainer.class_balance=none",
                  "trainer.cpu=true", "trainer.max_steps_per_epoch=7"]
-    finish(cli(*same_work, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}"))
+    assert command_line(*same_work, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}").status == 0
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     launch = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
                              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
