@@ -139,15 +139,9 @@ def run(composed: DictConfig) -> dict[str, float]:
         pretrain_diffusion(cfg, data, output_dir)
         return {}
 
-    logger = RunLogger(cfg, output_dir, job_type="-".join(cfg.stages), run_name=run_name(cfg),
-                       enabled=is_main_process())
-    try:
-        metrics = run_training_stages(cfg, data, output_dir, logger)
-    except BaseException:
-        logger.finish(failed=True)
-        raise
-    logger.finish()
-    return metrics
+    with RunLogger(cfg, output_dir, job_type="-".join(cfg.stages), run_name=run_name(cfg),
+                   enabled=is_main_process()) as logger:
+        return run_training_stages(cfg, data, output_dir, logger)
 
 
 def pretrain_diffusion(cfg: JobConfig, data: PreparedData, output_dir: Path) -> Path:
@@ -155,13 +149,9 @@ def pretrain_diffusion(cfg: JobConfig, data: PreparedData, output_dir: Path) -> 
     from pneumo_exp.diffusion.pretrain import pretrain_base, pretraining_images
 
     images = pretraining_images(data, int(cfg.diffusion_lora.resolution), cfg.paths.cache_dir)
-    logger = RunLogger(cfg, output_dir, job_type="pretrain_diffusion", run_name=f"pretrain-{cfg.diffusion_lora.name}")
-    try:
+    with RunLogger(cfg, output_dir, job_type="pretrain_diffusion",
+                   run_name=f"pretrain-{cfg.diffusion_lora.name}") as logger:
         folder = pretrain_base(cfg, images, output_dir, logger)
-    except BaseException:
-        logger.finish(failed=True)
-        raise
-    logger.finish()
     print(f"pretrained base: {folder} (model card: {folder / 'README.md'})", flush=True)
     return folder
 

@@ -99,6 +99,13 @@ class RunLogger:
         if self.run is not None and reasons:
             self.run.summary["not_a_result"] = "; ".join(reasons)
 
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        """Leaving the block finishes the run, marked failed when the block raised (a crash, a user error, Ctrl-C)."""
+        self.finish(failed=error_type is not None)
+
     def finish(self, failed: bool = False) -> None:
         """Returns once the run file is complete on disk: `run.finish` only asks W&B's service process to close the
         run, so without the teardown a reader (a test, `make sync`) could find it half written."""

@@ -129,6 +129,37 @@ def test_gradient_accumulation_balanced_sampler_and_bf16_run(make_cfg, preset):
     assert len(read_json_lines(run_dir(cfg) / "metrics.jsonl")) == 2
 
 
+@pytest.mark.parametrize("crash", [False, True])
+def test_the_wandb_run_ends_marked_failed_exactly_when_the_job_raised(make_cfg, monkeypatch, crash):
+    from pneumo_exp import pipeline
+    from pneumo_exp.tracking import RunLogger
+
+    exit_codes = []
+
+    class WandbRun:
+        summary = {}
+
+        def log(self, row):
+            pass
+
+        def finish(self, exit_code=0):
+            exit_codes.append(exit_code)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunLogger, "_start_wandb", lambda self, cfg, job_type, run_name: WandbRun())
+    if crash:
+        monkeypatch.setattr(pipeline, "run_training_stages", interrupted)
+    cfg = make_cfg("debug=smoke", "clip_lora.mode=zero_shot", logger="wandb")
+    if crash:
+        with pytest.raises(KeyboardInterrupt):
+            run(cfg)
+    else:
+        run(cfg)
+    assert exit_codes == [1 if crash else 0]
+
+
 def test_wandb_offline_run_holds_per_epoch_train_and_val_metrics(make_cfg):
     cfg = make_cfg("debug=smoke", logger="wandb")
     run(cfg)
