@@ -58,7 +58,20 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tiny:
         args.steps, args.images, args.repeats = 6, 4, 1
     torch.set_num_threads(args.threads)
-    scratch = Path(tempfile.mkdtemp(prefix="bench-diffusion-"))
+    with tempfile.TemporaryDirectory(prefix="bench-diffusion-") as scratch:  # runs, LoRAs, images: removed after
+        result = measure(args, Path(scratch))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    losses = result["train_mean_loss"]
+    print(f"latent cache: {result['latent_cache_loop_ratio_vs_plain']:.2f}x the steps/s of the plain diffusers loop "
+          f"in the loop, {result['latent_cache_ratio_vs_plain']:.2f}x with loading and encoding "
+          f"(mean loss {losses['framework_cached_training']:.4f} cached vs {losses['plain_training']:.4f} plain, "
+          f"{losses['framework_training']:.4f} framework without the cache)")
+    return result
+
+
+def measure(args: argparse.Namespace, scratch: Path) -> dict:
     cfg = compose(["paths.output_dir=" + str(scratch / "run"), f"paths.cache_dir={scratch / 'cache'}",
                    "logger=none", "trainer.cpu=true", f"diffusion_lora.training.max_train_steps={args.steps}",
                    "diffusion_lora.training.validation_every=0", "diffusion_lora.training.warmup_ratio=0",
@@ -151,13 +164,6 @@ def main(argv: list[str] | None = None) -> dict:
         "note": "both sides include loading the model (and the cached run its latent encoding); the framework "
                 "also writes checkpoints, PNGs and manifests",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print(f"latent cache: {result['latent_cache_loop_ratio_vs_plain']:.2f}x the steps/s of the plain diffusers loop "
-          f"in the loop, {result['latent_cache_ratio_vs_plain']:.2f}x with loading and encoding "
-          f"(mean loss {losses['framework_cached_training']:.4f} cached vs {losses['plain_training']:.4f} plain, "
-          f"{losses['framework_training']:.4f} framework without the cache)")
     return result
 
 
