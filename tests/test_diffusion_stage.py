@@ -320,8 +320,15 @@ def test_quality_stage_batches_on_the_device_and_scores_only_the_synthetic_class
 
 @pytest.mark.slow
 def test_the_diffusion_bench_runs_at_tiny_size(tmp_path):
+    import tempfile
+
+    def scratch_folders() -> set[Path]:
+        return set(Path(tempfile.gettempdir()).glob("bench-diffusion-*"))
+
+    before = scratch_folders()
     out = tmp_path / "diffusion.json"
     printed = bench_main("bench_diffusion", "--tiny", "--out", str(out))
+    assert scratch_folders() == before, "the bench left its scratch folder behind"
     result = json.loads(out.read_text())
     assert result["latent_cache_loop_ratio_vs_plain"] > 0 and result["latent_cache_ratio_vs_plain"] > 0
     assert set(result["train_mean_loss"]) == {"framework_training", "framework_cached_training", "plain_training"}
