@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 
 from pneumo_exp.config import SCHEMAS
-from pneumo_exp.data.images import INTENSITY_METHODS
+from pneumo_exp.data.images import IMAGE_SUFFIXES, INTENSITY_METHODS
 from pneumo_exp.data.manifest import read_csv
 from pneumo_exp.errors import UserError
 from pneumo_exp.labels import CLASSES
@@ -303,10 +304,8 @@ def check_task_inputs(cfg: DictConfig) -> None:
         if not (run_dir / "config.yaml").is_file():
             raise SettingError(f"{run_dir} holds no config.yaml", where="predict.run_dir",
                                fix="give the folder of a finished run")
-        images = required_path(cfg, "predict.input", "<an image or a folder of images>")
-        if not images.exists():
-            raise SettingError(f"{images} does not exist", where="predict.input",
-                               fix="give an image or a folder of images")
+        for image in prediction_images(required_path(cfg, "predict.input", "<an image or a folder of images>")):
+            check_image_header(image)
     if cfg.task in ("report", "dashboard"):
         folder = required_path(cfg, "report.input", "<a sweep folder, or any folder holding run folders>")
         if not folder.is_dir():
@@ -323,6 +322,32 @@ def required_path(cfg: DictConfig, key: str, example: str) -> Path:
     return Path(value)
 
 
+PREDICTION_INPUT_FIX = f"give an image ({', '.join(IMAGE_SUFFIXES)}) or a folder of them"
+
+
+def prediction_images(path: Path) -> list[Path]:
+    """What task=predict reads from `predict.input`: the image it names, or the images (by suffix) under the folder."""
+    if path.is_dir():
+        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not found:
+            raise SettingError(f"no {'/'.join(IMAGE_SUFFIXES)} images in the folder {path}", where="predict.input",
+                               fix=PREDICTION_INPUT_FIX)
+        return found
+    if not path.is_file():
+        raise SettingError(f"{path} does not exist", where="predict.input", fix=PREDICTION_INPUT_FIX)
+    return [path]
+
+
+def check_image_header(file: Path) -> None:
+    """The file opens as an image (its header only: decoding is the prediction's work)."""
+    try:
+        with Image.open(file):
+            pass
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        raise SettingError(f"{file} is not an image", where="predict.input",
+                           fix=PREDICTION_INPUT_FIX) from None
+
+
 STUDY_REAL_ARM = "real_validation"  # the arm of real validation images every generator study holds
 RANDOM_BASE = "random"  # a study generator's base: the preset's architecture with random weights
 ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -336,18 +361,16 @@ def check_generator_study(cfg: DictConfig) -> None:
     if not generators:
         raise SettingError("no generator to study", where="generator_study.generators",
                            fix="list them, e.g. generator_study.generators=[{name:noise,base:random},{name:base}]")
-    names = [generator.name for generator in generators]
+    names: list[str] = []
     for index, generator in enumerate(generators):
-        check_study_generator(cfg, generator, f"generator_study.generators[{index}]", names[:index],
-                              reference.dataset.name)
+        check_study_generator(cfg, generator, f"generator_study.generators[{index}]", names, reference.dataset.name)
+        names.append(generator.name)
 
 
 def check_study_generator(cfg: DictConfig, generator: DictConfig, key: str, names_before: list[str],
                           reference_dataset: str) -> None:
-    if not ARM_NAME.fullmatch(generator.name) or generator.name in (STUDY_REAL_ARM, *names_before):
-        raise SettingError(f"bad or repeated name {generator.name!r}", where=f"{key}.name",
-                           fix=f"give each generator its own name of letters, digits, '.', '_' or '-' (not "
-                               f"{STUDY_REAL_ARM})")
+    check_generator_name(generator, key, names_before)
+    check_study_base(generator.base, f"{key}.base")
     if generator.base == RANDOM_BASE and not cfg.diffusion_lora.get("architecture"):
         raise SettingError(f"diffusion_lora={cfg.diffusion_lora.name} has no architecture to initialise at random",
                            where=f"{key}.base", fix="use a preset with one (tiny, cxr_small) or give a base folder")
@@ -360,6 +383,30 @@ def check_study_generator(cfg: DictConfig, generator: DictConfig, key: str, name
     if generator.lora and not Path(generator.lora).exists():
         raise SettingError(f"no LoRA {generator.lora}", where=f"{key}.lora",
                            fix="give a LoRA folder (a run's diffusion/lora), or null for the base alone")
+
+
+def check_generator_name(generator: DictConfig, key: str, names_before: list[str]) -> None:
+    name_rule = f"give each generator its own name of letters, digits, '.', '_' or '-' (not {STUDY_REAL_ARM})"
+    if OmegaConf.is_missing(generator, "name"):
+        raise SettingError("a generator without a name", where=f"{key}.name", fix=name_rule)
+    if not ARM_NAME.fullmatch(generator.name) or generator.name in (STUDY_REAL_ARM, *names_before):
+        raise SettingError(f"bad or repeated name {generator.name!r}", where=f"{key}.name", fix=name_rule)
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name: a base that is no path here is looked up on the hub
+
+
+def check_study_base(base: str | None, key: str) -> None:
+    """A base named by the user is a diffusers folder here, or a hub id (`random` and null are the preset's)."""
+    if base in (None, RANDOM_BASE):
+        return
+    if Path(base).exists() and not (Path(base) / "model_index.json").is_file():
+        raise SettingError(f"{base} is not a diffusers pipeline folder (no model_index.json)", where=key,
+                           fix="give the folder of a Stable Diffusion pipeline (model_index.json, unet/, vae/, ...)")
+    if not Path(base).exists() and not HUB_ID.fullmatch(base):
+        raise SettingError(f"no folder {base}", where=key,
+                           fix="give a diffusers pipeline folder or a hub id (org/name), random for the preset's "
+                               "architecture with random weights, or null for the preset's base")
 
 
 def check_reference_run(run_dir: Path) -> DictConfig:

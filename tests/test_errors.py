@@ -51,6 +51,20 @@ def test_bad_values_are_refused_naming_the_key(make_cfg, override, key):
     assert refused.value.where == key
 
 
+def test_a_study_base_that_cannot_be_loaded_is_named_by_its_generators_key(make_cfg):
+    """A hub id passes the checks before work; when the study cannot load it, the key is the one the user set."""
+    from pneumo_exp.config import job_config
+    from pneumo_exp.data.prepare import PreparedData
+    from pneumo_exp.evaluation.generator_study import checked_sources
+
+    generators = "generator_study.generators=[{name:b,base:nobody/no-such-model}]"
+    cfg = job_config(make_cfg("task=generator_study", generators))
+    with pytest.raises(UserError) as refused:
+        checked_sources(cfg, PreparedData(records=[]))
+    assert refused.value.where == "generator_study.generators[0].base"
+    assert "nobody/no-such-model" in str(refused.value) and "\n" not in str(refused.value)
+
+
 def test_max_train_steps_replaces_diffusion_epochs(make_cfg):
     check_plan(make_cfg("diffusion_lora.training.epochs=0", "diffusion_lora.training.max_train_steps=3"))
 

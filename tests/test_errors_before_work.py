@@ -12,6 +12,7 @@ from conftest import Ran, write_image
 from omegaconf import OmegaConf
 
 from pneumo_exp import cli, pipeline
+from pneumo_exp.data.manifest import Record, write_csv
 from pneumo_exp.labels import CLASSES
 from pneumo_exp.validate import SettingError
 
@@ -84,17 +85,69 @@ def finished_run_folder(tmp_path):
     return folder
 
 
+def text_file(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("not an image\n")
+    return path
+
+
+def images_and_a_text_file(folder: Path) -> Path:
+    write_image(folder / "a.png")
+    text_file(folder / "sub" / "b.png")
+    return folder
+
+
+def predicting(tmp: Path, given: Path) -> list[str]:
+    return ["predict", f"predict.run_dir={finished_run_folder(tmp)}", f"predict.input={given}"]
+
+
 @pytest.mark.parametrize("task_args,parts", [
     (lambda tmp: ["predict"], ["predict.run_dir"]),
     (lambda tmp: ["predict", f"predict.run_dir={tmp}", f"predict.input={tmp}"], ["predict.run_dir", "config.yaml"]),
     (lambda tmp: ["predict", f"predict.run_dir={finished_run_folder(tmp)}"], ["predict.input"]),
-    (lambda tmp: ["predict", f"predict.run_dir={finished_run_folder(tmp)}", f"predict.input={tmp / 'missing.png'}"],
-     ["predict.input", "missing.png"]),
+    (lambda tmp: predicting(tmp, tmp / "missing.png"), ["predict.input", "missing.png"]),
+    (lambda tmp: predicting(tmp, text_file(tmp / "notes.txt")), ["predict.input", "notes.txt is not an image"]),
+    (lambda tmp: predicting(tmp, text_file(tmp / "notes.png")), ["predict.input", "notes.png is not an image"]),
+    (lambda tmp: predicting(tmp, text_file(tmp / "texts" / "notes.txt").parent),
+     ["predict.input", "no .jpeg/.jpg/.png images in the folder", "texts"]),
+    (lambda tmp: predicting(tmp, images_and_a_text_file(tmp / "images")), ["predict.input", "b.png is not an image"]),
     (lambda tmp: ["report"], ["report.input"]),
     (lambda tmp: ["report", f"report.input={tmp / 'missing'}"], ["report.input", "missing"]),
 ])
 def test_a_task_without_its_inputs_is_refused_before_any_work(command_line, tmp_path, task_args, parts):
     assert_one_line(command_line(*task_args(tmp_path)), *parts)
+    assert not (tmp_path / "run").exists()
+
+
+def judge_run_folder(tmp: Path) -> Path:
+    """What generator_study reads of its reference run before any work: a finished classifier run on real images
+    with a validation split."""
+    folder = tmp / "judge"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("stages: [data, classify]\ndataset: {name: phantom}\n")
+    (folder / "results.json").write_text("{}")
+    write_csv([Record(path="a.png", label="NORMAL", patient_id="p0", split="val")], folder / "manifest.csv")
+    return folder
+
+
+@pytest.mark.parametrize("generators,parts", [
+    ("[{base:random}]", ["generator_study.generators[0].name", "without a name"]),
+    ("[{name:a},{base:random}]", ["generator_study.generators[1].name", "without a name"]),
+    ("[{name:b,base:/no/such/folder}]", ["generator_study.generators[0].base", "no folder /no/such/folder"]),
+    ("[{name:b,base:no-such-folder}]", ["generator_study.generators[0].base", "no folder no-such-folder"]),
+    (lambda tmp: f"[{{name:b,base:{tmp}}}]", ["generator_study.generators[0].base", "no model_index.json"]),
+])
+def test_a_study_generator_without_a_name_or_a_base_folder_is_refused_before_any_work(
+        command_line, monkeypatch, tmp_path, generators, parts):
+    from pneumo_exp.evaluation import generator_study
+
+    def study_started(*args, **kwargs):
+        raise AssertionError("the study started before refusing its generator")
+
+    monkeypatch.setattr(generator_study, "run_generator_study", study_started)
+    generators = generators(tmp_path) if callable(generators) else generators
+    assert_one_line(command_line("task=generator_study", f"generator_study.reference_run={judge_run_folder(tmp_path)}",
+                                 f"generator_study.generators={generators}"), *parts)
     assert not (tmp_path / "run").exists()
 
 

@@ -15,22 +15,11 @@ from pneumo_exp.config import ClassifierMode, JobConfig, Precision, clip_config
 from pneumo_exp.core.files import atomic_file
 from pneumo_exp.core.training import fresh_accelerator
 from pneumo_exp.data.augment import to_unit_float
-from pneumo_exp.data.images import IMAGE_SUFFIXES, decode_grayscale, standardize_intensity
+from pneumo_exp.data.images import decode_grayscale, standardize_intensity
 from pneumo_exp.data.manifest import Record
 from pneumo_exp.errors import UserError
 from pneumo_exp.labels import CLASSES
-
-
-def images_under(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if found:
-            return found
-        raise UserError(f"no {'/'.join(IMAGE_SUFFIXES)} images in the folder {path}", where="predict.input",
-                        fix="give an image or a folder of images")
-    raise UserError(f"{path} does not exist", where="predict.input", fix="give an image or a folder of images")
+from pneumo_exp.validate import prediction_images
 
 
 def load_trained(run_dir: Path, cache_dir: str):
@@ -83,7 +72,7 @@ def write_predictions(records: list[Record], probabilities: torch.Tensor, path: 
 
 @torch.no_grad()
 def predict(cfg: JobConfig, output_dir: Path) -> Path:
-    files = images_under(Path(cfg.predict.input))  # predict.run_dir and predict.input are set (validate.py)
+    files = prediction_images(Path(cfg.predict.input))  # checked, with predict.run_dir, by validate.check_plan
     classifier, run_cfg, accelerator = load_as_trained(Path(cfg.predict.run_dir), cfg.paths.cache_dir)
     resolution, intensity = run_cfg.dataset.resolution, run_cfg.dataset.get("intensity", "none")
     probabilities = []

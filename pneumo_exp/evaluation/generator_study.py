@@ -23,6 +23,8 @@ classifiers under `<generator>/quality/`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -37,6 +39,7 @@ from pneumo_exp.data.cache import open_or_build
 from pneumo_exp.data.manifest import Record, read_csv
 from pneumo_exp.data.prepare import PreparedData
 from pneumo_exp.evaluation.quality import encode, feature_quality, nearest_real_distances
+from pneumo_exp.hub import ModelSourceError
 from pneumo_exp.labels import CLASSES, class_index
 from pneumo_exp.validate import RANDOM_BASE, STUDY_REAL_ARM
 
@@ -221,13 +224,26 @@ def checked_sources(cfg: JobConfig, data: PreparedData) -> dict[str, str]:
 
     train = [r for r in data.split("train") if r.source == "real"]
     sources = {}
-    for generator in cfg.generator_study.generators:
+    for index, generator in enumerate(cfg.generator_study.generators):
         sources[generator.name] = generator_source(cfg, generator)
-        check_resolution(cfg.diffusion_lora, sources[generator.name])
+        with named_base(generator, f"generator_study.generators[{index}].base"):
+            check_resolution(cfg.diffusion_lora, sources[generator.name])
         check_base_training_split(sources[generator.name], train)
         if generator.lora:
             check_lora_training_split(generator.lora, data)
     return sources
+
+
+@contextmanager
+def named_base(generator: StudyGenerator, key: str) -> Iterator[None]:
+    """A base the generator names itself (a folder or hub id) that cannot be loaded is reported, on one line, against
+    its own key rather than the preset's `diffusion_lora.pretrained`."""
+    try:
+        yield
+    except ModelSourceError as error:
+        if generator.base in (None, RANDOM_BASE):
+            raise
+        raise ModelSourceError(" ".join(error.what.split()), where=key, fix=error.fix) from None
 
 
 def draw(cfg: JobConfig, generator: StudyGenerator, source: str, folder: Path) -> list[Record]:
