@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import sys
 import time
@@ -19,6 +20,26 @@ from pneumo_exp.validate import TASKS, SettingError, did_you_mean, options_with_
 
 COMMANDS = TASKS  # the first word of the command line may name the task
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # the repository's conf/ (editable install)
+CONSOLE_LOGGERS = ("pneumo_exp", "hydra")  # hydra: a sweep's "#N : overrides" line before each job
+
+
+class ProjectLines(logging.Filter):
+    """The terminal's filter in the job's logging (conf/hydra/job_logging/project_console.yaml): the project's and
+    Hydra's records, and any library's errors. Other libraries' INFO records and warnings (matplotlib building its
+    font cache, transformers' missing optional backends) reach only the job's log file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or record.name.split(".")[0] in CONSOLE_LOGGERS
+
+
+def library_records_to_job_logging() -> None:
+    """transformers writes its records to stderr through a handler of its own, past the job's logging: they go to
+    the job's handlers instead. Its warning that torchvision is missing (raised when diffusers imports
+    CLIPImageProcessor and SiglipImageProcessor; the project never needs torchvision) then stays in the log file."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_default_handler()
+    transformers_logging.enable_propagation()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
@@ -30,6 +51,7 @@ def hydra_entry(cfg: DictConfig):
 
     from pneumo_exp.pipeline import run  # heavy imports after Hydra has parsed the command line
 
+    library_records_to_job_logging()
     if HydraConfig.get().mode != RunMode.MULTIRUN:
         try:
             return objective(cfg, run(cfg))

@@ -60,7 +60,9 @@ def build_random(family: BackboneFamily, architecture: dict, image_size: int, fo
 
 def save_random(family: BackboneFamily, architecture: dict, image_size: int, folder: Path) -> None:
     from transformers import CLIPConfig, CLIPImageProcessorPil, SiglipConfig, SiglipImageProcessorPil
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # its "Writing model shards" bar, for one small file
     tokenizer = character_tokenizer()
     special = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
