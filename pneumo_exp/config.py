@@ -288,6 +288,7 @@ class ReportConfig:
     output: str | None = None
     pairs: list[list[str]] | None = None
     bootstrap_samples: int = 2000
+    split_by_commit: bool = False  # true: seeds run by other code versions (git.json) are other configurations
     published: Any = None  # the reference rows of every report (conf/report/default.yaml)
 
 

@@ -5,13 +5,15 @@ The view is built offline from the sweep folder: its W&B run files (offline, or 
 say which runs belong to the sweep (config key `sweep`, written by `pneumo_exp.sweep`), which keys it varied and
 which metrics the runs logged, so no panel names a metric or config key the runs lack. The spec is written to
 `<sweep>/dashboard_spec.json` (and only that with `dashboard.dry_run=true`); saving needs the runs on a W&B server
-(`wandb login`, then `make sync`). Where the view was saved is kept in `<sweep>/dashboard_view.json`, so running
-again updates the same view (found by name on the server when that file is gone).
+(`wandb login`, then `make sync`), in `logger.project` of `logger.entity` (else the login's default entity). Where
+the view was saved is kept in `<sweep>/dashboard_view.json`, so running again updates the same view (found by name,
+which holds the sweep's id, on the server when that file is gone).
 
 The view (sections top to bottom):
-- runs: the sweep's runs only (tag `sweep:<name>`), grouped by the keys its configurations differ in (the varied
-  keys but seed; lines show the mean over seeds and their range), sorted by best validation macro F1, the varied
-  keys and the three result metrics pinned as columns of the runs table;
+- runs: the sweep's runs only (tag `sweep:<id>`) whose numbers count (summary `result`, set by
+  `pneumo_exp.tracking`: no failed run, no capped or subset test, no report run), grouped by the keys its
+  configurations differ in (the varied keys but seed; lines show the mean over seeds and their range), sorted by
+  best validation macro F1, the varied keys and the three result metrics pinned as columns of the runs table;
 - **Results**: parallel coordinates from the varied keys to best `val/f1_macro`, `test/f1_macro` and `test/acc`; a
   scatter of best validation against test macro F1 (one point per run);
 - **Training curves**: `train/acc`, `train/recall_macro`, `train/f1_macro` and their `val/` counterparts against
@@ -19,7 +21,8 @@ The view (sections top to bottom):
 - **Diffusion LoRA** (when the sweep trained LoRAs): `diffusion/loss` (and the epoch mean), images per second against
   `diffusion/step`, the validation grids;
 - **Paper table** (when `pneumo-exp report` logged its run): the report's tables (configurations, reference rows,
-  paired comparisons) and its plots.
+  paired comparisons) and its files with the plots, read from the report's artifact (`report-<sweep id>`, latest
+  version), as the report run is not among the runs shown.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ from typing import Any
 from pneumo_exp.config import JobConfig
 from pneumo_exp.core.files import write_atomic, write_json_atomic
 from pneumo_exp.errors import UserError
-from pneumo_exp.report.wandb_run import IMAGES as REPORT_IMAGES
 from pneumo_exp.report.wandb_run import TABLES as REPORT_TABLES
+from pneumo_exp.report.wandb_run import artifact_table
 from pneumo_exp.sweep import sweep_tag
+from pneumo_exp.tracking import RESULT_MARK
 from pneumo_exp.validate import SettingError
 from pneumo_exp.wandb_offline import RunFile, read_run, run_files
 
@@ -53,6 +57,7 @@ class SweepRuns:
     """What the sweep folder's W&B run files say about the sweep."""
     folder: Path
     name: str
+    id: str  # `pneumo_exp.sweep.sweep_id`
     varied: list[str]  # as the sweep's command line and sweeper named them
     group_by: list[str]  # W&B config keys the configurations differ in, held by every run
     jobs: list[RunFile]
@@ -60,15 +65,27 @@ class SweepRuns:
 
     @property
     def tag(self) -> str:
-        return sweep_tag(self.name)
+        return sweep_tag(self.id)
+
+    @property
+    def marks_results(self) -> bool:
+        """Whether the runs say if their numbers count (`RESULT_MARK`): runs logged before sweeps had ids do not."""
+        return all(run.has_config("sweep.id") for run in self.jobs)
+
+    @property
+    def results(self) -> list[RunFile]:
+        """The runs the view shows: those whose numbers count (every job, when the runs do not say)."""
+        if not self.marks_results:
+            return list(self.jobs)
+        return [run for run in self.jobs if run.summary.get(RESULT_MARK) is True]
 
     @property
     def history_keys(self) -> set[str]:
-        return set().union(*(run.history_keys for run in self.jobs))
+        return set().union(*(run.history_keys for run in self.results))
 
     @property
     def summary_keys(self) -> set[str]:
-        return set().union(*(run.summary for run in self.jobs))
+        return set().union(*(run.summary for run in self.results))
 
     @property
     def columns(self) -> list[str]:
@@ -85,17 +102,23 @@ def read_sweep(folder: Path) -> SweepRuns:
                            fix="give the folder of a sweep run with W&B on (logger=wandb, the default)")
     jobs = [run for run in by_id.values() if run.job_type != "report"]
     reports = [run for run in by_id.values() if run.job_type == "report"]
-    names = sorted({str(run.config_value("sweep.name")) for run in jobs})
     if not jobs or any(run.config_value("sweep.name") is None for run in jobs):
         raise SettingError(f"the W&B runs under {folder} carry no sweep identity", where=where,
                            fix="give the folder of one multirun (pneumo-exp -m ...), multirun/<experiment>/<sweep>")
-    if len(names) > 1:
-        raise SettingError(f"{folder} holds the runs of {len(names)} sweeps", where=where,
-                           fix=f"give the folder of one of them: {', '.join(names)}")
+    ids = sorted(set(map(run_sweep_id, jobs)))
+    if len(ids) > 1:
+        raise SettingError(f"{folder} holds the runs of {len(ids)} sweeps", where=where,
+                           fix=f"give the folder of one of them: {', '.join(ids)}")
     varied = list(dict.fromkeys(key for run in jobs for key in run.config_value("sweep.varied") or []))
     group_by = [key for key in dict.fromkeys(key for run in jobs for key in run.config_value("sweep.group_by") or [])
                 if all(run.has_config(key) for run in jobs)]
-    return SweepRuns(folder, names[0], varied, group_by, jobs, reports[-1] if reports else None)
+    return SweepRuns(folder, str(jobs[0].config_value("sweep.name")), ids[0], varied, group_by, jobs,
+                     reports[-1] if reports else None)
+
+
+def run_sweep_id(run: RunFile) -> str:
+    """The id of the sweep a job's run belongs to (a run logged before sweeps had ids: the sweep's name)."""
+    return str(run.config_value("sweep.id") or run.config_value("sweep.name"))
 
 
 def config_column(key: str) -> str:
@@ -134,21 +157,38 @@ def build_workspace(sweep: SweepRuns, entity: str, project: str, name: str):
         diffusion.append(wr.MediaBrowser(title="validation grids", media_keys=[DIFFUSION_GRIDS], gallery_axis="step"))
     if diffusion:
         sections.append(ws.Section(name="Diffusion LoRA", panels=diffusion, is_open=True))
-    if sweep.report is not None:
-        tables = [wr.WeavePanelSummaryTable(table_name=key, layout=wr.Layout(w=24, h=10))
-                  for key in REPORT_TABLES if key in sweep.report.summary]
-        images = [key for key in REPORT_IMAGES if key in sweep.report.history_keys]
-        media = [wr.MediaBrowser(title="report plots", media_keys=images, gallery_axis="run")] if images else []
-        if tables or media:
-            sections.append(ws.Section(name="Paper table", panels=[*tables, *media], is_open=True))
+    paper = paper_table(wr, sweep.report)
+    if paper:
+        sections.append(ws.Section(name="Paper table", panels=paper, is_open=True))
     pinned = [*map(config_column, sweep.columns), *(f"summary:{metric}" for metric in results)]
     order = [ws.Ordering(ws.Summary("val/f1_macro"), ascending=False)] if "val/f1_macro" in summary else []
     return ws.Workspace(
         entity=entity, project=project, name=name, sections=sections,
         settings=ws.WorkspaceSettings(x_axis="epoch", max_runs=100),
-        runset_settings=ws.RunsetSettings(filters=[ws.Tags().isin([sweep.tag])],
+        runset_settings=ws.RunsetSettings(filters=runs_shown(ws, sweep),
                                           groupby=[ws.Config(key) for key in sweep.group_by],
                                           order=order, pinned_columns=pinned))
+
+
+def runs_shown(ws, sweep: SweepRuns) -> list:
+    """The view's runs: the sweep's (its tag), and of those only the results when the runs mark them."""
+    shown = [ws.Tags().isin([sweep.tag])]
+    if sweep.marks_results:
+        shown.append(ws.Summary(RESULT_MARK) == True)  # noqa: E712 (W&B's filter `result = true`, no comparison)
+    return shown
+
+
+def paper_table(wr, report: RunFile | None) -> list:
+    """The report's tables and files from its artifact (the report run is no result, so not among the runs
+    shown); none from a report run that names no artifact (logged before it did)."""
+    artifact = report.config_value("report.artifact") if report is not None else None
+    if artifact is None:
+        return []
+    tables = [wr.WeavePanelArtifactVersionedFile(artifact=artifact, version="latest",
+                                                 file=f"{artifact_table(csv_name)}.table.json",
+                                                 layout=wr.Layout(w=24, h=10))
+              for csv_name in REPORT_TABLES.values()]
+    return [*tables, wr.WeavePanelArtifact(artifact=artifact, tab="files", layout=wr.Layout(w=24, h=10))]
 
 
 def curve_panel(wr, metrics: str | Sequence[str], x: str, title: str | None = None):
@@ -180,11 +220,15 @@ def panel_text(panel) -> str:
         return f"{kind} x {panel.x.name}, y {panel.y.name}"
     if kind == "MediaBrowser":
         return f"{kind} {', '.join(panel.media_keys)}"
+    if kind == "WeavePanelArtifactVersionedFile":
+        return f"{kind} {panel.file} of artifact {panel.artifact}:{panel.version}"
+    if kind == "WeavePanelArtifact":
+        return f"{kind} {panel.artifact} ({panel.tab})"
     return f"{kind} {getattr(panel, 'table_name', '')}".strip()
 
 
 def view_name(cfg: JobConfig, sweep: SweepRuns) -> str:
-    return cfg.dashboard.name or f"pneumo_exp sweep {sweep.name}"
+    return cfg.dashboard.name or f"pneumo_exp sweep {sweep.id}"
 
 
 def main_dashboard(cfg: JobConfig) -> str:
@@ -199,25 +243,29 @@ def main_dashboard(cfg: JobConfig) -> str:
     lines = [*outline(workspace), f"spec written to {folder / SPEC_FILE}"]
     if cfg.dashboard.dry_run:
         return "\n".join(lines)
-    api = server(cfg.logger.project, sweep)
+    api = logged_in_api()
     entity = entity or api.default_entity
+    check_synced(api, entity, cfg.logger.project, sweep)
     workspace = build_workspace(sweep, entity, cfg.logger.project, view_name(cfg, sweep))
     url = save_view(workspace, api, folder)
     return "\n".join([*lines, f"dashboard: {url}"])
 
 
-def server(project: str, sweep: SweepRuns):
-    """The W&B API, once the sweep's runs are on its server; one line saying what to do otherwise."""
+def logged_in_api():
+    """The W&B API; one line saying what to do when this machine is not logged in."""
     import wandb
     from wandb.errors import UsageError
 
     try:
-        api = wandb.Api()
+        return wandb.Api()
     except UsageError:
         raise UserError("the dashboard is saved on a W&B server and this machine is not logged in to W&B",
                         fix="run wandb login (or set WANDB_API_KEY), make sync to upload the sweep's runs, then this "
                             "again (dashboard.dry_run=true writes the view's spec without a server)") from None
-    entity = api.default_entity
+
+
+def check_synced(api, entity: str, project: str, sweep: SweepRuns) -> None:
+    """The sweep's runs are on the server, in `entity/project`; else one line saying what to do."""
     try:
         found = {run.id for run in api.runs(f"{entity}/{project}", filters={"tags": {"$in": [sweep.tag]}})}
     except Exception as error:  # a missing project, the network: the server's own words, in one line
@@ -228,7 +276,6 @@ def server(project: str, sweep: SweepRuns):
     if missing:
         raise UserError(f"{len(missing)} of the sweep's {len(sweep.jobs)} runs are not on the W&B server yet",
                         where=str(sweep.folder), fix=NOT_SYNCED_FIX)
-    return api
 
 
 def save_view(workspace, api, folder: Path) -> str:

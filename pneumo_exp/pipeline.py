@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -19,10 +20,10 @@ from omegaconf.errors import MissingMandatoryValue
 from pneumo_exp.config import JobConfig, job_config
 from pneumo_exp.core.files import write_atomic, write_json_atomic
 from pneumo_exp.data import manifest
-from pneumo_exp.data.manifest import LeakageError
 from pneumo_exp.data.prepare import PreparedData, check_splits_filled, prepare_data
-from pneumo_exp.diffusion.stable_diffusion import TRAINING_SPLIT_FILE
+from pneumo_exp.data.provenance import check_trained_within, write_training_record
 from pneumo_exp.errors import UserError
+from pneumo_exp.inputs import INPUTS_FILE, changed_inputs, job_inputs
 from pneumo_exp.rundir import (
     changed_settings,
     is_main_process,
@@ -31,6 +32,7 @@ from pneumo_exp.rundir import (
     override_key,
     process_count,
     recorded_processes,
+    set_aside_outputs,
     shapes_result,
     write_run_info,
 )
@@ -44,19 +46,24 @@ START_AFRESH = ("start a new run (another hydra.run.dir or sweep_name), or delet
                 "again from the start")
 
 
-def check_resumable(cfg: JobConfig, output_dir: Path) -> None:
-    """resume=true continues the same experiment: any setting that shapes the result must be unchanged."""
+def check_resumable(cfg: JobConfig, output_dir: Path, inputs: dict[str, str] | None = None) -> None:
+    """resume=true continues the same experiment: any setting that shapes the result, and any input a training job
+    read (`inputs`), must be unchanged."""
     stored_file = output_dir / "config.yaml"
     if not cfg.resume or not stored_file.is_file():
         return
     changed = changed_settings(cfg, stored_file)
+    if inputs is not None and (output_dir / INPUTS_FILE).is_file():
+        changed += [f"its input {name}" for name in changed_inputs(output_dir, inputs)]
     if changed:
         raise SettingError(f"cannot resume: the run was started with other settings for {', '.join(changed)}",
                            where=str(stored_file), fix="resume with the same settings, or " + START_AFRESH)
 
 
-def finished_before(cfg: JobConfig, output_dir: Path) -> bool:
-    """A finished job (results.json) is skipped only when it ran with the same settings as this one."""
+def finished_before(cfg: JobConfig, output_dir: Path, inputs: dict[str, str] | None = None) -> bool:
+    """A finished job (results.json) is skipped only when it ran with the same settings and, given `inputs`, read
+    the same inputs; other settings are refused. A finished job whose inputs changed (a LoRA retrained at the same
+    path, another base) runs again: its outputs are first set aside in the folder's `.superseded/`."""
     if cfg.task != "run" or not (output_dir / "results.json").is_file():
         return False
     stored_file = output_dir / "config.yaml"
@@ -70,7 +77,16 @@ def finished_before(cfg: JobConfig, output_dir: Path) -> bool:
     if changed:
         raise SettingError(f"the folder holds a finished job with other settings for {', '.join(changed)}",
                            where=str(output_dir), fix=START_AFRESH)
+    other_inputs = changed_inputs(output_dir, inputs) if inputs is not None else []
+    if other_inputs:
+        kept = set_aside_outputs(output_dir)
+        log.warning("the finished job in %s read other inputs (%s): running it again; its outputs are kept in %s",
+                    output_dir, ", ".join(other_inputs), kept)
+        return False
     return True
+
+
+OTHER_TASKS = ("predict", "report", "dashboard", "generator_study")
 
 
 def run(composed: DictConfig) -> dict[str, float]:
@@ -81,50 +97,25 @@ def run(composed: DictConfig) -> dict[str, float]:
     except MissingMandatoryValue as error:
         raise SettingError("no value given", where=error.full_key, fix=f"set {error.full_key}=...") from None
     output_dir = Path(cfg.paths.output_dir)
-    if {"diffusion", "synthesize"} & set(cfg.stages) and cfg.task == "run":
-        from pneumo_exp.diffusion.pretrain import require_built_base
+    if cfg.task in OTHER_TASKS:
+        check_resumable(cfg, output_dir)
+        start_job(cfg, output_dir)
+        return run_other_task(cfg, output_dir)
 
-        require_built_base(cfg.diffusion_lora)
-        if "diffusion" not in cfg.stages:
-            require_trained_lora(cfg.diffusion_lora.trained_lora)
-    check_resumable(cfg, output_dir)
-    if finished_before(cfg, output_dir):
+    data = prepare_data(cfg.dataset, cfg.paths.cache_dir)
+    job = cfg
+    if cfg.task == "run" and {"diffusion", "synthesize"} & set(cfg.stages):
+        job = with_checked_generator(cfg, data)
+    inputs = job_inputs(job, data) if cfg.task == "run" else None
+    check_resumable(cfg, output_dir, inputs)
+    if finished_before(cfg, output_dir, inputs):
         finished = output_dir / "results.json"
-        log.info("%s exists with the same settings: this job finished before, skipping it", finished)
+        log.info("%s exists with the same settings and inputs: this job finished before, skipping it", finished)
         return flat_metrics(json.loads(finished.read_text()))
-    (output_dir / "failed.json").unlink(missing_ok=True)  # left by an earlier failed try of this job
-    write_run_info(cfg, output_dir)
-    if cfg.task == "predict":
-        from pneumo_exp.classify.predict import predict
-
-        print(f"predictions written to {predict(cfg, output_dir)}", flush=True)
-        return {}
-    if cfg.task == "report":
-        from pneumo_exp.report import main_report
-
-        target = Path(cfg.report.output or Path(cfg.report.input) / "report")
-        print(main_report(cfg.report.input, target, cfg.report.pairs, cfg.report.bootstrap_samples), flush=True)
-        print(f"report written to {target}", flush=True)
-        if is_main_process():
-            from pneumo_exp.report.wandb_run import log_report_run
-
-            run_folder = log_report_run(cfg, Path(cfg.report.input), target)
-            if run_folder is not None:
-                print(f"W&B run 'report' ({cfg.logger.mode.value}) in {run_folder}", flush=True)
-        return {}
-    if cfg.task == "dashboard":
-        from pneumo_exp.dashboard import main_dashboard
-
-        print(main_dashboard(cfg), flush=True)
-        return {}
-    if cfg.task == "generator_study":
-        from pneumo_exp.evaluation.generator_study import run_generator_study
-
-        print(run_generator_study(cfg, output_dir), flush=True)
-        print(f"generator study written to {output_dir / 'generator_study.md'} (and .json)", flush=True)
-        return {}
-
-    data = prepare_data(cfg.dataset, cfg.paths.cache_dir, output_dir)
+    start_job(cfg, output_dir)
+    if inputs is not None:
+        write_json_atomic(output_dir / INPUTS_FILE, inputs)
+    manifest.write_csv(data.records, output_dir / "manifest.csv")
     if data.skipped:
         write_atomic(output_dir / "skipped.txt", "\n".join(data.skipped) + "\n")
     if is_main_process():
@@ -139,9 +130,61 @@ def run(composed: DictConfig) -> dict[str, float]:
         pretrain_diffusion(cfg, data, output_dir)
         return {}
 
-    with RunLogger(cfg, output_dir, job_type="-".join(cfg.stages), run_name=run_name(cfg),
+    with RunLogger(job, output_dir, job_type="-".join(cfg.stages), run_name=run_name(cfg),
                    enabled=is_main_process()) as logger:
-        return run_training_stages(cfg, data, output_dir, logger)
+        return run_training_stages(job, data, output_dir, logger)
+
+
+def start_job(cfg: JobConfig, output_dir: Path) -> None:
+    (output_dir / "failed.json").unlink(missing_ok=True)  # left by an earlier failed try of this job
+    write_run_info(cfg, output_dir)
+
+
+def with_checked_generator(cfg: JobConfig, data: PreparedData) -> JobConfig:
+    """The job's settings with the diffusion base it draws from resolved (`diffusion.bases.run_base`), refused,
+    like a LoRA from another run, unless trained only on images of this run's training split."""
+    from pneumo_exp.diffusion.bases import run_base
+
+    train = real_training_images(data)
+    job = replace(cfg, diffusion_lora=run_base(cfg.diffusion_lora, train))
+    if "diffusion" not in cfg.stages:
+        require_trained_lora(cfg.diffusion_lora.trained_lora)
+        check_trained_within(cfg.diffusion_lora.trained_lora, train, "LoRA", "diffusion_lora.trained_lora")
+    return job
+
+
+def real_training_images(data: PreparedData) -> list:
+    return [r for r in data.split("train") if r.source == "real"]
+
+
+def run_other_task(cfg: JobConfig, output_dir: Path) -> dict[str, float]:
+    if cfg.task == "predict":
+        from pneumo_exp.classify.predict import predict
+
+        print(f"predictions written to {predict(cfg, output_dir)}", flush=True)
+    elif cfg.task == "report":
+        from pneumo_exp.report import main_report
+
+        target = Path(cfg.report.output or Path(cfg.report.input) / "report")
+        print(main_report(cfg.report.input, target, cfg.report.pairs, cfg.report.bootstrap_samples,
+                          cfg.report.split_by_commit), flush=True)
+        print(f"report written to {target}", flush=True)
+        if is_main_process():
+            from pneumo_exp.report.wandb_run import log_report_run
+
+            run_folder = log_report_run(cfg, Path(cfg.report.input), target)
+            if run_folder is not None:
+                print(f"W&B run 'report' ({cfg.logger.mode.value}) in {run_folder}", flush=True)
+    elif cfg.task == "dashboard":
+        from pneumo_exp.dashboard import main_dashboard
+
+        print(main_dashboard(cfg), flush=True)
+    else:
+        from pneumo_exp.evaluation.generator_study import run_generator_study
+
+        print(run_generator_study(cfg, output_dir), flush=True)
+        print(f"generator study written to {output_dir / 'generator_study.md'} (and .json)", flush=True)
+    return {}
 
 
 def pretrain_diffusion(cfg: JobConfig, data: PreparedData, output_dir: Path) -> Path:
@@ -166,7 +209,6 @@ def run_training_stages(cfg: JobConfig, data: PreparedData, output_dir: Path, lo
     if "diffusion" in cfg.stages:
         lora_folder = train_diffusion(cfg, data, output_dir, logger)
     if "synthesize" in cfg.stages:
-        check_lora_training_split(lora_folder, data)
         data = add_synthetic(cfg, data, lora_folder, output_dir)
     metrics: dict[str, float] = {}
     if "classify" in cfg.stages:
@@ -206,22 +248,17 @@ def train_diffusion(cfg: JobConfig, data: PreparedData, output_dir: Path, logger
     import torch
 
     from pneumo_exp.data.cache import open_or_build
-    from pneumo_exp.diffusion.stable_diffusion import pipeline_source
     from pneumo_exp.diffusion.train import TrainingImages, source_image_sides, train_diffusion_lora
     from pneumo_exp.labels import class_index
 
-    train = [r for r in data.split("train") if r.source == "real"]
+    train = real_training_images(data)
     cache = open_or_build(train, cfg.diffusion_lora.resolution, cfg.paths.cache_dir, progress=is_main_process())
     images = TrainingImages(torch.from_numpy(cache.pixels[cache.rows_of(train)].copy()),
                             torch.tensor([class_index(r.label) for r in train]), source_image_sides(train))
-    check_base_training_split(pipeline_source(cfg.diffusion_lora, cfg.paths.cache_dir), train)
     lora_folder = train_diffusion_lora(cfg, images, output_dir, logger=logger)
     if is_main_process():
-        write_json_atomic(lora_folder / TRAINING_SPLIT_FILE, {"fingerprint": manifest.fingerprint(train),
-                                                              "images": len(train)})
+        write_training_record(lora_folder, train)
     return str(lora_folder)
-
-
 
 
 def require_trained_lora(folder: str) -> None:
@@ -229,38 +266,6 @@ def require_trained_lora(folder: str) -> None:
         raise SettingError(f"no trained LoRA at {folder}", where="diffusion_lora.trained_lora",
                            fix="train one first with the diffusion stage (the augmentation study's: pneumo-exp "
                                "experiment=augment_cpu/generator dataset.root=...) and name its diffusion/lora folder")
-
-
-class LoraSplitUnknownError(UserError, FileNotFoundError):
-    """A LoRA folder without the record of the training split it was trained on."""
-
-
-def check_lora_training_split(lora_folder: str, data: PreparedData) -> None:
-    """A LoRA from another run may have seen this run's validation or test images: it must have been trained on
-    exactly this run's real training split."""
-    record_file = Path(lora_folder) / TRAINING_SPLIT_FILE
-    train = [r for r in data.split("train") if r.source == "real"]
-    if not record_file.is_file():
-        raise LoraSplitUnknownError("cannot tell which images this LoRA was trained on, so it could have seen "
-                                    "validation or test images", where=str(record_file),
-                                    fix="train the LoRA in this run (the diffusion stage) or point "
-                                        "diffusion_lora.trained_lora at a LoRA folder written by pneumo-exp")
-    if json.loads(record_file.read_text())["fingerprint"] != manifest.fingerprint(train):
-        raise LeakageError("the LoRA was trained on another training split than this run's (dataset, val_fraction, "
-                           "split_seed or limit_per_class differ): it may have seen validation or test images",
-                           where=str(lora_folder), fix="train the LoRA in this run (the diffusion stage) or point "
-                           "diffusion_lora.trained_lora at a LoRA trained on this split")
-
-
-def check_base_training_split(source: str, train: list) -> None:
-    """A base pretrained by pneumo-exp (its folder holds training_split.json) must have been pretrained on exactly
-    this run's real training split, or it may have seen validation or test images."""
-    record_file = Path(source) / TRAINING_SPLIT_FILE
-    if record_file.is_file() and json.loads(record_file.read_text())["fingerprint"] != manifest.fingerprint(train):
-        raise LeakageError("the diffusion base was pretrained on another training split than this run's (dataset, "
-                           "val_fraction, split_seed or limit_per_class differ): it may have seen validation or test "
-                           "images", where=source, fix="pretrain a base on this run's split (task=pretrain_diffusion "
-                           "with the same dataset settings) or set diffusion_lora.pretrained to one")
 
 
 def add_synthetic(cfg: JobConfig, data: PreparedData, lora_folder: str, output_dir: Path) -> PreparedData:

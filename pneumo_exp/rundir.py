@@ -37,8 +37,12 @@ def recorded_processes(results: dict) -> int:
 
 
 def not_a_result(capped: dict, limit_per_class: int | None) -> list[str]:
-    """Why a run's test metrics are no result (none: they are): a capped test split, a subset of the dataset."""
+    """Why a run's test metrics are no result (none: they are): a capped validation split (the epoch was chosen on
+    a part of it) or test split, a subset of the dataset."""
     reasons = []
+    if "val" in capped:
+        reasons.append(f"validation split capped to {capped['val']['evaluated']} of {capped['val']['available']} "
+                       "images (trainer.max_eval_batches): the epoch was chosen on a part of it")
     if "test" in capped:
         reasons.append(f"test split capped to {capped['test']['evaluated']} of {capped['test']['available']} images "
                        "(trainer.max_eval_batches with trainer.cap_test)")
@@ -58,20 +62,48 @@ def git_version() -> dict[str, Any]:
         return {"sha": None, "dirty": None}
 
 
+SUPERSEDED = ".superseded"  # a job folder's outputs that a rerun replaced (hidden: the report does not read them)
+
+
+def set_aside_outputs(output_dir: Path) -> Path:
+    """Move a job's outputs (all but Hydra's `.hydra/` and log) into `<output_dir>/.superseded/<UTC time>-*/`
+    before the job runs again; returns that folder."""
+    import tempfile
+    import time
+
+    (output_dir / SUPERSEDED).mkdir(exist_ok=True)
+    kept = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%dT%H%M%SZ-", time.gmtime()), dir=output_dir / SUPERSEDED))
+    for item in output_dir.iterdir():
+        if item.name not in {".hydra", SUPERSEDED} and item.suffix != ".log":
+            item.rename(kept / item.name)
+    return kept
+
+
 def write_run_info(cfg: JobConfig, output_dir: str | os.PathLike) -> None:
     output_dir = Path(output_dir)
     write_atomic(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     write_json_atomic(output_dir / "git.json", git_version())
 
 
-# Config keys (and their sub-keys) that never change what a job computes: they neither name a sweep's job folder,
-# nor split a report's configurations, nor stop a resume or the skip of a finished job when they differ.
-RESULT_NEUTRAL_KEYS = ("task", "resume", "logger", "paths", "hydra", "tags", "sweep_name", "sweep_objective",
-                       "report", "dashboard", "predict", "generator_study")
+# Config keys (and their sub-keys) that change no number of any task: they neither name a sweep's job folder, nor
+# split a report's configurations, nor stop a resume or the skip of a finished job when they differ. (Where a job
+# finds its inputs, `paths`, is neutral because the inputs themselves are compared by content: inputs.json.)
+RESULT_NEUTRAL_KEYS = ("resume", "logger", "paths", "hydra", "tags", "sweep_name", "sweep_objective", "dashboard")
+# Keys only other tasks read: a training job's numbers cannot depend on them.
+NOT_READ_BY_TRAINING = ("task", "report", "predict", "generator_study")
+# Where a training job finds what it reads: it is compared by content instead (inputs.json), so a moved copy of the
+# data is the same job and a LoRA retrained at the same path is another.
+INPUT_LOCATIONS = ("dataset.root", "dataset.manifest", "dataset.extract_dir", "clip_lora.pretrained",
+                   "diffusion_lora.pretrained", "diffusion_lora.trained_lora")
 
 
 def shapes_result(key: str, neutral: Iterable[str] = RESULT_NEUTRAL_KEYS) -> bool:
     return not any(key == name or key.startswith(name + ".") for name in neutral)
+
+
+def neutral_keys(task: str) -> tuple[str, ...]:
+    """The keys that do not tell two jobs of `task` apart."""
+    return (*RESULT_NEUTRAL_KEYS, *NOT_READ_BY_TRAINING, *INPUT_LOCATIONS) if task == "run" else RESULT_NEUTRAL_KEYS
 
 
 def _dotted(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -110,8 +142,9 @@ def changed_settings(cfg: JobConfig, stored_file: Path) -> list[str]:
     stored = resolved_settings(OmegaConf.to_container(OmegaConf.load(stored_file)))
     current = resolved_settings(OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(cfg, resolve=True))))
     absent = object()
+    neutral = neutral_keys(cfg.task)
     return sorted(key for key in stored.keys() | current.keys()
-                  if shapes_result(key) and stored.get(key, absent) != current.get(key, absent))
+                  if shapes_result(key, neutral) and stored.get(key, absent) != current.get(key, absent))
 
 
 LONG_VALUE = 40

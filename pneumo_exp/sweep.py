@@ -1,6 +1,11 @@
 """What a sweep needs beyond Hydra: one folder per distinct job, a non-zero exit when jobs failed, and the sweep's
 identity for W&B.
 
+A sweep's identity is its id, `<experiment>/<sweep>-<8 hex digits>`: drawn when its folder's first multirun starts,
+kept in `sweep.json` and reused by every later multirun into the same folder (a resumed or extended sweep). Two
+sweeps whose folders share a name (one launched after `make clean`, or on another machine) get different ids, so
+their runs never share a W&B tag or a dashboard view.
+
 `conf/hydra/default.yaml` names each job's folder `${pneumo_job_folder:${hydra.overrides.task}}` and lists
 `FailedJobs` and `SweepIdentity` among Hydra's callbacks. Launchers that run jobs in other processes (joblib,
 submitit) send the callbacks along, so unpickling them there imports this module, which registers the resolver in
@@ -10,6 +15,7 @@ time.
 from __future__ import annotations
 
 import json
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,7 +57,7 @@ class FailedJobs(Callback):
             print("\n".join(lines), file=sys.stderr, flush=True)
 
 
-SWEEP_FILE = "sweep.json"  # in the sweep folder: {"name": ..., "varied": [keys the sweep varies]}
+SWEEP_FILE = "sweep.json"  # in the sweep folder: {"name": ..., "id": ..., "varied": [keys the sweep varies]}
 TAG_LENGTH = 64  # W&B's longest tag
 
 
@@ -72,34 +78,54 @@ def sweep_name(folder: Path) -> str:
     return f"{folder.parent.name}/{folder.name}"
 
 
-def sweep_tag(name: str) -> str:
-    """The W&B tag of a sweep's runs (a long name keeps its start and a hash, to fit W&B's 64 characters)."""
+def recorded_sweep(folder: Path) -> dict | None:
+    """What the sweep folder's sweep.json records, if it has one."""
+    record = folder / SWEEP_FILE
+    return json.loads(record.read_text()) if record.is_file() else None
+
+
+def recorded_id(record: dict) -> str:
+    """The id a sweep.json records; a sweep.json written before sweeps had ids: the name, its runs' tag then."""
+    return record.get("id") or record["name"]
+
+
+def sweep_id(folder: Path) -> str:
+    """The id of the sweep in `folder`: the one its sweep.json records, else a new one (a sweep starting)."""
+    record = recorded_sweep(folder)
+    return recorded_id(record) if record else f"{sweep_name(folder)}-{secrets.token_hex(4)}"
+
+
+def sweep_tag(identity: str) -> str:
+    """The W&B tag of a sweep's runs, from its id (a long id keeps its start and a hash, to fit W&B's 64
+    characters)."""
     import hashlib
 
-    tag = f"sweep:{name}"
+    tag = f"sweep:{identity}"
     if len(tag) <= TAG_LENGTH:
         return tag
-    return f"{tag[:TAG_LENGTH - 9]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return f"{tag[:TAG_LENGTH - 9]}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
 
 
 class SweepIdentity(Callback):
-    """Learns the varied keys once, from the multirun's own command line and sweeper, and writes them into the sweep
-    folder as each job starts (in the job's process, whatever the launcher), where the job's W&B run reads them."""
+    """Learns the sweep's id and varied keys once, as the multirun starts (from its folder's sweep.json when an
+    earlier multirun wrote one, and from its own command line and sweeper), and writes them into the sweep folder
+    as each job starts (in the job's process, whatever the launcher), where the job's W&B run reads them."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.varied = varied_keys(config)
+        self.id = sweep_id(Path(config.hydra.sweep.dir).resolve())
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not hasattr(self, "varied"):  # a single run: no multirun started
             return
-        folder = Path(config.hydra.sweep.dir)
-        record = {"name": sweep_name(folder.resolve()), "varied": self.varied}
-        if not (folder / SWEEP_FILE).is_file() or json.loads((folder / SWEEP_FILE).read_text()) != record:
+        folder = Path(config.hydra.sweep.dir).resolve()
+        record = {"name": sweep_name(folder), "id": self.id, "varied": self.varied}
+        if recorded_sweep(folder) != record:
             write_json_atomic(folder / SWEEP_FILE, record)
 
 
 def job_sweep() -> dict | None:
-    """In a multirun job: the sweep's identity for the job's W&B config (`sweep`): its name, the keys it varies,
+    """In a multirun job: the sweep's identity for the job's W&B config (`sweep`): its name and id, the keys it varies,
     the W&B config keys its configurations differ in (`group_by`: the varied keys but seed; a varied config group
     such as `experiment` by its choice, `sweep.choices.<group>`) and this job's choices of those groups. None in a
     single run."""
@@ -110,9 +136,9 @@ def job_sweep() -> dict | None:
         return None
     hydra = HydraConfig.get()
     folder = Path(hydra.sweep.dir).resolve()
-    record = json.loads((folder / SWEEP_FILE).read_text()) if (folder / SWEEP_FILE).is_file() else {}
+    record = recorded_sweep(folder) or {"name": sweep_name(folder)}
     varied = list(record.get("varied", []))
     choices = {key: hydra.runtime.choices[key] for key in varied if key in hydra.runtime.choices}
-    return {"name": record.get("name", sweep_name(folder)), "folder": str(folder), "varied": varied,
+    return {"name": record["name"], "id": recorded_id(record), "folder": str(folder), "varied": varied,
             "group_by": [f"sweep.choices.{key}" if key in choices else key for key in varied if key != "seed"],
             "choices": choices}

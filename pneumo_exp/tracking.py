@@ -3,7 +3,9 @@ of truth) mirrored to Weights & Biases.
 
 One W&B run per job, opened on the main process only, offline unless the user asks for online, with the resolved
 config, group = experiment, job_type = stage, and best-epoch summaries. A job of a multirun also carries its sweep's
-identity (config key `sweep`, tag `sweep:<name>`: `pneumo_exp.sweep.job_sweep`), so one view selects one sweep.
+identity (config key `sweep`, tag `sweep:<id>`: `pneumo_exp.sweep.job_sweep`), so one view selects one sweep. As it
+ends, a run says whether its numbers count (summary `result`: true when it finished and its test, if it ran one, is
+a result), so a sweep's view can leave failed and capped or subset runs out of its groups.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pneumo_exp.config import JobConfig, LoggerConfig, LoggerMode, plain
 from pneumo_exp.core.files import write_atomic
 from pneumo_exp.core.history import HistoryFile
 
+RESULT_MARK = "result"  # the summary key a finished run sets; true only when its numbers count
 BEST_EPOCH_SUMMARIES = {"val/f1_macro": "max", "val/acc": "max", "val/recall_macro": "max", "val/loss": "min"}
 
 
@@ -45,6 +48,7 @@ class RunLogger:
         self.output_dir = Path(output_dir)
         self.history = HistoryFile(self.output_dir / "metrics.jsonl", enabled)
         self.run = None
+        self.not_a_result = False
         if enabled and LoggerMode(cfg.logger.mode) != LoggerMode.disabled:
             self.run = self._start_wandb(cfg, job_type, run_name)
 
@@ -54,7 +58,7 @@ class RunLogger:
         config, tags, sweep = plain(cfg), list(cfg.tags), job_sweep()
         if sweep is not None:
             config["sweep"] = sweep
-            tags.append(sweep_tag(sweep["name"]))
+            tags.append(sweep_tag(sweep["id"]))
         run = open_run(cfg.logger, self.output_dir, job_type=job_type, name=run_name, group=cfg.logger.group,
                        tags=tags, config=config)
         run.define_metric("epoch")
@@ -98,6 +102,7 @@ class RunLogger:
         """A capped or subset test: the summary says why its test metrics are no result."""
         if self.run is not None and reasons:
             self.run.summary["not_a_result"] = "; ".join(reasons)
+            self.not_a_result = True
 
     def __enter__(self) -> RunLogger:
         return self
@@ -107,11 +112,13 @@ class RunLogger:
         self.finish(failed=error_type is not None)
 
     def finish(self, failed: bool = False) -> None:
-        """Returns once the run file is complete on disk: `run.finish` only asks W&B's service process to close the
-        run, so without the teardown a reader (a test, `make sync`) could find it half written."""
+        """Marks whether the run's numbers count (`RESULT_MARK`), then returns once the run file is complete on disk:
+        `run.finish` only asks W&B's service process to close the run, so without the teardown a reader (a test,
+        `make sync`) could find it half written."""
         if self.run is not None:
             import wandb
 
+            self.run.summary[RESULT_MARK] = not failed and not self.not_a_result
             self.run.finish(exit_code=1 if failed else 0)
             self.run = None
             wandb.teardown()

@@ -92,13 +92,18 @@ def test_resume_refuses_changed_settings(make_cfg):
 
 def test_a_lora_trained_on_another_split_is_refused(make_cfg, tmp_path):
     from pneumo_exp.data.prepare import prepare_data
+    from pneumo_exp.data.provenance import TRAINING_SPLIT_FILE, check_trained_within, write_training_record
     from pneumo_exp.errors import UserError
-    from pneumo_exp.pipeline import TRAINING_SPLIT_FILE, check_lora_training_split
 
     cfg = make_cfg()
-    data = prepare_data(cfg.dataset, cfg.paths.cache_dir)
+    train = prepare_data(cfg.dataset, cfg.paths.cache_dir).split("train")
     with pytest.raises(UserError, match=TRAINING_SPLIT_FILE):
-        check_lora_training_split(str(tmp_path), data)
-    (tmp_path / TRAINING_SPLIT_FILE).write_text(json.dumps({"fingerprint": "another", "images": 1}))
-    with pytest.raises(ValueError, match="another training split"):
-        check_lora_training_split(str(tmp_path), data)
+        check_trained_within(tmp_path, train, "LoRA", "diffusion_lora.trained_lora")
+    write_training_record(tmp_path, train[: len(train) // 2])  # a subset of the split: it saw nothing else
+    check_trained_within(tmp_path, train, "LoRA", "diffusion_lora.trained_lora")
+    write_training_record(tmp_path, train[1:] + prepare_data(cfg.dataset, cfg.paths.cache_dir).split("test")[:1])
+    with pytest.raises(ValueError, match="outside this run's training split.*diffusion_lora.trained_lora"):
+        check_trained_within(tmp_path, train, "LoRA", "diffusion_lora.trained_lora")
+    (tmp_path / TRAINING_SPLIT_FILE).write_text(json.dumps({"fingerprint": "another", "images": 1}))  # an old record
+    with pytest.raises(ValueError, match="outside this run's training split"):
+        check_trained_within(tmp_path, train, "LoRA", "diffusion_lora.trained_lora")

@@ -106,7 +106,7 @@ def test_the_pretrained_base_denoises_validation_images_far_better_than_a_random
 def test_plain_diffusers_loads_the_base_and_its_card_names_the_training_split(base):
     from diffusers import StableDiffusionPipeline
 
-    from pneumo_exp.data import manifest
+    from pneumo_exp.data.provenance import content_fingerprint
 
     folder, cache = base
     pipeline = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
@@ -116,9 +116,12 @@ def test_plain_diffusers_loads_the_base_and_its_card_names_the_training_split(ba
     data = prepared_phantom(cache)
     train = [r for r in data.split("train") if r.source == "real"]
     card = json.loads((folder / "model_card.json").read_text())
-    assert card["training_split"]["fingerprint"] == manifest.fingerprint(train)
+    assert card["training_split"]["fingerprint"] == content_fingerprint(train)
     assert card["training_split"]["images"] == len(train)
-    assert json.loads((folder / "training_split.json").read_text())["fingerprint"] == manifest.fingerprint(train)
+    record = json.loads((folder / "training_split.json").read_text())
+    assert record["fingerprint"] == content_fingerprint(train)
+    assert record["sha256"] == sorted({r.sha256 for r in train})
+    assert folder.name == f"train-{content_fingerprint(train)}"  # one base per training split
     card_text = (folder / "README.md").read_text()
     assert (folder / "samples.png").is_file() and "samples.png" in card_text
     assert f"loss {card['unet']['loss']['first_logged']:.4g} -> {card['unet']['loss']['last_logged']:.4g}" in card_text
@@ -151,8 +154,45 @@ def test_a_base_pretrained_on_another_split_is_refused_by_the_lora_stage(base, t
     folder, cache = base
     cfg = compose([f"paths.output_dir={tmp_path / 'run'}", f"paths.cache_dir={cache}", "logger=none", *TINY_BASE,
                    f"diffusion_lora.pretrained={folder}", "stages=[data,diffusion]", "dataset.split_seed=1"])
-    with pytest.raises(LeakageError, match="pretrained on another training split"):
+    with pytest.raises(LeakageError, match="diffusion base .* outside this run's training split"):
         run(cfg)
+
+
+def test_the_synthesize_stage_refuses_a_base_of_another_split_in_one_line(base, tmp_path):
+    from pneumo_exp.data.manifest import LeakageError
+    from pneumo_exp.pipeline import run
+
+    folder, cache = base
+    cfg = compose([f"paths.output_dir={tmp_path / 'run'}", f"paths.cache_dir={cache}", "logger=none", *TINY_BASE,
+                   f"diffusion_lora.pretrained={folder}", "stages=[data,synthesize,classify]", "augmentation=balance",
+                   f"diffusion_lora.trained_lora={tmp_path / 'lora'}", "dataset.split_seed=1"])
+    with pytest.raises(LeakageError) as refused:
+        run(cfg)
+    assert "\n" not in str(refused.value) and str(folder) in str(refused.value)
+    assert "outside this run's training split" in str(refused.value)
+    assert not (tmp_path / "run" / "manifest.csv").exists()  # refused before any work
+
+
+def test_a_pretrained_base_without_its_training_record_is_refused(base, tmp_path):
+    from pneumo_exp.data.provenance import TRAINING_SPLIT_FILE, GeneratorProvenanceError
+    from pneumo_exp.pipeline import run
+
+    folder, cache = base
+    copy = tmp_path / "base"
+    shutil.copytree(folder, copy)
+    (copy / TRAINING_SPLIT_FILE).unlink()
+    cfg = compose([f"paths.output_dir={tmp_path / 'run'}", f"paths.cache_dir={cache}", "logger=none", *TINY_BASE,
+                   f"diffusion_lora.pretrained={copy}", "stages=[data,diffusion]"])
+    with pytest.raises(GeneratorProvenanceError, match=TRAINING_SPLIT_FILE):
+        run(cfg)
+
+
+def test_bases_of_two_training_splits_live_side_by_side(tmp_path, model_cache):
+    """Pretraining for another split writes its own folder: it never replaces the base other LoRAs were trained on."""
+    first = pretrain(config(tmp_path, model_cache, steps=(2, 2)))
+    second = pretrain(config(tmp_path, model_cache, "dataset.split_seed=1", steps=(2, 2)))
+    assert first != second and first.parent == second.parent == tmp_path / "base"
+    assert (first / "model_index.json").is_file() and (second / "model_index.json").is_file()
 
 
 def test_a_base_not_built_yet_names_the_command_that_builds_it(tmp_path, model_cache):

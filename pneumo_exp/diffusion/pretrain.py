@@ -4,8 +4,9 @@ The preset's architecture (`diffusion_lora.architecture`) is built with random w
 phases on the real training images only: the VAE (reconstruction + a small KL term), then the UNet and the text
 encoder together (latent noise prediction conditioned on the class prompts of `diffusion_lora.prompts`, with the
 empty prompt for a share of the examples so that classifier-free guidance works). The result is a diffusers folder
-at `diffusion_lora.pretrained` that `StableDiffusionPipeline.from_pretrained(folder)` loads, with a model card
-(`model_card.json`, `README.md`, `samples.png`) and `training_split.json`, the fingerprint of the images it saw.
+for the training split (`diffusion/bases.py`: one per split under `diffusion_lora.pretrained`) that
+`StableDiffusionPipeline.from_pretrained(folder)` loads, with a model card (`model_card.json`, `README.md`,
+`samples.png`) and `training_split.json`, the sha256 of every image it saw (`data/provenance.py`).
 
 A killed pretraining resumes from `<folder>.state/` when the same command runs again with the same settings.
 """
@@ -31,10 +32,11 @@ from pneumo_exp.core.files import atomic_file, build_folder_once, swap_folder, w
 from pneumo_exp.core.history import HistoryFile
 from pneumo_exp.core.seeds import image_seed, seeded_generator
 from pneumo_exp.core.training import DeviceMeans, NonFiniteWatch, OptimizerStep, fresh_accelerator, optimizer_step
-from pneumo_exp.data import manifest
 from pneumo_exp.data.augment import to_unit_float
+from pneumo_exp.data.manifest import Record
+from pneumo_exp.data.provenance import content_fingerprint, write_training_record
+from pneumo_exp.diffusion.bases import MODEL_CARD, split_base_folder
 from pneumo_exp.diffusion.stable_diffusion import (
-    TRAINING_SPLIT_FILE,
     SDComponents,
     build_tiny_pipeline,
     grid_image,
@@ -49,7 +51,6 @@ from pneumo_exp.labels import CLASSES
 
 log = logging.getLogger(__name__)
 
-MODEL_CARD = "model_card.json"
 PHASES = ("vae", "unet")
 
 
@@ -58,22 +59,9 @@ class PretrainingImages:
     train: torch.Tensor  # uint8 (N, R, R): the real training split
     labels: torch.Tensor  # int64 (N,), indices into CLASSES
     validation: torch.Tensor  # uint8 (M, R, R): real validation images, for the VAE's reconstruction quality only
-    fingerprint: str  # manifest fingerprint of the training split
+    fingerprint: str  # content fingerprint of the training split
     class_counts: dict[str, int] = field(default_factory=dict)
-
-
-def build_command(diffusion_cfg: DiffusionConfig) -> str:
-    return (f"pneumo-exp task=pretrain_diffusion diffusion_lora={diffusion_cfg.name} dataset=<the run's dataset> "
-            f"(or make pretrain-diffusion DATA=<chest_xray folder>)")
-
-
-def require_built_base(diffusion_cfg: DiffusionConfig) -> None:
-    """A preset whose base is pretrained by this project names a folder that must have been built first."""
-    if diffusion_cfg.pretraining is None or not diffusion_cfg.pretrained:
-        return
-    if not (Path(diffusion_cfg.pretrained) / "model_index.json").is_file():
-        raise UserError(f"the base of diffusion_lora={diffusion_cfg.name} has not been built yet",
-                        where=str(diffusion_cfg.pretrained), fix=f"build it once with: {build_command(diffusion_cfg)}")
+    train_records: list[Record] = field(default_factory=list)  # what `train` holds, for the training record
 
 
 def settings_key(diffusion_cfg: DiffusionConfig, fingerprint: str) -> str:
@@ -406,7 +394,7 @@ def card_text(card: dict) -> str:
     return "\n".join([
         f"# {card['name']}: a Stable-Diffusion-shaped base pretrained from scratch by pneumo-exp", "",
         f"Trained on the training split of `{split['dataset']}` only ({split['images']} images, "
-        f"{split['per_class']}; manifest fingerprint `{split['fingerprint']}`), at {card['resolution']} px.",
+        f"{split['per_class']}; content fingerprint `{split['fingerprint']}`), at {card['resolution']} px.",
         f"Parameters: VAE {card['parameters']['vae']:,}, UNet {card['parameters']['unet']:,}, "
         f"text encoder {card['parameters']['text_encoder']:,}.", "",
         f"- VAE: {vae['steps']} steps in {vae['wall_seconds'] / 60:.1f} min, loss {loss_text(vae['loss'])}, "
@@ -418,7 +406,7 @@ def card_text(card: dict) -> str:
         "", "![samples](samples.png)", ""])
 
 
-def write_base(target: Path, components: SDComponents, card: dict, fingerprint: str, images: int,
+def write_base(target: Path, components: SDComponents, card: dict, train: list[Record],
                diffusion_cfg: DiffusionConfig) -> None:
     from diffusers import StableDiffusionPipeline
 
@@ -430,7 +418,7 @@ def write_base(target: Path, components: SDComponents, card: dict, fingerprint: 
         pipeline.save_pretrained(staging)
         save_grid(components, diffusion_cfg, staging / "samples.png",
                   columns=diffusion_cfg.pretraining.samples_per_class)
-        write_json_atomic(staging / TRAINING_SPLIT_FILE, {"fingerprint": fingerprint, "images": images})
+        write_training_record(staging, train)
         write_json_atomic(staging / MODEL_CARD, card)
         write_atomic(staging / "README.md", card_text(card))
 
@@ -451,10 +439,10 @@ def existing_base(target: Path, key: str) -> bool:
 
 
 def pretrain_base(cfg: JobConfig, images: PretrainingImages, output_dir: Path, logger=None) -> Path:
-    """Build the base of `cfg.diffusion_lora` (its `pretrained` folder) from scratch; resumable; returns the folder."""
+    """Build the base of `cfg.diffusion_lora` for the training split from scratch; resumable; returns its folder."""
     diffusion_cfg = cfg.diffusion_lora
     settings = diffusion_cfg.pretraining
-    target = Path(diffusion_cfg.pretrained)
+    target = split_base_folder(diffusion_cfg, images.train_records)
     key = settings_key(diffusion_cfg, images.fingerprint)
     if existing_base(target, key):
         log.info("%s holds this base already (same settings and images): nothing to do", target)
@@ -482,7 +470,7 @@ def pretrain_base(cfg: JobConfig, images: PretrainingImages, output_dir: Path, l
                          output_dir / "pretrain" / "samples", cfg.trainer.cpu)
     average.copy_to(Denoiser(components.unet, components.text_encoder))
     card = model_card(cfg, images, components, key, progress, history.rows)
-    write_base(target, components, card, images.fingerprint, len(images.train), diffusion_cfg)
+    write_base(target, components, card, images.train_records, diffusion_cfg)
     shutil.rmtree(state.folder, ignore_errors=True)
     log.info("pretrained base written to %s", target)
     return target
@@ -503,5 +491,5 @@ def pretraining_images(data, resolution: int, cache_dir: str, progress: bool = T
         return torch.from_numpy(np.asarray(cache.pixels[cache.rows_of(records)]).copy())
 
     return PretrainingImages(train=pixels(train), labels=torch.tensor([class_index(r.label) for r in train]),
-                             validation=pixels(validation), fingerprint=manifest.fingerprint(train),
-                             class_counts=dict(sorted(Counter(r.label for r in train).items())))
+                             validation=pixels(validation), fingerprint=content_fingerprint(train),
+                             class_counts=dict(sorted(Counter(r.label for r in train).items())), train_records=train)

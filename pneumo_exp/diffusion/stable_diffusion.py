@@ -23,7 +23,6 @@ from pneumo_exp.hub import cannot_load, note_loaded
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
 LORA_INFO_NAME = "lora_info.json"
-TRAINING_SPLIT_FILE = "training_split.json"  # fingerprint of the images a LoRA or a pretrained base saw
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # by trainer.precision
 
 

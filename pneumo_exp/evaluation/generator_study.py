@@ -22,6 +22,7 @@ classifiers under `<generator>/quality/`.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,9 +39,12 @@ from pneumo_exp.data.augment import to_unit_float
 from pneumo_exp.data.cache import open_or_build
 from pneumo_exp.data.manifest import Record, read_csv
 from pneumo_exp.data.prepare import PreparedData
+from pneumo_exp.data.provenance import check_trained_within
 from pneumo_exp.evaluation.quality import encode, feature_quality, nearest_real_distances
 from pneumo_exp.hub import ModelSourceError
+from pneumo_exp.inputs import stored_inputs
 from pneumo_exp.labels import CLASSES, class_index
+from pneumo_exp.rundir import not_a_result
 from pneumo_exp.validate import RANDOM_BASE, STUDY_REAL_ARM
 
 log = logging.getLogger(__name__)
@@ -203,34 +207,36 @@ class Judge:
 # ------------------------------------------------------------------------------------------ generators
 
 
-def generator_source(cfg: JobConfig, generator: StudyGenerator) -> str:
-    """The folder or hub id of the generator's base model."""
-    from pneumo_exp.diffusion.pretrain import require_built_base
+def generator_source(cfg: JobConfig, generator: StudyGenerator, train: list[Record]) -> str:
+    """The folder or hub id of the generator's base model (the preset's: its base for the judge's training split)."""
+    from pneumo_exp.diffusion.bases import run_base
     from pneumo_exp.diffusion.stable_diffusion import pipeline_source
 
     if generator.base == RANDOM_BASE:
         return pipeline_source(replace(cfg.diffusion_lora, pretrained=None), cfg.paths.cache_dir)
     if generator.base is None:
-        require_built_base(cfg.diffusion_lora)
-        return pipeline_source(cfg.diffusion_lora, cfg.paths.cache_dir)
+        return pipeline_source(run_base(cfg.diffusion_lora, train), cfg.paths.cache_dir)
     return generator.base
 
 
 def checked_sources(cfg: JobConfig, data: PreparedData) -> dict[str, str]:
     """Each generator's base, refused before any image is drawn where it cannot draw at `diffusion_lora.resolution`
-    or where it, or its LoRA, trained on another split than the judge's (it may have seen the test images)."""
+    or where it, or its LoRA, trained on images outside the judge's training split (it may have seen the test
+    images)."""
+    from pneumo_exp.diffusion.bases import check_base_provenance
     from pneumo_exp.diffusion.stable_diffusion import check_resolution
-    from pneumo_exp.pipeline import check_base_training_split, check_lora_training_split
 
     train = [r for r in data.split("train") if r.source == "real"]
     sources = {}
     for index, generator in enumerate(cfg.generator_study.generators):
-        sources[generator.name] = generator_source(cfg, generator)
-        with named_base(generator, f"generator_study.generators[{index}].base"):
+        key = f"generator_study.generators[{index}]"
+        sources[generator.name] = generator_source(cfg, generator, train)
+        with named_base(generator, f"{key}.base"):
             check_resolution(cfg.diffusion_lora, sources[generator.name])
-        check_base_training_split(sources[generator.name], train)
+        if generator.base not in (None, RANDOM_BASE):
+            check_base_provenance(sources[generator.name], train, f"{key}.base", required=False)
         if generator.lora:
-            check_lora_training_split(generator.lora, data)
+            check_trained_within(generator.lora, train, "LoRA", f"{key}.lora")
     return sources
 
 
@@ -310,10 +316,20 @@ def run_generator_study(cfg: JobConfig, output_dir: Path) -> str:
     return markdown
 
 
+def judge_not_a_result(reference: Reference) -> list[str]:
+    """Why the judge's numbers are no result: its run chose its epoch on a capped validation split, tested on a
+    capped test split or trained on a subset of the dataset."""
+    results_file = reference.run_dir / "results.json"
+    capped = json.loads(results_file.read_text()).get("capped") or {} if results_file.is_file() else {}
+    return [f"the judge's {reason}" for reason in not_a_result(capped, reference.recipe.dataset.limit_per_class)]
+
+
 def study_summary(cfg: JobConfig, judge: Judge, sources: dict[str, str], arms: dict) -> dict:
     recipe, generation = judge.reference.recipe, cfg.diffusion_lora.generation
     return {
         "reference_run": str(judge.reference.run_dir),
+        "not_a_result": judge_not_a_result(judge.reference),
+        "reference_inputs": stored_inputs(judge.reference.run_dir),  # what the judge read, by content
         "judge": {"resolution": recipe.dataset.resolution, "intensity": recipe.dataset.intensity,
                   "precision": recipe.trainer.precision.value,
                   "feature_space": f"the judge's unit-norm image embedding ({judge.num_features}-d)"},
@@ -353,6 +369,7 @@ def format_study(study: dict) -> str:
              f"seen at {judge['resolution']} px, intensity `{judge['intensity']}`, precision `{judge['precision']}`. "
              f"Generators: " + ", ".join(f"`{name}` = {g['base']}" + (f" + LoRA {g['lora']}" if g["lora"] else "")
                                          for name, g in study["generators"].items()) + ".", "",
+             *(f"not a result: {reason}" for reason in study.get("not_a_result", ())),
              f"## (a) Class steering: share classified as the prompted class (chance {study['chance_steering']:.3f})",
              ""]
     lines += table(["arm", *CLASSES, "mean"], [[name, *(arm["steering"]["per_class"].get(label) for label in CLASSES),

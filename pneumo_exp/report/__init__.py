@@ -55,7 +55,7 @@ BAR_METRICS = ("test/acc", "test/f1_macro")
 
 def write_report(root: str | os.PathLike, output_dir: str | os.PathLike, reference: bool = True,
                  metrics: Sequence[str] = DEFAULT_METRICS, pairs: Sequence[Sequence[str]] | None = None,
-                 bootstrap_samples: int = 2000) -> dict[str, Path]:
+                 bootstrap_samples: int = 2000, split_by_commit: bool = False) -> dict[str, Path]:
     """Write the tables, plots and failure summary of every run under root; returns {file name: path}.
     `pairs`: [A, B] configuration selectors to compare (None: the paper table's default pairs)."""
     from pneumo_exp.report import plots as report_plots  # matplotlib only when plots are drawn
@@ -64,7 +64,7 @@ def write_report(root: str | os.PathLike, output_dir: str | os.PathLike, referen
         raise UserError(f"report.bootstrap_samples={bootstrap_samples} must be at least 1",
                         where="report.bootstrap_samples", fix="use e.g. 2000")
     root, output_dir = Path(root).resolve(), Path(output_dir)
-    runs = collect_runs(root)
+    runs = collect_runs(root, split_by_commit)
     if not runs:
         raise SettingError(f"no run folders (with .hydra/config.yaml or config.yaml) under {root}",
                            where="report.input", fix="give a sweep folder, or any folder holding run folders")
@@ -120,8 +120,10 @@ def bar_references(references: Sequence[dict] = (ORIGINAL_STUDY, ALWAYS_NORMAL))
 
 
 def main_report(input_dir: str | os.PathLike, output_dir: str | os.PathLike,
-                pairs: Sequence[Sequence[str]] | None = None, bootstrap_samples: int = 2000) -> str:
+                pairs: Sequence[Sequence[str]] | None = None, bootstrap_samples: int = 2000,
+                split_by_commit: bool = False) -> str:
     """`pneumo-exp report report.input=DIR [report.output=DIR] [report.pairs=[[A,B],...]]`: writes the report,
     returns table.md's text."""
-    paths = write_report(input_dir, output_dir, pairs=pairs, bootstrap_samples=bootstrap_samples)
+    paths = write_report(input_dir, output_dir, pairs=pairs, bootstrap_samples=bootstrap_samples,
+                         split_by_commit=split_by_commit)
     return paths["table.md"].read_text()

@@ -17,10 +17,11 @@ from omegaconf import OmegaConf
 
 from pneumo_exp.core.history import epoch_rows, read_json_lines
 from pneumo_exp.core.nested import nested_value
-from pneumo_exp.rundir import RESULT_NEUTRAL_KEYS, not_a_result, recorded_processes, resolved_settings, shapes_result
+from pneumo_exp.inputs import INPUTS_FILE
+from pneumo_exp.rundir import neutral_keys, not_a_result, recorded_processes, resolved_settings, shapes_result
 
-# Override keys (and their sub-keys) that never change what a job computes, so never split a configuration.
-NOT_A_SETTING = RESULT_NEUTRAL_KEYS
+# Override keys (and their sub-keys) that cannot change what a training job computes, so never split a configuration.
+NOT_A_SETTING = neutral_keys("run")
 RUN_MARKERS = ("results.json", "failed.json", "metrics.jsonl", "git.json")
 NOT_RUN_FOLDERS = {".hydra", "wandb", "checkpoints", "__pycache__"}
 
@@ -36,6 +37,9 @@ class RunRecord:
     results: dict | None = None
     history: list[dict] = field(default_factory=list)
     error: str | None = None  # failed.json's error
+    inputs: dict | None = None  # inputs.json: content fingerprints of the images and models the job read
+    commit: str | None = None  # git.json: the code version it ran (`<sha>-dirty` with uncommitted changes)
+    split_by_commit: bool = False  # report.split_by_commit: the code version is a setting like any other
 
     def value(self, dotted_key: str, default: Any = None) -> Any:
         return nested_value(self.config, dotted_key, default)
@@ -65,11 +69,19 @@ class RunRecord:
         return tuple(int(sum(row)) for row in matrix) if matrix else None
 
     def settings(self, ignore: Iterable[str] = ("seed",)) -> dict[str, Any]:
-        """The resolved settings that shape the result (a key an older run lacks at its schema default) and the
-        process count."""
+        """The resolved settings that shape the result (a key an older run lacks at its schema default), the process
+        count, the inputs it read (`inputs.<name>`: "unrecorded" for a job that predates inputs.json) and, with
+        `split_by_commit`, the code version."""
         settings = {key: value for key, value in resolved_settings(self.config).items()
-                    if shapes_result(key, (*RESULT_NEUTRAL_KEYS, *ignore))}
-        return settings | {"processes": recorded_processes(self.results or {})}
+                    if shapes_result(key, (*NOT_A_SETTING, *ignore))}
+        settings["processes"] = recorded_processes(self.results or {})
+        if self.inputs is None:
+            settings["inputs"] = "unrecorded"
+        else:
+            settings |= {f"inputs.{name}": value for name, value in self.inputs.items()}
+        if self.split_by_commit:
+            settings["code"] = self.commit
+        return settings
 
     @property
     def error_line(self) -> str:
@@ -78,12 +90,12 @@ class RunRecord:
         return lines[0] if lines else "unknown error"
 
 
-def collect_runs(root: str | os.PathLike) -> list[RunRecord]:
+def collect_runs(root: str | os.PathLike, split_by_commit: bool = False) -> list[RunRecord]:
     """Every job folder under root (any depth) that trains, in path order."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"report: no folder {root}")
-    runs = [read_run(folder) for folder in run_folders(root)]
+    runs = [read_run(folder, split_by_commit) for folder in run_folders(root)]
     return [run for run in runs if run is not None]
 
 
@@ -104,7 +116,7 @@ def is_run_folder(folder: Path) -> bool:
     return (folder / "config.yaml").is_file() and any((folder / name).is_file() for name in RUN_MARKERS)
 
 
-def read_run(folder: Path) -> RunRecord | None:
+def read_run(folder: Path, split_by_commit: bool = False) -> RunRecord | None:
     """None for jobs that train nothing (`pneumo-exp summary`, `predict`)."""
     config = load_config(folder)
     if config.get("task", "run") != "run" or "classify" not in config.get("stages", ["classify"]):
@@ -112,7 +124,8 @@ def read_run(folder: Path) -> RunRecord | None:
     failure = read_json(folder / "failed.json")
     overrides = load_overrides(folder) or list((failure or {}).get("overrides") or [])
     run = RunRecord(path=folder, status=UNFINISHED, overrides=overrides, config=config,
-                    history=read_history(folder / "metrics.jsonl"))
+                    history=read_history(folder / "metrics.jsonl"), inputs=read_json(folder / INPUTS_FILE),
+                    commit=code_version(read_json(folder / "git.json")), split_by_commit=split_by_commit)
     if (folder / "results.json").is_file():
         try:
             run.results, run.status = json.loads((folder / "results.json").read_text()), COMPLETED
@@ -122,6 +135,12 @@ def read_run(folder: Path) -> RunRecord | None:
         run.status = FAILED
         run.error = str(failure.get("error") or "") or last_line(failure.get("traceback")) or "unknown error"
     return run
+
+
+def code_version(git: dict | None) -> str | None:
+    if not git or not git.get("sha"):
+        return None
+    return git["sha"][:12] + ("-dirty" if git.get("dirty") else "")
 
 
 def load_config(folder: Path) -> dict:

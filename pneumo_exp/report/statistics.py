@@ -119,7 +119,8 @@ def aggregate(runs: Iterable[RunRecord], metrics: Sequence[str] = DEFAULT_METRIC
 def summarize_group(experiment: str, key: str, label: str, members: list[RunRecord],
                     metrics: Sequence[str]) -> dict:
     """experiment, configuration (the group key), label (for plots), status (completed when a seed completed,
-    else failed or unfinished), n (completed seeds), seeds, failed, unfinished, repeated_seeds, run_dirs,
+    else failed or unfinished), n (completed seeds), seeds, failed, unfinished, repeated_seeds, commits (the code
+    versions of the counted seeds), run_dirs,
     metrics {name: n, mean, std, ci_low, ci_high} over completed seeds,
     epochs [per-epoch means], confusion_matrix_test (summed over completed seeds)."""
     all_completed = [run for run in members if run.status == COMPLETED]
@@ -133,6 +134,7 @@ def summarize_group(experiment: str, key: str, label: str, members: list[RunReco
         "status": COMPLETED if completed else (FAILED if failed else UNFINISHED),
         "n": len(completed), "seeds": seeds, "failed": failed, "unfinished": unfinished,
         "repeated_seeds": sorted({s for s in all_seeds if s is not None and all_seeds.count(s) > 1}),
+        "commits": sorted({run.commit or "unknown" for run in completed}),
         "run_dirs": [str(run.path) for run in members], "metrics": {},
         "epochs": epoch_means(completed, tuple(dict.fromkeys(EPOCH_METRICS + CURVE_METRICS))),
         "confusion_matrix_test": summed_confusion(completed),

@@ -35,6 +35,9 @@ def format_stats(stats: dict, group: dict, plus_minus: str = "±") -> str:
 def group_notes(group: dict) -> str:
     notes = [f"{group[status]} {status}" for status in (FAILED, UNFINISHED) if group[status]]
     notes += [f"seed {seed} run more than once: the newest counted" for seed in group["repeated_seeds"]]
+    if len(group.get("commits", ())) > 1:
+        notes.append(f"seeds from {len(group['commits'])} code versions ({', '.join(group['commits'])}; "
+                     "report.split_by_commit=true splits them)")
     return "; ".join(notes)
 
 

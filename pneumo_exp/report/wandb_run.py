@@ -1,6 +1,7 @@
 """The report as one W&B run of job type `report`, in the group of the sweep's runs and with the sweep's identity
 (so a sweep's dashboard shows the table beside the curves): `table.csv`, `references.csv` and `pairs.csv` as W&B
-Tables, the plots as images, and the report folder as an artifact. Offline unless `logger.mode=online`, like every
+Tables, the plots as images, and the report folder (with the three tables as W&B Tables) as an artifact,
+`report-<sweep id>`, named in the run's config (`report.artifact`). Offline unless `logger.mode=online`, like every
 run; `make sync` uploads it. Its files live in `<report folder>/wandb`; running the report again continues the same
 run (the id in `<report folder>/wandb_id.txt`) and replaces its offline copy.
 """
@@ -8,7 +9,6 @@ run (the id in `<report folder>/wandb_id.txt`) and replaces its offline copy.
 from __future__ import annotations
 
 import csv
-import json
 import re
 import shutil
 from pathlib import Path
@@ -47,12 +47,23 @@ def csv_table(path: Path) -> tuple[list[str], list[list[Any]]]:
                     for row in rows]
 
 
-def sweep_identity(input_dir: Path) -> dict | None:
-    """The sweep's name from its folder's sweep.json (a multirun folder), else None."""
-    from pneumo_exp.sweep import SWEEP_FILE
+def wandb_table(path: Path):
+    import wandb
 
-    record = input_dir / SWEEP_FILE
-    return json.loads(record.read_text()) if record.is_file() else None
+    columns, data = csv_table(path)
+    return wandb.Table(columns=columns, data=data)
+
+
+def artifact_table(csv_name: str) -> str:
+    """The name a CSV table of the report has as a W&B Table in the artifact (its file: `<name>.table.json`)."""
+    return Path(csv_name).stem
+
+
+def artifact_name(sweep: dict | None, input_dir: Path) -> str:
+    """The report's artifact: `report-<sweep id>` (a folder that is no sweep: its name), in W&B's characters."""
+    from pneumo_exp.sweep import recorded_id
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"report-{recorded_id(sweep) if sweep else input_dir.name}")
 
 
 def runs_group(input_dir: Path, default: str) -> str:
@@ -67,17 +78,20 @@ def log_report_run(cfg: JobConfig, input_dir: Path, report_dir: Path) -> Path | 
         return None
     import wandb
 
-    from pneumo_exp.sweep import sweep_tag
+    from pneumo_exp.sweep import recorded_id, recorded_sweep, sweep_tag
     from pneumo_exp.tracking import open_run
 
     input_dir, report_dir = input_dir.resolve(), report_dir.resolve()
-    sweep = sweep_identity(input_dir)
+    sweep = recorded_sweep(input_dir)
+    report_artifact = artifact_name(sweep, input_dir)
     config: dict[str, Any] = {"report": {"input": str(input_dir), "output": str(report_dir),
-                                         "pairs": cfg.report.pairs, "bootstrap_samples": cfg.report.bootstrap_samples}}
+                                         "artifact": report_artifact, "pairs": cfg.report.pairs,
+                                         "bootstrap_samples": cfg.report.bootstrap_samples}}
     tags = ["report"]
     if sweep is not None:
-        config["sweep"] = {"name": sweep["name"], "folder": str(input_dir), "varied": sweep["varied"]}
-        tags.append(sweep_tag(sweep["name"]))
+        config["sweep"] = {"name": sweep["name"], "id": recorded_id(sweep), "folder": str(input_dir),
+                           "varied": sweep["varied"]}
+        tags.append(sweep_tag(recorded_id(sweep)))
     id_file = report_dir / "wandb_id.txt"
     if id_file.is_file():  # the offline copy of this run from an earlier report: replaced, not logged twice
         for folder in (report_dir / "wandb").glob(f"offline-run-*-{id_file.read_text().strip()}"):
@@ -85,17 +99,15 @@ def log_report_run(cfg: JobConfig, input_dir: Path, report_dir: Path) -> Path | 
     run = open_run(cfg.logger, report_dir, job_type="report", name="report",
                    group=runs_group(input_dir, cfg.logger.group), tags=tags, config=config)
     try:
-        row: dict[str, Any] = {}
-        for key, name in TABLES.items():
-            columns, data = csv_table(report_dir / name)
-            row[key] = wandb.Table(columns=columns, data=data)
-        row.update({key: wandb.Image(str(report_dir / name), caption=name) for key, name in IMAGES.items()})
-        run.log(row)
-        name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"report-{sweep['name'] if sweep else input_dir.name}")
-        artifact = wandb.Artifact(name, type="report", description=f"pneumo-exp report of {input_dir}")
+        tables = {key: wandb_table(report_dir / name) for key, name in TABLES.items()}
+        images = {key: wandb.Image(str(report_dir / name), caption=name) for key, name in IMAGES.items()}
+        run.log({**tables, **images})
+        artifact = wandb.Artifact(report_artifact, type="report", description=f"pneumo-exp report of {input_dir}")
         for path in sorted(report_dir.iterdir()):
             if path.is_file() and path.name not in NOT_IN_ARTIFACT:
                 artifact.add_file(str(path), name=path.name, policy="immutable")  # no staging copy: read at sync
+        for key, table in tables.items():  # what the dashboard's paper table shows, whichever runs it shows
+            artifact.add(table, artifact_table(TABLES[key]))
         run.log_artifact(artifact)
         folder = Path(run.dir).parent
     except BaseException:

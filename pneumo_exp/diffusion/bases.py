@@ -1,0 +1,67 @@
+"""Which diffusion base a run draws from, and whether it may.
+
+A preset whose base this project pretrains (`diffusion_lora.pretraining` set) keeps one base per training split in
+`<diffusion_lora.pretrained>/train-<content fingerprint of the training images>/`, so pretraining for another split
+(another split_seed, val_fraction, train_fraction or limit_per_class) never shares or replaces the folder that the
+first split's LoRAs were trained on. A `pretrained` folder that itself holds a pipeline (`model_index.json`) is used
+as it is. Either way a base pretrained by this project must have been pretrained only on images of the run's
+training split (`data/provenance.py`); a hub model or a random-init preset was not trained here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from pneumo_exp.config import DiffusionConfig
+from pneumo_exp.data.manifest import Record
+from pneumo_exp.data.provenance import TRAINING_SPLIT_FILE, check_trained_within, content_fingerprint
+from pneumo_exp.errors import UserError
+
+MODEL_CARD = "model_card.json"  # written by pretraining beside the weights
+PIPELINE_MARKER = "model_index.json"
+
+
+def build_command(diffusion_cfg: DiffusionConfig) -> str:
+    return (f"pneumo-exp task=pretrain_diffusion diffusion_lora={diffusion_cfg.name} dataset=<the run's dataset> "
+            f"(or make pretrain-diffusion DATA=<chest_xray folder>)")
+
+
+def pretrained_here(diffusion_cfg: DiffusionConfig) -> bool:
+    return diffusion_cfg.pretraining is not None and bool(diffusion_cfg.pretrained)
+
+
+def split_base_folder(diffusion_cfg: DiffusionConfig, train: list[Record]) -> Path:
+    """Where the preset's base for the training split `train` lies (or is pretrained to)."""
+    given = Path(diffusion_cfg.pretrained)
+    if (given / PIPELINE_MARKER).is_file():
+        return given
+    return given / f"train-{content_fingerprint(train)}"
+
+
+def require_built_base(diffusion_cfg: DiffusionConfig, train: list[Record]) -> str:
+    folder = split_base_folder(diffusion_cfg, train)
+    if not (folder / PIPELINE_MARKER).is_file():
+        raise UserError(f"the base of diffusion_lora={diffusion_cfg.name} has not been built yet for this training "
+                        "split", where=str(folder), fix=f"build it once with: {build_command(diffusion_cfg)}")
+    return str(folder)
+
+
+def check_base_provenance(source: str, train: list[Record], key: str, required: bool) -> None:
+    """A base pretrained by this project (`required`, or its folder holds a model card or training record) must have
+    been pretrained only on images of `train`."""
+    folder = Path(source)
+    if required or (folder / MODEL_CARD).is_file() or (folder / TRAINING_SPLIT_FILE).is_file():
+        check_trained_within(folder, train, "diffusion base", key)
+
+
+def run_base(diffusion_cfg: DiffusionConfig, train: list[Record]) -> DiffusionConfig:
+    """The preset with `pretrained` set to the base this run draws from, refused unless it was pretrained on images
+    of `train` only. Hub models and random-init presets pass unchanged."""
+    if not pretrained_here(diffusion_cfg):
+        if diffusion_cfg.pretrained:
+            check_base_provenance(diffusion_cfg.pretrained, train, "diffusion_lora.pretrained", required=False)
+        return diffusion_cfg
+    source = require_built_base(diffusion_cfg, train)
+    check_base_provenance(source, train, "diffusion_lora.pretrained", required=True)
+    return replace(diffusion_cfg, pretrained=source)

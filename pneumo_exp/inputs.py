@@ -1,0 +1,67 @@
+"""What a training job read, by content: the fingerprints that make two jobs of the same settings the same job.
+
+`inputs.json` in the run folder holds, when the job starts: the content fingerprints of the real training,
+validation and test images (bytes and labels, not paths), and the content hash of each model folder it loads, or
+the hub commit of a hub id: the classifier's backbone, the diffusion base, and a LoRA trained by another run. A
+finished job is skipped, a stopped one resumed and seeds are pooled by the report only when these agree: a LoRA
+retrained at the same path, a base pretrained again or an edited image makes another job.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pneumo_exp.config import JobConfig
+from pneumo_exp.data.manifest import SPLITS
+from pneumo_exp.data.prepare import PreparedData
+from pneumo_exp.data.provenance import content_fingerprint
+from pneumo_exp.hub import describe_source
+
+INPUTS_FILE = "inputs.json"
+FINGERPRINT_LENGTH = 16
+UNRECORDED = "inputs.json (the job ran before its inputs were recorded)"
+
+
+def model_fingerprint(source: str, revision: str | None, marker: str) -> str:
+    """A local folder's content hash, or `<hub id>@<commit>` of a hub id (its revision where the hub cache has no
+    copy yet)."""
+    described = describe_source(source, revision, marker)
+    if "content_sha256" in described:
+        return described["content_sha256"][:FINGERPRINT_LENGTH]
+    return f"{source}@{described['commit'] or revision or 'main'}"
+
+
+def job_inputs(cfg: JobConfig, data: PreparedData) -> dict[str, str]:
+    """The inputs of a training job whose diffusion base is resolved (`diffusion.bases.run_base`)."""
+    real = [record for record in data.records if record.source == "real"]
+    inputs = {f"images.{split}": content_fingerprint(r for r in real if r.split == split) for split in SPLITS}
+    stages = set(cfg.stages)
+    if "classify" in stages:
+        from pneumo_exp.classify.model import backbone_source
+
+        inputs["classifier"] = model_fingerprint(backbone_source(cfg.clip_lora, cfg.paths.cache_dir),
+                                                 cfg.clip_lora.revision, "config.json")
+    if stages & {"diffusion", "synthesize"}:
+        from pneumo_exp.diffusion.stable_diffusion import pipeline_source
+
+        inputs["diffusion_base"] = model_fingerprint(pipeline_source(cfg.diffusion_lora, cfg.paths.cache_dir),
+                                                     cfg.diffusion_lora.revision, "model_index.json")
+    if "synthesize" in stages and "diffusion" not in stages:
+        from pneumo_exp.diffusion.stable_diffusion import check_lora_file
+
+        inputs["diffusion_lora"] = check_lora_file(cfg.diffusion_lora.trained_lora)[1][:FINGERPRINT_LENGTH]
+    return inputs
+
+
+def stored_inputs(folder: Path) -> dict[str, str] | None:
+    path = folder / INPUTS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def changed_inputs(folder: Path, current: dict[str, str]) -> list[str]:
+    """The inputs that differ from those the job in `folder` recorded (all of them, unknown, without a record)."""
+    stored = stored_inputs(folder)
+    if stored is None:
+        return [UNRECORDED]
+    return sorted(key for key in stored.keys() | current.keys() if stored.get(key) != current.get(key))
