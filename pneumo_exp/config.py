@@ -26,6 +26,8 @@ class DatasetConfig:
     intensity: str = "none"  # none | equalize: per-image histogram equalisation before the cache, every split alike
     val_fraction: float = 0.15  # share of training patients moved to validation
     split_seed: int = 0
+    train_fraction: float = 1.0  # share of the training split kept: whole patients, stratified by class, nested for
+    #                              a split_seed (the 0.05 subset lies inside the 0.1 one); validation and test untouched
     limit_per_class: int | None = None  # a short run: whole patients, up to N images per class and split; null = all
     skip_bad_images: bool = False  # True: skip unreadable or unrecognised files and report them
     check_images: bool = True  # verify every image header while building the manifest
@@ -191,6 +193,26 @@ class DiffusionConfig:
     pretraining: DiffusionPretrainingConfig | None = None  # set: the base is built by task=pretrain_diffusion
 
 
+class AugmentationSource(str, Enum):
+    synthetic = "synthetic"  # drawn by the generator (diffusion_lora), from the synthetic image bank
+    duplicate_real = "duplicate_real"  # the same counts as seeded repeats of real training images: the count-matched
+    #                                    control, through the same training-time augmentation
+
+
+class AugmentationSchedule(str, Enum):
+    mix = "mix"  # real and added images together, throughout
+    synthetic_then_real = "synthetic_then_real"  # added images only for `pretrain_share` of the step budget, then
+    #                                              real images only (synthetic pre-training, real fine-tuning)
+
+
+@dataclass
+class SyntheticFilterConfig:
+    """`augmentation.filter`: keep a drawn image only where a classifier trained on real images agrees."""
+    judge_run: str | None = None  # a finished run trained on real images of the same training split; null: no filter
+    min_probability: float = 0.5  # keep an image whose prompted class gets at least this probability from the judge
+    max_draws_factor: float = 4.0  # draw at most this many times the count asked per class (one line if not met)
+
+
 class AugmentationStrategy(str, Enum):
     none = "none"
     balance = "balance"  # every class up to the largest
@@ -205,12 +227,23 @@ class AugmentationConfig:
     ratio: float = 0.0
     per_class_ratio: dict[str, float] = field(default_factory=dict)
     per_class_count: dict[str, int] = field(default_factory=lambda: {label: 0 for label in CLASSES})  # fixed
+    source: AugmentationSource = AugmentationSource.synthetic
+    synthetic_weight: float = 1.0  # loss weight of a synthetic example, in (0, 1]
+    schedule: AugmentationSchedule = AugmentationSchedule.mix
+    pretrain_share: float = 0.5  # synthetic_then_real: the share of trainer.max_steps spent on added images
+    filter: SyntheticFilterConfig = field(default_factory=SyntheticFilterConfig)
 
 
 class ClassBalance(str, Enum):
     none = "none"
     weighted_loss = "weighted_loss"  # cross-entropy weighted by inverse class frequency
     sampler = "sampler"  # draw training images with probability inverse to their class size
+
+
+class ClassWeightsFrom(str, Enum):
+    real = "real"  # class frequencies of the real training images; an added image takes its class's weight
+    real_and_added = "real_and_added"  # real + synthetic (or duplicated) counts: reweights the classes as well as
+    #                                    adding images (the behaviour before December 2026)
 
 
 @dataclass
@@ -232,6 +265,9 @@ class TrainerConfig:
     max_grad_norm: float = 1.0  # 0 turns clipping off
     precision: Precision = Precision.no
     class_balance: ClassBalance = ClassBalance.weighted_loss
+    class_weights_from: ClassWeightsFrom = ClassWeightsFrom.real  # which counts weighted_loss and sampler use
+    max_steps: int | None = None  # optimizer-step budget: training ends after it, whatever the image count, and
+    #                               warm-up, cosine schedule and EMA are defined over it (epochs then only cap it)
     label_smoothing: float = 0.0  # share of each target spread uniformly over the classes; 0 turns it off
     augment: bool = True
     augment_settings: AugmentSettings = field(default_factory=AugmentSettings)  # ranges of the random transforms

@@ -66,6 +66,7 @@ RULES: list[tuple[str, tuple[Callable[[Any], bool], str]]] = [
     ("trainer.grad_accum_steps", at_least(1)),
     ("trainer.max_grad_norm", at_least(0)),
     ("trainer.max_steps_per_epoch", at_least(1)),
+    ("trainer.max_steps", at_least(1)),
     ("trainer.log_every_steps", at_least(1)),
     ("trainer.max_eval_batches", at_least(1)),
     ("trainer.bootstrap_samples", at_least(1)),
@@ -78,6 +79,11 @@ RULES: list[tuple[str, tuple[Callable[[Any], bool], str]]] = [
     ("dataset.resolution", resolution()),
     ("dataset.intensity", one_of(*INTENSITY_METHODS)),
     ("dataset.val_fraction", share()),
+    ("dataset.train_fraction", share(closed_low=False, closed_high=True)),
+    ("augmentation.synthetic_weight", share(closed_low=False, closed_high=True)),
+    ("augmentation.pretrain_share", share(closed_low=False)),
+    ("augmentation.filter.min_probability", share(closed_high=True)),
+    ("augmentation.filter.max_draws_factor", at_least(1)),
     ("dataset.limit_per_class", at_least(1)),
     ("dataset.min_image_side", at_least(1)),
     ("dataset.max_extract_bytes", at_least(1)),
@@ -137,12 +143,26 @@ def check_plan(cfg: DictConfig) -> None:
         raise SettingError("quality measures images in the feature space of the classifier the same run trains",
                            where="stages", fix="add the classify stage")
     check_known_keys(cfg)
+    check_augmentation_plan(cfg)
     check_task_inputs(cfg)
     if cfg.task == "pretrain_diffusion":
         check_pretraining(cfg)
     check_settings(cfg)
     if cfg.task == "run" and "classify" in cfg.stages:
         check_image_size(cfg)
+
+
+def check_augmentation_plan(cfg: DictConfig) -> None:
+    """What an augmentation design needs besides its own values: a step budget to split into phases, a generator
+    to filter."""
+    augmentation = cfg.augmentation
+    if augmentation.get("schedule") == "synthetic_then_real" and cfg.trainer.get("max_steps") is None:
+        raise SettingError("the synthetic-then-real schedule splits a step budget", where="trainer.max_steps",
+                           fix="set trainer.max_steps=<optimizer steps> (augmentation.pretrain_share of them on "
+                               "the added images)")
+    if augmentation.get("source") == "duplicate_real" and OmegaConf.select(cfg, "augmentation.filter.judge_run"):
+        raise SettingError("repeats of real images are not filtered", where="augmentation.filter.judge_run",
+                           fix="set it to null with augmentation.source=duplicate_real")
 
 
 def check_image_size(cfg: DictConfig) -> None:
