@@ -326,6 +326,9 @@ class ReportConfig:
     pairs: list[list[str]] | None = None
     bootstrap_samples: int = 2000
     split_by_commit: bool = False  # true: seeds run by other code versions (git.json) are other configurations
+    replicate_keys: list[str] = field(default_factory=lambda: ["diffusion_lora.training.seed",
+                                                               "diffusion_lora.pretraining.seed"])  # generator
+    #                                 replicates: runs differing only in these and seed are one configuration
     published: Any = None  # the reference rows of every report (conf/report/default.yaml)
 
 
