@@ -1,19 +1,22 @@
 """Which diffusion base a run draws from, and whether it may.
 
-A preset whose base this project pretrains (`diffusion_lora.pretraining` set) keeps one base per training split in
-`<diffusion_lora.pretrained>/train-<content fingerprint of the training images>/`, so pretraining for another split
-(another split_seed, val_fraction, train_fraction or limit_per_class) never shares or replaces the folder that the
-first split's LoRAs were trained on. A `pretrained` folder that itself holds a pipeline (`model_index.json`) is used
-as it is. Either way a base pretrained by this project must have been pretrained only on images of the run's
-training split (`data/provenance.py`); a hub model or a random-init preset was not trained here.
+A preset whose base this project pretrains (`diffusion_lora.pretraining` set) keeps one base per training split and
+pretraining settings in `<diffusion_lora.pretrained>/train-<content fingerprint of the training images>-<settings>/`,
+so pretraining for another split (another split_seed, val_fraction, train_fraction or limit_per_class) or with other
+steps never shares or replaces the folder that other LoRAs were trained on. A `pretrained` folder that itself holds
+a pipeline (`model_index.json`) is used as it is. Either way a base pretrained by this project must have been
+pretrained only on images of the run's training split (`data/provenance.py`); a hub model or a random-init preset
+was not trained here.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import replace
 from pathlib import Path
 
-from pneumo_exp.config import DiffusionConfig
+from pneumo_exp.config import DiffusionConfig, plain
 from pneumo_exp.data.manifest import Record
 from pneumo_exp.data.provenance import TRAINING_SPLIT_FILE, check_trained_within, content_fingerprint
 from pneumo_exp.errors import UserError
@@ -31,12 +34,20 @@ def pretrained_here(diffusion_cfg: DiffusionConfig) -> bool:
     return diffusion_cfg.pretraining is not None and bool(diffusion_cfg.pretrained)
 
 
+def settings_key(diffusion_cfg: DiffusionConfig, fingerprint: str) -> str:
+    """What decides the pretrained weights: architecture, resolution, prompts, pretraining settings, the images."""
+    shaping = [plain(diffusion_cfg.architecture), int(diffusion_cfg.resolution), plain(diffusion_cfg.prompts),
+               plain(diffusion_cfg.pretraining), fingerprint]
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def split_base_folder(diffusion_cfg: DiffusionConfig, train: list[Record]) -> Path:
     """Where the preset's base for the training split `train` lies (or is pretrained to)."""
     given = Path(diffusion_cfg.pretrained)
     if (given / PIPELINE_MARKER).is_file():
         return given
-    return given / f"train-{content_fingerprint(train)}"
+    fingerprint = content_fingerprint(train)
+    return given / f"train-{fingerprint}-{settings_key(diffusion_cfg, fingerprint)[:8]}"
 
 
 def require_built_base(diffusion_cfg: DiffusionConfig, train: list[Record]) -> str:

@@ -13,7 +13,6 @@ A killed pretraining resumes from `<folder>.state/` when the same command runs a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -35,7 +34,7 @@ from pneumo_exp.core.training import DeviceMeans, NonFiniteWatch, OptimizerStep,
 from pneumo_exp.data.augment import to_unit_float
 from pneumo_exp.data.manifest import Record
 from pneumo_exp.data.provenance import content_fingerprint, write_training_record
-from pneumo_exp.diffusion.bases import MODEL_CARD, split_base_folder
+from pneumo_exp.diffusion.bases import MODEL_CARD, settings_key, split_base_folder
 from pneumo_exp.diffusion.stable_diffusion import (
     SDComponents,
     build_tiny_pipeline,
@@ -62,13 +61,6 @@ class PretrainingImages:
     fingerprint: str  # content fingerprint of the training split
     class_counts: dict[str, int] = field(default_factory=dict)
     train_records: list[Record] = field(default_factory=list)  # what `train` holds, for the training record
-
-
-def settings_key(diffusion_cfg: DiffusionConfig, fingerprint: str) -> str:
-    """What decides the pretrained weights: architecture, resolution, prompts, pretraining settings, the images."""
-    shaping = [plain(diffusion_cfg.architecture), int(diffusion_cfg.resolution), plain(diffusion_cfg.prompts),
-               plain(diffusion_cfg.pretraining), fingerprint]
-    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------- state
