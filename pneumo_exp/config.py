@@ -310,6 +310,7 @@ class LoggerConfig:
 class PathsConfig:
     output_dir: str = MISSING
     cache_dir: str = MISSING
+    study_dir: str | None = None  # an augmentation study's folder: its recipes find each fraction's generator there
 
 
 @dataclass
