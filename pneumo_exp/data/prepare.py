@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from pneumo_exp.config import DatasetConfig
 from pneumo_exp.data import kermany, manifest, phantom
 from pneumo_exp.data.folder import TREE_PATIENTS_NOTE, folder_records
 from pneumo_exp.data.manifest import DatasetError, Record
-from pneumo_exp.data.splits import carve_validation, limit_per_class
+from pneumo_exp.data.splits import carve_validation, keep_training_fraction, limit_per_class
 
 
 @dataclass
@@ -62,6 +63,9 @@ def prepare_data(cfg: DatasetConfig, cache_dir: str, output_dir: str | Path | No
     manifest.check_no_leakage(records, where=f"dataset {cfg.name} after carving validation")
     notes = dataset_notes(cfg, records) + ([own_validation_note(cfg, records)] if own_validation else [])
     data = PreparedData(records=records, skipped=skipped, notes=notes)
+    if cfg.train_fraction != 1.0:
+        data = training_share(data, cfg.train_fraction, cfg.split_seed, group_of)
+        manifest.check_no_leakage(data.records, where=f"dataset {cfg.name} after keeping dataset.train_fraction")
     if cfg.limit_per_class is not None:
         data = subset(data, cfg.limit_per_class, cfg.split_seed)
     if output_dir is not None:
@@ -92,6 +96,21 @@ def dataset_notes(cfg: DatasetConfig, records: list[Record]) -> list[str]:
     if cfg.kind == "folder" and cfg.root is not None:
         return [TREE_PATIENTS_NOTE]
     return []
+
+
+def training_share(data: PreparedData, fraction: float, seed: int, group_of: Callable[[str], str]) -> PreparedData:
+    """The nested, class-stratified share of the training split that `dataset.train_fraction` keeps."""
+    records = keep_training_fraction(data.records, fraction, seed, group_of)
+    before, after = data.split("train"), [r for r in records if r.split == "train"]
+    note = (f"train_fraction: dataset.train_fraction={fraction:g} keeps whole patients, about {fraction:g} of each "
+            f"class's training images (nested for split_seed={seed}): {len(after)} of {len(before)} training images, "
+            f"{_patients(after)} of {_patients(before)} patients; validation and test are complete, so this is a "
+            "real result")
+    return PreparedData(records=records, skipped=data.skipped, notes=[*data.notes, note])
+
+
+def _patients(records: list[Record]) -> int:
+    return len({r.patient_id for r in records})
 
 
 def subset(data: PreparedData, limit: int, seed: int) -> PreparedData:
