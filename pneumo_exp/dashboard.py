@@ -73,7 +73,7 @@ class SweepRuns:
         return all(run.has_config("sweep.id") for run in self.jobs)
 
     @property
-    def results(self) -> list[RunFile]:
+    def shown_runs(self) -> list[RunFile]:
         """The runs the view shows: those whose numbers count (every job, when the runs do not say)."""
         if not self.marks_results:
             return list(self.jobs)
@@ -81,11 +81,11 @@ class SweepRuns:
 
     @property
     def history_keys(self) -> set[str]:
-        return set().union(*(run.history_keys for run in self.results))
+        return set().union(*(run.history_keys for run in self.shown_runs))
 
     @property
     def summary_keys(self) -> set[str]:
-        return set().union(*(run.summary for run in self.results))
+        return set().union(*(run.summary for run in self.shown_runs))
 
     @property
     def columns(self) -> list[str]:

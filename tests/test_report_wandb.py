@@ -15,15 +15,22 @@ from test_report import PAPER_ROWS, SEEDS, write_paper_job
 
 from pneumo_exp import wandb_offline
 from pneumo_exp.pipeline import run
-from pneumo_exp.report.wandb_run import IMAGES, TABLES
+from pneumo_exp.report.wandb_run import IMAGES, TABLES, artifact_table
 
 SWEEP_NAME = "paper_demo/2026-01-05_10-00-00"
 
 
 @pytest.fixture(scope="module")
 def paper_sweep(tmp_path_factory) -> Path:
-    """A paper-demo-like sweep folder (3 rows x 3 seeds) whose jobs were logged to the W&B group paper_demo."""
-    root = tmp_path_factory.mktemp("report_wandb") / "multirun" / SWEEP_NAME
+    """A paper-demo-like sweep folder (3 rows x 3 seeds) whose jobs were logged to the W&B group paper_demo; its
+    sweep.json was written before sweeps had ids."""
+    record = {"name": SWEEP_NAME, "varied": ["experiment", "seed"]}
+    return write_paper_sweep(tmp_path_factory.mktemp("report_wandb"), record)
+
+
+def write_paper_sweep(parent: Path, record: dict) -> Path:
+    """The sweep folder parent/multirun/SWEEP_NAME, with `record` as its sweep.json."""
+    root = parent / "multirun" / SWEEP_NAME
     rng = np.random.default_rng(5)
     for number, (row, seed) in enumerate((row, seed) for row in PAPER_ROWS for seed in SEEDS):
         folder = root / f"{number}_experiment=paper_cpu-{row},seed={seed}"
@@ -31,7 +38,7 @@ def paper_sweep(tmp_path_factory) -> Path:
         config = OmegaConf.load(folder / "config.yaml")
         config.logger = {"mode": "offline", "project": "pneumo_exp", "group": "paper_demo"}
         (folder / "config.yaml").write_text(OmegaConf.to_yaml(config))
-    (root / "sweep.json").write_text(json.dumps({"name": SWEEP_NAME, "varied": ["experiment", "seed"]}))
+    (root / "sweep.json").write_text(json.dumps(record))
     return root
 
 
@@ -49,6 +56,13 @@ def same_cell(logged, text: str) -> bool:
     if text == "":
         return logged is None
     return logged == text if isinstance(logged, str) else logged == float(text)
+
+
+def report_artifact(run_file: Path):
+    """The artifact of type `report` the run logged (its name and manifest)."""
+    (artifact,) = [record.artifact for record in wandb_offline._records(run_file)
+                   if record.WhichOneof("record_type") == "artifact" and record.artifact.type == "report"]
+    return artifact
 
 
 def test_report_run_tables_equal_the_csv_files(paper_sweep, make_cfg, capsys):
@@ -77,14 +91,31 @@ def test_report_folder_is_an_artifact_and_a_rerun_replaces_the_offline_copy(pape
     folder = report(make_cfg, paper_sweep)
     (run_file,) = wandb_offline.run_files(folder)  # one offline copy, of the same run
     assert wandb_offline.read_run(run_file).run_id == first_id
-    (artifact,) = [record.artifact for record in wandb_offline._records(run_file)
-                   if record.WhichOneof("record_type") == "artifact" and record.artifact.type == "report"]
+    artifact = report_artifact(run_file)
     assert artifact.name == "report-paper_demo-2026-01-05_10-00-00"
+    tables = {f"{artifact_table(name)}.table.json" for name in TABLES.values()}
     assert {item.path for item in artifact.manifest.contents} == \
-        {path.name for path in folder.iterdir() if path.is_file() and path.name != "wandb_id.txt"}
+        {path.name for path in folder.iterdir() if path.is_file() and path.name != "wandb_id.txt"} | tables
 
 
 def test_no_report_run_with_logger_none(paper_sweep, make_cfg, tmp_path):
     run(make_cfg("task=report", f"report.input={paper_sweep}", f"report.output={tmp_path / 'quiet'}",
                  "report.bootstrap_samples=20"))
     assert (tmp_path / "quiet" / "table.csv").is_file() and not (tmp_path / "quiet" / "wandb").exists()
+
+
+def test_reports_of_two_sweeps_with_one_folder_name_share_no_tag_and_no_artifact(make_cfg, tmp_path):
+    """Each sweep's id (sweep.json) names the report run's tag and artifact, so a sweep launched again after
+    `make clean`, or on another machine, keeps its report apart."""
+    logged = []
+    for number, suffix in enumerate(("0123abcd", "fedc4567")):
+        record = {"name": SWEEP_NAME, "id": f"{SWEEP_NAME}-{suffix}", "varied": ["experiment", "seed"]}
+        folder = report(make_cfg, write_paper_sweep(tmp_path / f"machine{number}", record))
+        (run_file,) = wandb_offline.run_files(folder)
+        report_run = wandb_offline.read_run(run_file)
+        assert f"sweep:{record['id']}" in report_run.tags and report_run.config["sweep"]["id"] == record["id"]
+        artifact = report_artifact(run_file).name
+        assert artifact == f"report-paper_demo-2026-01-05_10-00-00-{suffix}" == report_run.config["report"]["artifact"]
+        logged.append(({tag for tag in report_run.tags if tag.startswith("sweep:")}, artifact))
+    (first_tags, first_artifact), (second_tags, second_artifact) = logged
+    assert not first_tags & second_tags and first_artifact != second_artifact
