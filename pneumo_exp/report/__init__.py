@@ -1,19 +1,29 @@
-"""Sweep reports: collect run folders, group them by configuration (seed left out), summarise over seeds.
+"""Sweep reports: collect run folders, group them by configuration (seed and generator replicate left out),
+summarise over the replicated units.
 
 `pneumo-exp` writes one folder per job (`outputs/...`, sweeps `multirun/<experiment>/<sweep>/<job>/`). This package
 reads every such folder under a root, whatever its depth (`collect`), summarises each configuration over its seeds
-(`statistics`), compares chosen pairs of configurations (`compare`) and writes into an output folder (`tables`,
-`plots`):
+and generator replicates (`statistics`), compares chosen pairs of configurations (`compare`) and writes into an
+output folder (`tables`, `plots`):
 
-- `table.md`, `table.csv`, `table.tex`: one row per configuration (the same overrides and resolved settings), test
-  metrics of the best epoch as mean ± sample std [95 % CI of the mean over seeds, Student t with n-1 dof], with the
-  original study's published numbers and always NORMAL for comparison (`published`, from conf/report/default.yaml)
-  where every result was tested on the official test split, else always NORMAL on the results' own test split
-  (those reference rows alone in `references.csv`);
+- `table.md`, `table.csv`, `table.tex`: one row per configuration (the same overrides and resolved settings; runs
+  differing only in `report.replicate_keys`, the generator replicate, and seed are one configuration), test
+  metrics of the best epoch as mean ± sample std [95 % CI of the mean, Student t with n-1 dof] over the replicated
+  units: the seeds, or the generator means (each over its seeds) where two or more generators were trained; with one
+  generator, a note that its variability is not measured. Beside them the original study's published numbers and
+  always NORMAL for comparison (`published`, from conf/report/default.yaml) where every result was tested on the
+  official test split, else always NORMAL on the results' own test split (those reference rows alone in
+  `references.csv`);
 - a paired comparison of chosen configurations (`report.pairs`; default: the paper table's augmentation gain and each
-  classifier mode against zero-shot): the difference in test accuracy and macro F1 with a Student-t CI over
-  seed-matched differences, a paired patient-level bootstrap CI over the test split, and McNemar's exact p per
-  seed; also in `pairs.csv`;
+  classifier mode against zero-shot): the difference in test accuracy and macro F1 with a Student-t CI over the
+  replicated units of the paired differences (paired by seed, and by generator replicate), then, conditional on the
+  trained models (which test patients were drawn), not on the recipe, a paired patient-level bootstrap CI over the
+  test split and McNemar's exact p per run pair; also in `pairs.csv`;
+- for an augmentation study (runs of several `dataset.train_fraction` values, or of `experiment=augment_study/<arm>`):
+  `gains.md` and `gains.csv` (also inside `table.md`), per real fraction and arm, test accuracy and macro F1 and the
+  paired gain over the `none` and `duplicate_real` arms of the same fraction, each with its CI over the replicated
+  units, and `gain_vs_fraction.png`, the macro-F1 gain over `none` against the fraction (log x), one line per arm
+  with its CI as a band;
 - `epochs.md`: per-epoch train accuracy, macro F1 and macro recall (mean over seeds) beside the original study's;
 - `failures.md`: failed jobs (folder, overrides, first line of the error) and unfinished ones, and the runs that are
   no result (a capped or subset test), which no table, plot or comparison counts;
@@ -34,14 +44,16 @@ from pathlib import Path
 from pneumo_exp.core.files import write_atomic
 from pneumo_exp.errors import UserError
 from pneumo_exp.labels import CLASSES
-from pneumo_exp.report.collect import COMPLETED, RunRecord, collect_runs
-from pneumo_exp.report.compare import compare_pairs
+from pneumo_exp.report.collect import COMPLETED, REPLICATE_KEYS, RunRecord, collect_runs
+from pneumo_exp.report.compare import GAIN_REFERENCES, compare_pairs, is_study, study_gains
 from pneumo_exp.report.published import ALWAYS_NORMAL, OFFICIAL_TEST_COUNTS, ORIGINAL_STUDY, always_normal_row
 from pneumo_exp.report.statistics import CURVE_METRICS, DEFAULT_METRICS, aggregate, metric_title
 from pneumo_exp.report.tables import (
     csv_text,
     epochs_document,
     failures_markdown,
+    gains_csv,
+    gains_document,
     latex_table,
     not_results_markdown,
     pairs_csv,
@@ -55,16 +67,18 @@ BAR_METRICS = ("test/acc", "test/f1_macro")
 
 def write_report(root: str | os.PathLike, output_dir: str | os.PathLike, reference: bool = True,
                  metrics: Sequence[str] = DEFAULT_METRICS, pairs: Sequence[Sequence[str]] | None = None,
-                 bootstrap_samples: int = 2000, split_by_commit: bool = False) -> dict[str, Path]:
+                 bootstrap_samples: int = 2000, split_by_commit: bool = False,
+                 replicate_keys: Sequence[str] = REPLICATE_KEYS) -> dict[str, Path]:
     """Write the tables, plots and failure summary of every run under root; returns {file name: path}.
-    `pairs`: [A, B] configuration selectors to compare (None: the paper table's default pairs)."""
+    `pairs`: [A, B] configuration selectors to compare (None: the paper table's default pairs);
+    `replicate_keys`: the keys that tell generator replicates apart (report.replicate_keys)."""
     from pneumo_exp.report import plots as report_plots  # matplotlib only when plots are drawn
 
     if bootstrap_samples < 1:
         raise UserError(f"report.bootstrap_samples={bootstrap_samples} must be at least 1",
                         where="report.bootstrap_samples", fix="use e.g. 2000")
     root, output_dir = Path(root).resolve(), Path(output_dir)
-    runs = collect_runs(root, split_by_commit)
+    runs = collect_runs(root, split_by_commit, replicate_keys)
     if not runs:
         raise SettingError(f"no run folders (with .hydra/config.yaml or config.yaml) under {root}",
                            where="report.input", fix="give a sweep folder, or any folder holding run folders")
@@ -72,9 +86,10 @@ def write_report(root: str | os.PathLike, output_dir: str | os.PathLike, referen
     groups = aggregate(results, metrics)
     comparisons = compare_pairs(results, pairs, bootstrap_samples)
     references = reference_rows(results) if reference else None
+    gains = study_gains(results) if is_study(results) else []
     completed = [g for g in groups if g["n"]]
     files: dict[str, str | bytes] = {
-        "table.md": report_markdown(root, runs, groups, metrics, references, comparisons),
+        "table.md": report_markdown(root, runs, groups, metrics, references, comparisons, gains),
         "table.csv": csv_text(groups, metrics),
         "table.tex": latex_table(groups, metrics, references, comparisons),
         "pairs.csv": pairs_csv(comparisons),
@@ -88,7 +103,27 @@ def write_report(root: str | os.PathLike, output_dir: str | os.PathLike, referen
             {g["label"]: {m: g["metrics"][m] for m in BAR_METRICS if m in g["metrics"]} for g in completed},
             **bar_references(references or ())),
     }
+    if gains:
+        files |= study_files(gains, report_plots)
     return {name: write_atomic(output_dir / name, content) for name, content in files.items()}
+
+
+def study_files(gains: Sequence[dict], report_plots) -> dict[str, str | bytes]:
+    """An augmentation study's gains table and its figure: the macro-F1 gain over the first reference arm."""
+    reference = GAIN_REFERENCES[0]
+    return {"gains.md": gains_document(gains), "gains.csv": gains_csv(gains),
+            "gain_vs_fraction.png": report_plots.gain_vs_fraction_png(gain_curves(gains, reference), reference)}
+
+
+def gain_curves(gains: Sequence[dict], reference: str = GAIN_REFERENCES[0],
+                metric: str = "test/f1_macro") -> dict[str, list[tuple[float, dict]]]:
+    """{arm: [(real fraction, the paired gain's stats over `reference`)]} of the study's rows (`study_gains`)."""
+    curves: dict[str, list[tuple[float, dict]]] = {}
+    for row in gains:
+        gain = row["gains"].get(reference, {})
+        if "metrics" in gain:
+            curves.setdefault(row["label"], []).append((row["fraction"], gain["metrics"][metric]))
+    return curves
 
 
 def reference_rows(runs: Sequence[RunRecord]) -> list[dict]:
@@ -121,9 +156,9 @@ def bar_references(references: Sequence[dict] = (ORIGINAL_STUDY, ALWAYS_NORMAL))
 
 def main_report(input_dir: str | os.PathLike, output_dir: str | os.PathLike,
                 pairs: Sequence[Sequence[str]] | None = None, bootstrap_samples: int = 2000,
-                split_by_commit: bool = False) -> str:
+                split_by_commit: bool = False, replicate_keys: Sequence[str] = REPLICATE_KEYS) -> str:
     """`pneumo-exp report report.input=DIR [report.output=DIR] [report.pairs=[[A,B],...]]`: writes the report,
     returns table.md's text."""
     paths = write_report(input_dir, output_dir, pairs=pairs, bootstrap_samples=bootstrap_samples,
-                         split_by_commit=split_by_commit)
+                         split_by_commit=split_by_commit, replicate_keys=replicate_keys)
     return paths["table.md"].read_text()

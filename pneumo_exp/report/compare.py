@@ -1,8 +1,11 @@
-"""Paired comparisons of two configurations over the seeds both completed: the Student-t CI over seed-matched
-differences, a paired patient-level bootstrap CI over the test split, and an exact patient-clustered McNemar p per
-seed and over the seeds together. Test images are paired by the sha256 of their bytes (from each run's manifest.csv),
-so runs that read the dataset from another folder still pair; where they tested different images, the comparison
-says so."""
+"""Paired comparisons of two configurations over the runs both completed, paired by seed and, where both arms were
+replicated over the same generators, by generator replicate: the Student-t CI over the replicated units (the
+generator means of the paired differences where two or more generators were trained, else the seeds), then,
+conditional on the trained models, a paired patient-level bootstrap CI over the test split and an exact
+patient-clustered McNemar p per run pair and over them together. Test images are paired by the sha256 of their bytes
+(from each run's manifest.csv), so runs that read the dataset from another folder still pair; where they tested
+different images, the comparison says so. An augmentation study's gains (`study_gains`): each arm against the `none`
+and `duplicate_real` arms of the same real fraction."""
 
 from __future__ import annotations
 
@@ -18,8 +21,23 @@ import numpy as np
 from pneumo_exp.classify.metrics import paired_bootstrap_intervals
 from pneumo_exp.errors import UserError
 from pneumo_exp.labels import CLASSES
-from pneumo_exp.report.collect import COMPLETED, RunRecord, group_runs, newest_per_seed, override_parts, parse_override
-from pneumo_exp.report.statistics import finite, metric_title, sign_flip_p, summarize
+from pneumo_exp.report.collect import (
+    COMPLETED,
+    RunRecord,
+    group_runs,
+    newest_per_unit,
+    override_parts,
+    parse_override,
+)
+from pneumo_exp.report.statistics import (
+    ONE_GENERATOR,
+    finite,
+    metric_title,
+    replicated_summary,
+    replication_text,
+    sign_flip_p,
+    unit_label,
+)
 
 # Pairs of configurations compared when `report.pairs` is not given: (A, B) reports A - B.
 AUGMENTATION_PAIR = ("original_study", "original_no_augmentation")
@@ -27,6 +45,15 @@ DEFAULT_PAIRS = (AUGMENTATION_PAIR, ("linear_probe", "zero_shot"), ("lora", "zer
 PAIR_METRICS = ("test/acc", "test/f1_macro")
 NO_DIFFERENCE = "no difference shown"
 PATIENT_LEVEL, IMAGE_LEVEL = "patient", "image"  # the units McNemar's test takes as independent
+CONDITIONAL = "conditional on the trained models (which test patients were drawn), not on the recipe"
+# The augmentation study (experiment=augment_study/<arm>): the arms every other arm's gain is measured against, the
+# order of its rows, and recipes of the study that are no arm.
+GAIN_REFERENCES = ("none", "duplicate_real")
+GAIN_METRICS = ("test/acc", "test/f1_macro")
+ARM_ORDER = ("none", "duplicate_real", "mix", "filtered", "synthetic_then_real")
+NOT_ARMS = ("judge",)
+
+Units = dict[tuple[str | None, Any], RunRecord]  # {(generator replicate, seed): its newest completed run}
 
 
 def check_pairs(pairs: Any) -> list[tuple[str, str]]:
@@ -204,13 +231,13 @@ def pairing_text(comparison: dict) -> str:
     return text + (f"; in the t CI only, not paired: {unpaired}" if unpaired else "")
 
 
-def verdict(a: str, b: str, over_seeds: tuple[float, float] | None,
+def verdict(a: str, b: str, over_units: tuple[float, float] | None,
             over_patients: tuple[float, float] | None) -> str:
-    """A difference is claimed only with a CI over seeds (2 or more) that excludes 0, and the patient bootstrap's
-    CI, where there is one, excluding 0 on the same side."""
-    if over_seeds is None:
+    """A difference is claimed only with a CI over the replicated units (2 or more seeds, or generators) that
+    excludes 0, and the patient bootstrap's CI, where there is one, excluding 0 on the same side."""
+    if over_units is None:
         return f"{NO_DIFFERENCE} (one seed: no CI over seeds)"
-    intervals = [over_seeds] + ([over_patients] if over_patients is not None else [])
+    intervals = [over_units] + ([over_patients] if over_patients is not None else [])
     if all(low > 0 for low, _ in intervals):
         return f"{a} higher"
     if all(high < 0 for _, high in intervals):
@@ -219,53 +246,95 @@ def verdict(a: str, b: str, over_seeds: tuple[float, float] | None,
 
 
 def compare_pair(a: str, b: str, groups: dict[tuple[str, str], list[RunRecord]], samples: int) -> dict:
-    """a, b, status (compared | missing | ambiguous), reason, seeds, metrics {name: n, difference, t_low, t_high,
-    bootstrap_low, bootstrap_high, verdict}, bootstrap_seeds, pairing (`pairing_summary`), mcnemar {seed: `mcnemar`}
-    and mcnemar_all_seeds (`mcnemar_over_seeds`, None without a paired seed)."""
-    comparison: dict[str, Any] = {"a": a, "b": b, "status": "missing", "reason": "", "seeds": [], "metrics": {},
+    """a, b, status (compared | missing | ambiguous), reason, seeds, units (the paired runs, `unit_label`),
+    generators (those the pair is replicated over), replication (which units the CI is over, then `unmeasured`),
+    unmeasured (the arms whose one generator's variability is not measured), metrics {name: n, level, units,
+    difference, t_low, t_high, bootstrap_low, bootstrap_high, verdict}, bootstrap_seeds (the units bootstrapped),
+    pairing (`pairing_summary`), mcnemar {unit: `mcnemar`} and mcnemar_all_seeds (`mcnemar_over_seeds`, None without
+    a paired unit)."""
+    comparison: dict[str, Any] = {"a": a, "b": b, "status": "missing", "reason": "", "seeds": [], "units": [],
+                                  "generators": [], "replication": "", "unmeasured": [], "metrics": {},
                                   "bootstrap_seeds": [], "pairing": {}, "mcnemar": {}, "mcnemar_all_seeds": None}
     arms = {}
     for name in (a, b):
         selected = select_configuration(name, groups)
         if len(selected) > 1:
             return comparison | {"status": "ambiguous", "reason": f"{name} matches {len(selected)} configurations"}
-        arms[name] = completed_by_seed(groups[selected[0]]) if selected else {}
+        arms[name] = completed_units(groups[selected[0]]) if selected else {}
         if not arms[name]:
             return comparison | {"reason": f"no completed runs of {name}"}
-    seeds = sorted(set(arms[a]) & set(arms[b]))
-    if not seeds:
-        return comparison | {"reason": f"no seed completed in both {a} and {b}"}
-    pairings = {seed: pair_runs(arms[a][seed], arms[b][seed], a, b) for seed in seeds}
-    paired = {seed: pairing for seed, pairing in pairings.items() if not pairing.reason}
-    with_patients = [seed for seed, pairing in paired.items() if pairing.arrays[3] is not None]
-    bootstrap = paired_bootstrap_intervals([paired[seed].arrays for seed in with_patients], samples=samples) \
+    paired_runs = unit_pairs(arms[a], arms[b])
+    if not paired_runs:
+        return comparison | {"reason": unpaired_reason(a, b, arms[a], arms[b])}
+    by_label = {unit_label(unit): runs for unit, runs in paired_runs.items()}
+    pairings = {label: pair_runs(*runs, a, b) for label, runs in by_label.items()}
+    paired = {label: pairing for label, pairing in pairings.items() if not pairing.reason}
+    with_patients = [label for label, pairing in paired.items() if pairing.arrays[3] is not None]
+    bootstrap = paired_bootstrap_intervals([paired[label].arrays for label in with_patients], samples=samples) \
         if with_patients else {}
-    metrics = {metric: metric_difference(a, b, [(arms[a][seed], arms[b][seed]) for seed in seeds], metric,
-                                         bootstrap.get(metric_title(metric), {}).get("ci"))
+    metrics = {metric: metric_difference(a, b, paired_runs, metric, bootstrap.get(metric_title(metric), {}).get("ci"))
                for metric in PAIR_METRICS}
     level = PATIENT_LEVEL if len(with_patients) == len(paired) else IMAGE_LEVEL
-    per_seed = {seed: mcnemar(*pairing.arrays[:3], seed_units(pairing, level)) for seed, pairing in paired.items()}
-    return comparison | {"status": "compared", "seeds": seeds, "metrics": metrics, "bootstrap_seeds": with_patients,
-                         "pairing": pairing_summary(pairings), "mcnemar": per_seed,
-                         "mcnemar_all_seeds": mcnemar_over_seeds(paired, level, per_seed) if paired else None}
+    per_unit = {label: mcnemar(*pairing.arrays[:3], seed_units(pairing, level)) for label, pairing in paired.items()}
+    return comparison | {"status": "compared", "seeds": sorted({seed for _, seed in paired_runs}),
+                         "units": list(by_label), "generators": sorted({g for g, _ in paired_runs if g is not None}),
+                         "replication": pair_replication(arms, paired_runs), "unmeasured": unmeasured(arms),
+                         "metrics": metrics,
+                         "bootstrap_seeds": with_patients, "pairing": pairing_summary(pairings), "mcnemar": per_unit,
+                         "mcnemar_all_seeds": mcnemar_over_seeds(paired, level, per_unit) if paired else None}
 
 
-def completed_by_seed(members: list[RunRecord]) -> dict[int, RunRecord]:
-    completed = newest_per_seed([run for run in members if run.status == COMPLETED])
-    return {run.seed: run for run in completed if run.seed is not None}
+def completed_units(members: list[RunRecord]) -> Units:
+    completed = newest_per_unit([run for run in members if run.status == COMPLETED])
+    return {run.unit: run for run in completed if run.seed is not None}
 
 
-def metric_difference(a: str, b: str, runs: list[tuple[RunRecord, RunRecord]], metric: str,
+def unit_pairs(units_a: Units, units_b: Units) -> dict[tuple[str | None, Any], tuple[RunRecord, RunRecord]]:
+    """The runs of A and B paired by seed, and by generator replicate where both arms were replicated over
+    generators: an arm with one generator (or none) pairs with each generator of the other. Keyed by (the
+    generator the pair is replicated over, None when neither arm has several; seed)."""
+    several_a, several_b = (len({generator for generator, _ in units}) > 1 for units in (units_a, units_b))
+    pairs = {}
+    for (generator_a, seed), run_a in units_a.items():
+        for (generator_b, seed_b), run_b in units_b.items():
+            if seed_b == seed and (generator_a == generator_b or not (several_a and several_b)):
+                generator = generator_a if several_a else generator_b if several_b else None
+                pairs[(generator, seed)] = (run_a, run_b)
+    return dict(sorted(pairs.items(), key=lambda item: (item[0][1], str(item[0][0]))))
+
+
+def unpaired_reason(a: str, b: str, units_a: Units, units_b: Units) -> str:
+    if {seed for _, seed in units_a} & {seed for _, seed in units_b}:
+        return f"{a} and {b} were replicated over different generators: no pair of runs to compare"
+    return f"no seed completed in both {a} and {b}"
+
+
+def unmeasured(arms: dict[str, Units]) -> list[str]:
+    """`<arm> has one generator: its variability is not measured`, for each arm read from one generator."""
+    return [f"{name} has {ONE_GENERATOR}" for name, units in arms.items()
+            if len({generator for generator, _ in units}) == 1 and next(iter(units))[0] is not None]
+
+
+def pair_replication(arms: dict[str, Units], pairs: dict) -> str:
+    """`replication_text` of the paired units, then each arm whose one generator's variability is not measured."""
+    return "; ".join([replication_text(pairs), *unmeasured(arms)])
+
+
+def metric_difference(a: str, b: str, runs: dict[tuple[str | None, Any], tuple[RunRecord, RunRecord]], metric: str,
                       bootstrap: list[float] | None) -> dict:
-    """The seed-matched differences' mean and t CI beside the patient bootstrap's CI, and the verdict."""
-    values = [(run_a.metrics.get(metric), run_b.metrics.get(metric)) for run_a, run_b in runs]
-    differences = summarize(value_a - value_b for value_a, value_b in values
-                            if is_number(value_a) and is_number(value_b))
-    over_seeds = (differences["ci_low"], differences["ci_high"]) if differences["ci_low"] is not None else None
-    return {"n": differences["n"], "difference": differences["mean"],
-            "t_low": differences["ci_low"], "t_high": differences["ci_high"],
+    """The paired differences' mean and t CI over the replicated units (`replicated_summary`) beside the patient
+    bootstrap's CI, and the verdict."""
+    differences = replicated_summary({unit: difference(run_a, run_b, metric) for unit, (run_a, run_b) in runs.items()})
+    over_units = (differences["ci_low"], differences["ci_high"]) if differences["ci_low"] is not None else None
+    return {"n": differences["n"], "level": differences["level"], "units": differences["units"],
+            "difference": differences["mean"], "t_low": differences["ci_low"], "t_high": differences["ci_high"],
             "bootstrap_low": bootstrap[0] if bootstrap else None, "bootstrap_high": bootstrap[1] if bootstrap else None,
-            "verdict": verdict(a, b, over_seeds, tuple(bootstrap) if bootstrap else None)}
+            "verdict": verdict(a, b, over_units, tuple(bootstrap) if bootstrap else None)}
+
+
+def difference(run_a: RunRecord, run_b: RunRecord, metric: str) -> float | None:
+    value_a, value_b = run_a.metrics.get(metric), run_b.metrics.get(metric)
+    return value_a - value_b if is_number(value_a) and is_number(value_b) else None
 
 
 def is_number(value: Any) -> bool:
@@ -281,3 +350,67 @@ def compare_pairs(runs: Iterable[RunRecord], pairs: Sequence[tuple[str, str]] | 
     present = [(a, b) for a, b in DEFAULT_PAIRS
                if select_configuration(a, groups) or select_configuration(b, groups)]
     return [compare_pair(a, b, groups, samples) for a, b in present]
+
+
+# ------------------------------------------------------------------------------------------- augmentation study
+
+def is_study(runs: Iterable[RunRecord]) -> bool:
+    """Runs of the augmentation study (experiment=augment_study/<arm>), or of several real fractions."""
+    runs = list(runs)
+    return any(run.in_study for run in runs) or len({run.train_fraction for run in runs}) > 1
+
+
+def study_gains(runs: Iterable[RunRecord]) -> list[dict]:
+    """One row per configuration (real fraction and arm) in fraction, then arm order: fraction, arm, label (the arm,
+    with its other overrides where two configurations share a fraction and arm), configuration, seeds, generators,
+    replication, metrics {name: `replicated_summary`} and gains {reference arm: {"replication", "metrics"
+    {name: `replicated_summary` of the paired differences}} or {"reason"}}, against each arm of GAIN_REFERENCES at the
+    same fraction."""
+    configurations = {key: units for (_, key), members in group_runs(runs).items()
+                      if (units := completed_units(members)) and first(units).arm not in NOT_ARMS}
+    rows = [gain_row(key, units, configurations) for key, units in configurations.items()]
+    labels = [(row["fraction"], row["arm"]) for row in rows]
+    for row in rows:
+        if labels.count((row["fraction"], row["arm"])) > 1:
+            row["label"] = f"{row['arm']} ({other_overrides(row['configuration']) or row['configuration']})"
+    return sorted(rows, key=lambda row: (row["fraction"], arm_order(row["arm"]), row["label"]))
+
+
+def first(units: Units) -> RunRecord:
+    return next(iter(units.values()))
+
+
+def gain_row(key: str, units: Units, configurations: dict[str, Units]) -> dict:
+    run = first(units)
+    return {"fraction": run.train_fraction, "arm": run.arm, "label": run.arm, "configuration": key,
+            "seeds": sorted({seed for _, seed in units}),
+            "generators": sorted({generator for generator, _ in units if generator is not None}),
+            "replication": replication_text(units),
+            "metrics": {metric: replicated_summary({unit: r.metrics.get(metric) for unit, r in units.items()})
+                        for metric in GAIN_METRICS},
+            "gains": {reference: gain_over(run, units, reference, configurations) for reference in GAIN_REFERENCES
+                      if run.arm != reference}}
+
+
+def gain_over(run: RunRecord, units: Units, reference: str, configurations: dict[str, Units]) -> dict:
+    """The paired gain over the `reference` arm of the same real fraction, or the reason there is none."""
+    matching = [other for other in configurations.values()
+                if first(other).arm == reference and first(other).train_fraction == run.train_fraction]
+    if len(matching) != 1:
+        return {"reason": f"{len(matching) or 'no'} {reference} configurations at fraction {run.train_fraction:g}"}
+    pairs = unit_pairs(units, matching[0])
+    if not pairs:
+        return {"reason": unpaired_reason(run.arm, reference, units, matching[0])}
+    return {"replication": pair_replication({run.arm: units, reference: matching[0]}, pairs),
+            "metrics": {metric: replicated_summary({unit: difference(a, b, metric) for unit, (a, b) in pairs.items()})
+                        for metric in GAIN_METRICS}}
+
+
+def other_overrides(key: str) -> str:
+    """A configuration's overrides but the arm and the real fraction."""
+    return ",".join(part for part in override_parts(key)
+                    if not part.startswith(("experiment=", "dataset.train_fraction=")))
+
+
+def arm_order(arm: str) -> tuple[int, str]:
+    return (ARM_ORDER.index(arm), "") if arm in ARM_ORDER else (len(ARM_ORDER), arm)

@@ -1,4 +1,5 @@
-"""Report figures across configurations, rendered to PNG bytes (the caller writes them atomically).
+"""Report figures across configurations, rendered to PNG bytes (the caller writes them atomically): training
+curves, test confusion matrices, metric bars and, for an augmentation study, the gain against the real fraction.
 
 Figures are built with `matplotlib.figure.Figure` and the Agg canvas directly: no pyplot state, no global backend
 switch, nothing left open between calls.
@@ -127,3 +128,46 @@ def bars_figure(stats_by_label: dict[str, dict[str, dict]], labels: list[str], r
     if caption:
         axis.set_title("\n".join(textwrap.wrap(caption, 100)), fontsize=7, loc="left")
     return figure
+
+
+def gain_vs_fraction_png(gains_by_arm: dict[str, list[tuple[float, dict]]], reference: str) -> bytes:
+    drawn = {arm: sorted(((x, stats) for x, stats in points if stats["mean"] is not None), key=lambda p: p[0])
+             for arm, points in gains_by_arm.items()}
+    drawn = {arm: points for arm, points in drawn.items() if points}
+    if not drawn:
+        return nothing_to_show(f"no paired gain over {reference}")
+    return to_png(gain_vs_fraction_figure(drawn, reference))
+
+
+def gain_vs_fraction_figure(gains_by_arm: dict[str, list[tuple[float, dict]]], reference: str) -> Figure:
+    """The paired gain over `reference` against the real fraction (log x axis): one line per arm, its 95 % CI over
+    the replicated units as a shaded band (a bar at a fraction drawn alone); {arm: [(fraction, stats)]}, sorted."""
+    figure = Figure(figsize=(6.4, 4.2))
+    axis = figure.subplots()
+    for index, (arm, points) in enumerate(gains_by_arm.items()):
+        draw_gain_line(axis, arm, points, f"C{index}")
+    axis.axhline(0.0, color="black", linewidth=0.8)
+    axis.set_xscale("log")
+    fractions = sorted({x for points in gains_by_arm.values() for x, _ in points})
+    axis.set_xticks(fractions, [f"{x:g}" for x in fractions])
+    axis.minorticks_off()
+    axis.set_xlabel("real fraction of the training split (dataset.train_fraction)")
+    axis.set_ylabel(f"paired macro-F1 gain over {reference}")
+    axis.set_title("mean, 95 % CI over the replicated units (generator means, or seeds)", fontsize=8)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3, frameon=False)
+    return figure
+
+
+def draw_gain_line(axis, arm: str, points: list[tuple[float, dict]], colour: str) -> None:
+    fractions = np.array([x for x, _ in points])
+    means = np.array([stats["mean"] for _, stats in points])
+    axis.plot(fractions, means, marker="o", markersize=4, color=colour, label=arm)
+    with_ci = [(x, stats) for x, stats in points if stats["ci_low"] is not None]
+    if len(with_ci) > 1:
+        axis.fill_between([x for x, _ in with_ci], [s["ci_low"] for _, s in with_ci],
+                          [s["ci_high"] for _, s in with_ci], color=colour, alpha=0.2, linewidth=0)
+    elif with_ci:
+        x, stats = with_ci[0]
+        below, above = stats["mean"] - stats["ci_low"], stats["ci_high"] - stats["mean"]
+        axis.errorbar([x], [stats["mean"]], yerr=[[below], [above]], color=colour, capsize=3, linewidth=1)

@@ -1,5 +1,7 @@
-"""Statistics over the seeds of each configuration: mean, sample std and the Student-t 95 % CI of the mean; the
-exact sign-flip test behind the paired comparisons' patient-clustered McNemar."""
+"""Statistics over the replicated units of each configuration: mean, sample std and the Student-t 95 % CI of the mean
+over the seeds, or over the generator means where two or more generator replicates were trained (the generator is a
+random factor of a recipe, as the seed is); the exact sign-flip test behind the paired comparisons' patient-clustered
+McNemar."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pneumo_exp.report.collect import (
     UNFINISHED,
     RunRecord,
     group_runs,
-    newest_per_seed,
+    newest_per_unit,
     override_parts,
     shared_overrides,
 )
@@ -24,6 +26,8 @@ from pneumo_exp.report.collect import (
 DEFAULT_METRICS = ("test/acc", "test/recall_macro", "test/f1_macro", "test/auroc_macro", "test/recall_VIRUS")
 EPOCH_METRICS = ("train/acc", "train/f1_macro", "train/recall_macro")
 CURVE_METRICS = ("val/f1_macro", "train/acc")
+SEEDS, GENERATORS = "seeds", "generators"  # the units a CI is over
+ONE_GENERATOR = "one generator: its variability is not measured"
 
 
 def metric_title(metric: str) -> str:
@@ -54,6 +58,41 @@ def summarize(values: Iterable[Any]) -> dict[str, Any]:
         half_width = t_quantile_975(n - 1) * stats["std"] / math.sqrt(n)
         stats["ci_low"], stats["ci_high"] = stats["mean"] - half_width, stats["mean"] + half_width
     return stats
+
+
+def replicated_summary(values_by_unit: dict[tuple[str | None, Any], Any]) -> dict[str, Any]:
+    """`summarize` over the units that were replicated, from {(generator, seed): value}: over the generator means
+    (each the mean over its seeds) where there are two or more generators, else over the seeds. n: the runs with a
+    finite value; level: generators | seeds; units: how many of them the CI is over."""
+    by_generator: dict[str | None, list[float]] = {}
+    for (generator, _), value in values_by_unit.items():
+        by_generator.setdefault(generator, []).extend(finite([value]))
+    by_generator = {generator: values for generator, values in by_generator.items() if values}
+    runs = sum(len(values) for values in by_generator.values())
+    if len(by_generator) >= 2:
+        stats = summarize(float(np.mean(values)) for values in by_generator.values())
+        return stats | {"n": runs, "level": GENERATORS, "units": stats["n"]}
+    stats = summarize(value for values in by_generator.values() for value in values)
+    return stats | {"level": SEEDS, "units": stats["n"]}
+
+
+def replication_text(units: Iterable[tuple[str | None, Any]]) -> str:
+    """Which units were replicated: `3 seeds`; `2 generators × 3 seeds (6 runs): CI over the 2 generator means`;
+    with one generator, that its variability is not measured."""
+    units = list(units)
+    generators = sorted({generator for generator, _ in units}, key=str)
+    seeds = len({seed for _, seed in units})
+    if len(generators) >= 2:
+        return (f"{len(generators)} generators × {seeds} seeds ({len(units)} runs): CI over the {len(generators)} "
+                "generator means")
+    text = f"{seeds} seed{'s' if seeds != 1 else ''}"
+    return f"{text}; {ONE_GENERATOR}" if generators and generators[0] is not None else text
+
+
+def unit_label(unit: tuple[str | None, Any]) -> Any:
+    """A (generator, seed) unit as the tables name it: the seed alone without a generator."""
+    generator, seed = unit
+    return seed if generator is None else f"{generator}/seed={seed}"
 
 
 def sign_flip_p(differences: Iterable[int]) -> float:
@@ -99,7 +138,6 @@ def summed_confusion(runs: Sequence[RunRecord], split: str = "test") -> list[lis
     return np.sum(matrices, axis=0).astype(int).tolist() if matrices else None
 
 
-
 def aggregate(runs: Iterable[RunRecord], metrics: Sequence[str] = DEFAULT_METRICS) -> list[dict]:
     """One dict per configuration, sorted by experiment then overrides (see `summarize_group` for the keys)."""
     groups = group_runs(runs)
@@ -115,30 +153,31 @@ def aggregate(runs: Iterable[RunRecord], metrics: Sequence[str] = DEFAULT_METRIC
     return summaries
 
 
-
 def summarize_group(experiment: str, key: str, label: str, members: list[RunRecord],
                     metrics: Sequence[str]) -> dict:
     """experiment, configuration (the group key), label (for plots), status (completed when a seed completed,
-    else failed or unfinished), n (completed seeds), seeds, failed, unfinished, repeated_seeds, commits (the code
-    versions of the counted seeds), run_dirs,
-    metrics {name: n, mean, std, ci_low, ci_high} over completed seeds,
-    epochs [per-epoch means], confusion_matrix_test (summed over completed seeds)."""
+    else failed or unfinished), n (completed runs: seeds x generator replicates), seeds, generators (the generator
+    replicates, none without a generator), replication (`replication_text`), failed, unfinished, repeated_seeds
+    (the units run more than once, `unit_label`), commits (the code versions of the counted runs), run_dirs,
+    metrics {name: `replicated_summary`} over completed runs,
+    epochs [per-epoch means], confusion_matrix_test (summed over completed runs)."""
     all_completed = [run for run in members if run.status == COMPLETED]
-    completed = newest_per_seed(all_completed)
+    completed = newest_per_unit(all_completed)
     failed = sum(run.status == FAILED for run in members)
     unfinished = sum(run.status == UNFINISHED for run in members)
-    all_seeds = [run.seed for run in all_completed]
-    seeds = [run.seed for run in completed]
+    all_units = [run.unit for run in all_completed if run.seed is not None]
     summary: dict[str, Any] = {
         "experiment": experiment, "configuration": key, "label": label,
         "status": COMPLETED if completed else (FAILED if failed else UNFINISHED),
-        "n": len(completed), "seeds": seeds, "failed": failed, "unfinished": unfinished,
-        "repeated_seeds": sorted({s for s in all_seeds if s is not None and all_seeds.count(s) > 1}),
+        "n": len(completed), "seeds": list(dict.fromkeys(run.seed for run in completed)),
+        "generators": sorted({run.generator for run in completed if run.generator is not None}),
+        "replication": replication_text(run.unit for run in completed), "failed": failed, "unfinished": unfinished,
+        "repeated_seeds": [unit_label(unit) for unit in dict.fromkeys(all_units) if all_units.count(unit) > 1],
         "commits": sorted({run.commit or "unknown" for run in completed}),
         "run_dirs": [str(run.path) for run in members], "metrics": {},
         "epochs": epoch_means(completed, tuple(dict.fromkeys(EPOCH_METRICS + CURVE_METRICS))),
         "confusion_matrix_test": summed_confusion(completed),
     }
     for metric in metrics:
-        summary["metrics"][metric] = summarize(run.metrics.get(metric) for run in completed)
+        summary["metrics"][metric] = replicated_summary({run.unit: run.metrics.get(metric) for run in completed})
     return summary
