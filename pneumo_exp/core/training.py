@@ -1,13 +1,15 @@
-"""What both trainers (classifier, diffusion LoRA) do the same way: the accelerator of a job, the plan of an epoch
-(this process's shard cut into optimizer steps of accumulated micro-batches), one optimizer step and its gradient
-norm, means summed on the device, the progress bar and the non-finite-loss watch. Each trainer keeps its own loss,
-metrics, randomness and checkpoint contents."""
+"""What both trainers (classifier, diffusion LoRA) do the same way: the accelerator of a job and its precision
+(`auto` resolved by the device), the plan of an epoch (this process's shard cut into optimizer steps of accumulated
+micro-batches), the epochs that spend a step budget, one optimizer step and its gradient norm, means summed on the
+device, the progress bar and the non-finite-loss watch. Each trainer keeps its own loss, metrics, randomness and
+checkpoint contents."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -20,15 +22,40 @@ class NonFiniteLossError(UserError, FloatingPointError):
     """The training loss became nan or inf; raised on every rank at once, before any checkpoint of the epoch."""
 
 
+CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # /proc/cpuinfo flags of CPUs that compute bf16 natively
+
+
+def resolve_precision(precision: str, cpu: bool, cpuinfo: str | None = None) -> str:
+    """The mixed precision a job runs at: `auto` is bf16 where the device computes bf16 natively (a CUDA GPU with
+    bf16 units; a CPU with AVX-512 bf16 or AMX, read from `cpuinfo`, by default /proc/cpuinfo), else `no`; any
+    other value is kept. Every process of a job resolves it alike."""
+    if precision != "auto":
+        return getattr(precision, "value", precision)
+    if not cpu and torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "no"
+    return "bf16" if cpu_computes_bf16(read_cpuinfo() if cpuinfo is None else cpuinfo) else "no"
+
+
+def cpu_computes_bf16(cpuinfo: str) -> bool:
+    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags")
+             for flag in line.partition(":")[2].split()}
+    return bool(flags & CPU_BF16_FLAGS)
+
+
+def read_cpuinfo() -> str:
+    path = Path("/proc/cpuinfo")
+    return path.read_text() if path.exists() else ""
+
+
 def fresh_accelerator(precision: str, cpu: bool):
-    """A new Accelerator for this job at its own precision: jobs of one sweep process may ask for different ones,
-    and accelerate keeps one shared state per process, so that state is reset first (the process group of a
-    launched run is kept)."""
+    """A new Accelerator for this job at its own precision (`auto` resolved): jobs of one sweep process may ask for
+    different ones, and accelerate keeps one shared state per process, so that state is reset first (the process
+    group of a launched run is kept)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)  # no public API resets the precision
-    return Accelerator(mixed_precision=precision, cpu=cpu)
+    return Accelerator(mixed_precision=resolve_precision(precision, cpu), cpu=cpu)
 
 
 def shard_of(order: torch.Tensor, process_index: int, num_processes: int) -> torch.Tensor:
@@ -54,6 +81,13 @@ def optimizer_steps_per_epoch(images: int, num_processes: int, batch_size: int, 
     if max_steps:
         batches = min(batches, max_steps * accumulation)
     return math.ceil(batches / accumulation)
+
+
+def budget_epochs(budget: int, steps_per_epoch: int) -> list[int]:
+    """The optimizer steps of each epoch (a pass over the data of `steps_per_epoch` steps) that together make
+    exactly `budget` steps: whole passes, then a partial one where the budget ends mid-pass."""
+    whole, rest = divmod(budget, steps_per_epoch)
+    return [steps_per_epoch] * whole + ([rest] if rest else [])
 
 
 class OptimizerStep(NamedTuple):
