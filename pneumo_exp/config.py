@@ -132,7 +132,9 @@ class DiffusionTrainingConfig:
     precision: str | None = None  # no | bf16 | fp16 (LoRA parameters stay fp32); null: trainer.precision
     seed: int | None = None  # null: the run's top-level seed
     log_every: int = 10  # optimizer steps between loss rows in diffusion/metrics.jsonl (and W&B)
-    validation_every: int = 500  # optimizer steps between validation grids (and one at the end); 0 = none
+    validation_every: int = 500  # optimizer steps between validation grids and losses (and both at the end); 0 =
+    #                              no grids, the validation loss only at the start and the end
+    keep: str = "last"  # last | best_val_loss: the LoRA saved is the last one, or the one of the lowest validation loss
     validation_images_per_class: int | None = None  # null: 4 on a GPU, 1 on the CPU
     validation_inference_steps: int = 20
     validation_guidance_scale: float = 7.5
@@ -363,6 +365,7 @@ class GeneratorStudyConfig:
     reference_run: str | None = None  # the folder of a finished run whose classifier trained on real images only
     generators: list[StudyGenerator] = field(default_factory=list)
     images_per_class: int = 100  # drawn by each generator with the class prompt
+    draws: int = 1  # disjoint draws per generator (draw i with seed + i): means and CIs over draws, paired comparisons
     copy_quantile: float = 0.01  # a likely copy: closer to a training image than this share of validation images
     accuracy_score: bool = True  # the classification accuracy score: two more classifiers per generator
     grid_images: int = 8  # images per row of each arm's samples.png

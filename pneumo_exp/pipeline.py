@@ -244,17 +244,14 @@ def record_loaded_models(cfg: JobConfig, output_dir: Path) -> None:
 
 
 def train_diffusion(cfg: JobConfig, data: PreparedData, output_dir: Path, logger: RunLogger) -> str:
-    """The diffusion LoRA, trained on real training images only, cached at the diffusion resolution."""
-    import torch
-
-    from pneumo_exp.data.cache import open_or_build
-    from pneumo_exp.diffusion.train import TrainingImages, source_image_sides, train_diffusion_lora
-    from pneumo_exp.labels import class_index
+    """The diffusion LoRA, trained on real training images only, cached at the diffusion resolution; the real
+    validation images score its validation loss."""
+    from pneumo_exp.diffusion.train import train_diffusion_lora, training_images
 
     train = real_training_images(data)
-    cache = open_or_build(train, cfg.diffusion_lora.resolution, cfg.paths.cache_dir, progress=is_main_process())
-    images = TrainingImages(torch.from_numpy(cache.pixels[cache.rows_of(train)].copy()),
-                            torch.tensor([class_index(r.label) for r in train]), source_image_sides(train))
+    validation = [r for r in data.split("val") if r.source == "real"]
+    images = training_images(train, validation, cfg.diffusion_lora.resolution, cfg.paths.cache_dir,
+                             progress=is_main_process())
     lora_folder = train_diffusion_lora(cfg, images, output_dir, logger=logger)
     if is_main_process():
         write_training_record(lora_folder, train)

@@ -102,6 +102,7 @@ RULES: list[tuple[str, tuple[Callable[[Any], bool], str]]] = [
     ("diffusion_lora.training.crop_min_side", share(closed_low=False, closed_high=True)),
     ("diffusion_lora.training.log_every", at_least(1)),
     ("diffusion_lora.training.validation_every", at_least(0)),
+    ("diffusion_lora.training.keep", one_of("last", "best_val_loss")),
     ("diffusion_lora.training.validation_images_per_class", at_least(1)),
     ("diffusion_lora.training.validation_inference_steps", at_least(1)),
     ("diffusion_lora.training.validation_guidance_scale", at_least(0)),
@@ -114,6 +115,7 @@ RULES: list[tuple[str, tuple[Callable[[Any], bool], str]]] = [
     ("quality.kid_subset_size", at_least(2)),
     ("quality.kid_subsets", at_least(1)),
     ("generator_study.images_per_class", at_least(1)),
+    ("generator_study.draws", at_least(1)),
     ("generator_study.copy_quantile", share(closed_low=False)),
     ("generator_study.grid_images", at_least(1)),
 ]

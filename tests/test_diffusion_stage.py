@@ -1,6 +1,8 @@
 """The diffusion stage at its edges: the native resolution and the source images' upsampling, latent caching and
-gradient checkpointing that train as the plain loop does, throughput in the history, memory freed after each
-stage, one non-finite-loss stop for every rank, and the quality stage in batches on the classifier's device."""
+gradient checkpointing that train as the plain loop does, throughput in the history, the validation loss (fixed
+noise, lower after training, the LoRA of its lowest value kept on request) and the LoRA's effective scale, memory
+freed after each stage, one non-finite-loss stop for every rank, and the quality stage in batches on the
+classifier's device."""
 
 from __future__ import annotations
 
@@ -37,6 +39,14 @@ def phantom_batch(size: int = 64) -> TrainingImages:
     records = phantom_records(patients_per_class=2, test_patients_per_class=0, images_per_patient=2)
     return TrainingImages(torch.from_numpy(np.stack([load_pixels(r, size) for r in records])),
                           torch.tensor([class_index(r.label) for r in records]))
+
+
+def with_validation(data: TrainingImages, size: int = 64) -> TrainingImages:
+    """`data` with 6 validation images: other phantom patients (another dataset seed) than the training ones."""
+    records = phantom_records(patients_per_class=1, test_patients_per_class=0, images_per_patient=2, seed=1)
+    return dataclasses.replace(data, validation_pixels=torch.from_numpy(np.stack([load_pixels(r, size)
+                                                                                  for r in records])),
+                               validation_labels=torch.tensor([class_index(r.label) for r in records]))
 
 
 def config(output: Path, cache: Path, *overrides: str, **training):
@@ -105,6 +115,77 @@ def test_the_validation_grid_draws_one_image_per_class_on_the_cpu_by_default(mak
     assert (default.validation_images("cpu"), default.validation_images("cuda")) == (1, 4)
     assert DiffusionTrainingConfig(validation_images_per_class=3).validation_images("cpu") == 3
     assert make_cfg().diffusion_lora.training.validation_images_per_class is None
+
+
+# ------------------------------------------------------------------------------------ validation loss
+
+
+@pytest.mark.slow
+def test_the_validation_loss_is_fixed_for_fixed_weights_and_falls_with_training(model_cache, tmp_path):
+    from pneumo_exp.diffusion.stable_diffusion import load_components
+    from pneumo_exp.diffusion.train import encode_prompts, validation_loss, validation_problem
+
+    cfg = config(tmp_path, model_cache, max_train_steps=8, validation_every=4, validation_images_per_class=1,
+                 validation_inference_steps=1, lr=1e-2)
+    components = load_components(pipeline_source(cfg.diffusion_lora, model_cache))
+    data, rows = with_validation(phantom_batch()), RecordedRows()
+    lora = train_diffusion_lora(cfg, data, tmp_path, logger=rows, components=components)
+    logged = {row["diffusion/step"]: row["diffusion/val_loss"] for row in rows if "diffusion/val_loss" in row}
+    assert list(logged) == [0, 4, 8]  # the base model's, then every validation_every steps
+    assert logged[8] < 0.99 * logged[0], logged  # 0.974 at this size
+    problem = validation_problem(components, data.validation_pixels, data.validation_labels, 64, 4, "cpu")
+    states = encode_prompts(components, dict(cfg.diffusion_lora.prompts), "cpu")
+    first, second, one_batch = (validation_loss(components, components.unet, problem, states, batch_size)
+                                for batch_size in (4, 4, 6))
+    assert first == second and one_batch == pytest.approx(first, rel=1e-6)
+    assert first == pytest.approx(logged[8], rel=1e-6)  # a problem built again: the same noise and timesteps
+    info = json.loads((lora / "lora_info.json").read_text())
+    assert (info["r"], info["alpha"], info["scale"], info["lr"]) == (4, 16.0, 4.0, 1e-2)
+    best_step = min(logged, key=logged.get)
+    assert info["kept"] == {"rule": "last", "step": 8}
+    assert info["validation"] == {"images": 6, "last_loss": logged[8], "best_loss": logged[best_step],
+                                  "best_step": best_step}
+
+
+@pytest.mark.slow
+def test_keep_best_val_loss_saves_the_lora_of_the_lowest_logged_validation_loss(model_cache, tmp_path, monkeypatch):
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from safetensors.torch import load_file
+
+    from pneumo_exp.diffusion import train
+    from pneumo_exp.diffusion.lora_files import lora_weights
+
+    scripted, seen = iter([5.0, 3.0, 1.0, 2.0, 4.0]), []  # steps 0 to 4: the lowest at step 2
+
+    def scripted_loss(components, unet, problem, class_states, batch_size):
+        seen.append(lora_weights(unet))
+        return next(scripted)
+
+    monkeypatch.setattr(train, "validation_loss", scripted_loss)
+    cfg = config(tmp_path, model_cache, max_train_steps=4, validation_every=1, validation_images_per_class=1,
+                 validation_inference_steps=1, keep="best_val_loss")
+    rows = RecordedRows()
+    lora = train_diffusion_lora(cfg, with_validation(phantom_batch()), tmp_path, logger=rows)
+    assert [row["diffusion/val_loss"] for row in rows if "diffusion/val_loss" in row] == [5.0, 3.0, 1.0, 2.0, 4.0]
+    assert json.loads((lora / "lora_info.json").read_text())["kept"] == {"rule": "best_val_loss", "step": 2}
+    saved = load_file(lora / "pytorch_lora_weights.safetensors")
+    for step, weights in ((2, seen[2]), (4, seen[4])):
+        expected = {f"unet.{key}": value for key, value in convert_state_dict_to_diffusers(weights).items()}
+        assert saved.keys() == expected.keys()
+        same = all(torch.equal(saved[key], expected[key]) for key in saved)
+        assert same == (step == 2), step
+
+
+def test_keeping_the_best_lora_needs_validation_images_and_a_known_rule(model_cache, tmp_path):
+    from pneumo_exp.validate import SettingError, check_plan
+
+    cfg = config(tmp_path, model_cache, keep="best_val_loss")
+    with pytest.raises(UserError, match="needs validation images") as refused:
+        train_diffusion_lora(cfg, phantom_batch(), tmp_path)
+    assert refused.value.where == "diffusion_lora.training.keep"
+    with pytest.raises(SettingError) as unknown:
+        check_plan(config(tmp_path, model_cache, keep="lowest"))
+    assert unknown.value.where == "diffusion_lora.training.keep"
 
 
 # ---------------------------------------------------------------------------------- speed features
@@ -304,6 +385,8 @@ def test_quality_stage_batches_on_the_device_and_scores_only_the_synthetic_class
     assert seen and max(seen) <= 4
     report = json.loads((output / "quality.json").read_text())
     assert report["synthetic_classes"] == ["NORMAL", "VIRUS"]
+    assert set(report["fidelity"]["arms"]) == {"synthetic", "real_validation"}
+    assert set(report["fidelity"]["images_per_arm"]) == {"NORMAL", "VIRUS"}
     synthetic_arm, real_arm = arms["classifier_synthetic_only"], arms["classifier_real_matched"]
     bacteria = [r for r in real_train if r.label == "BACTERIA"]
     assert bacteria and [r for r in synthetic_arm if r.label == "BACTERIA"] == bacteria

@@ -1,7 +1,9 @@
 """task=generator_study at tiny size on phantom images: it runs end to end with the random tiny preset beside real
 validation images, judged by a classifier trained on real images only under that run's own preprocessing (another
 resolution and intensity step than the study's own dataset settings); steering is measured against the prompted
-class; copies of training images are flagged and held-out images are not; user mistakes are refused by key."""
+class; fidelity is measured with every arm at the same size and says its feature space and preprocessing; copies
+of training images are flagged and held-out images are not; two draws give every number a CI and pair the
+generators; user mistakes are refused by key."""
 
 from __future__ import annotations
 
@@ -56,7 +58,8 @@ def study(tmp_path_factory, model_cache, reference_run) -> Path:
 def test_the_study_measures_every_arm_and_writes_its_tables_and_grids(study):
     result = json.loads((study / "generator_study.json").read_text())
     assert list(result["arms"]) == [STUDY_REAL_ARM, "tiny"]
-    tiny = result["arms"]["tiny"]
+    assert len(result["arms"]["tiny"]["draws"]) == 1 and result["sampling"]["seeds"] == [0]
+    tiny = result["arms"]["tiny"]["draws"][0]
     assert tiny["images"] == {label: 6 for label in CLASSES}
     assert set(tiny["steering"]["per_class"]) == set(CLASSES)
     assert tiny["quality"]["NORMAL"]["fid"] is None and "too few images" in tiny["quality"]["NORMAL"]["fid_note"]
@@ -69,13 +72,62 @@ def test_the_study_measures_every_arm_and_writes_its_tables_and_grids(study):
     assert result["judge"]["resolution"] == 48 and result["judge"]["intensity"] == "equalize"
     assert "quantile" in result["copy_threshold"]["how"]
     markdown = (study / "generator_study.md").read_text()
-    for heading in ("(a) Class steering", "(b) Distance", "(c) Intensity", "(d) Memorisation", "(e) Classification"):
+    for heading in ("(a) Class steering", "(b) Distance", "(c) Intensity", "(d) Memorisation", "(e) Classification",
+                    "(f) Fidelity", "(g) Over the 1 draws"):
         assert heading in markdown
     assert "| tiny | synthetic_only | 18 |" in markdown
     for arm in (STUDY_REAL_ARM, "tiny"):
         with Image.open(study / arm / "samples.png") as grid:
             assert grid.height == 3 * 48
-    assert len(list((study / "tiny" / "synthetic").rglob("*.png"))) == 18
+    assert len(list((study / "tiny" / "draw_0" / "synthetic").rglob("*.png"))) == 18
+
+
+@pytest.mark.slow
+def test_fidelity_compares_every_arm_at_one_size_and_says_what_it_was_measured_in(study):
+    result = json.loads((study / "generator_study.json").read_text())
+    how = result["fidelity"]
+    assert how["images_per_arm"] == {label: 6 for label in CLASSES}  # 6 drawn, 9 validation images per class
+    assert "embedding" in how["feature_space"] and "48 px" in how["preprocessing"]
+    assert "intensity=equalize" in how["preprocessing"]
+    for arm in (result["arms"][STUDY_REAL_ARM], result["arms"]["tiny"]["draws"][0]):
+        overall = arm["fidelity"]["overall"]
+        assert overall["images"] == 18 and set(arm["fidelity"]["per_class"]) == set(CLASSES)
+        assert 0 <= overall["precision"] <= 1 and 0 <= overall["coverage"] <= 1
+        assert overall["c2st_ci_low"] <= overall["c2st_auroc"] <= overall["c2st_ci_high"]
+    real, random_weights = (arm["fidelity"]["overall"]["c2st_auroc"] for arm in (
+        result["arms"][STUDY_REAL_ARM], result["arms"]["tiny"]["draws"][0]))
+    assert random_weights > 0.9 and random_weights > real  # noise from random weights is told from real films
+    markdown = (study / "generator_study.md").read_text()
+    assert f"Feature space: {how['feature_space']}. Preprocessing: {how['preprocessing']}." in markdown
+    assert "| tiny | overall | 18 |" in markdown
+
+
+@pytest.mark.slow
+def test_two_draws_give_every_number_a_ci_and_pair_the_generators(tmp_path, model_cache, reference_run):
+    """Two generators with the same weights: their paired differences are 0 in every draw, so no difference is
+    shown; their draws share no image."""
+    folder = tmp_path / "study"
+    run(study_config(folder, model_cache, reference_run, "generator_study.draws=2",
+                     "generator_study.accuracy_score=false", "generator_study.generators=[{name:tiny},{name:twin}]"))
+    result = json.loads((folder / "generator_study.json").read_text())
+    assert result["sampling"]["seeds"] == [0, 1]
+    tiny = result["arms"]["tiny"]
+    assert [draw["seed"] for draw in tiny["draws"]] == [0, 1]
+    drawn = [{path.read_bytes() for path in (folder / "tiny" / f"draw_{i}" / "synthetic").rglob("*.png")}
+             for i in range(2)]
+    assert len(drawn[0]) == len(drawn[1]) == 18 and not drawn[0] & drawn[1]
+    steering = tiny["over_draws"]["steering.mean"]
+    values = [draw["steering"]["mean"] for draw in tiny["draws"]]
+    assert steering["n"] == 2 and steering["mean"] == pytest.approx(np.mean(values))
+    assert steering["ci_low"] <= steering["mean"] <= steering["ci_high"]
+    assert tiny["over_draws"]["fidelity.overall.c2st_auroc"]["ci_low"] is not None
+    compared = result["comparisons"]["twin - tiny"]["differences"]
+    assert compared["fidelity.overall.precision"] == {"n": 2, "mean": 0.0, "std": 0.0, "ci_low": 0.0, "ci_high": 0.0,
+                                                      "verdict": "no difference shown"}
+    markdown = (folder / "generator_study.md").read_text()
+    assert "(g) Over the 2 draws" in markdown and "(h) Generators compared" in markdown
+    assert "| tiny draw 1 | overall | 18 |" in markdown
+    assert "| twin - tiny | two-sample AUROC | 0 [0, 0] | no difference shown |" in markdown
 
 
 @pytest.mark.slow
@@ -150,6 +202,7 @@ def test_a_judge_that_saw_synthetic_images_or_a_bad_generator_list_is_refused(tm
     (augmented / "manifest.csv").write_text("\n".join([*manifest, manifest[1].replace(",real,", ",synthetic,")]))
     assert "synthetic images too" in str(refused(augmented))
     assert refused(reference_run, "generator_study.generators=[]").where == "generator_study.generators"
+    assert refused(reference_run, "generator_study.draws=0").where == "generator_study.draws"
     assert refused(reference_run, "generator_study.generators=[{name:a},{name:a}]").where == \
         "generator_study.generators[1].name"
     assert refused(reference_run, f"generator_study.generators=[{{name:a,lora:{tmp_path / 'none'}}}]").where == \

@@ -1,6 +1,8 @@
 """task=pretrain_diffusion at tiny size on phantom images: the base learns (its denoising loss on validation images
-falls far below a random-init base's, its VAE reconstructs), plain diffusers loads it and a LoRA trained on it,
-a killed pretraining resumes to the same weights, and a base that is missing or from another split is refused."""
+falls far below a random-init base's, its VAE reconstructs, the validation loss it logs falls from its random start
+and is what the saved base scores), plain diffusers loads it and a LoRA trained on it (which logs its own
+validation loss on the run's validation split), a killed pretraining resumes to the same weights, and a base that is
+missing or from another split is refused."""
 
 from __future__ import annotations
 
@@ -103,6 +105,30 @@ def test_the_pretrained_base_denoises_validation_images_far_better_than_a_random
     assert card["unet"]["loss"]["last_logged"] < 0.7 * card["unet"]["loss"]["first_logged"], card["unet"]
 
 
+def test_the_unet_logs_its_validation_loss_from_random_init_to_the_saved_base(base):
+    from pneumo_exp.core.history import read_json_lines
+    from pneumo_exp.diffusion.pretrain import pretraining_images
+    from pneumo_exp.diffusion.stable_diffusion import load_components
+    from pneumo_exp.diffusion.train import encode_prompts, validation_loss, validation_problem
+
+    folder, cache = base
+    history = read_json_lines(folder.parents[1] / "run" / "pretrain" / "metrics.jsonl")
+    logged = {row["pretrain/unet_step"]: row["pretrain/unet_val_loss"] for row in history
+              if "pretrain/unet_val_loss" in row}
+    assert list(logged) == [0, BASE_STEPS[1]]  # at the start and the end (sample_every=0: no grid between)
+    assert logged[BASE_STEPS[1]] < 0.6 * logged[0], logged
+    images = pretraining_images(prepared_phantom(cache), 32, str(cache), progress=False)
+    card = json.loads((folder / "model_card.json").read_text())
+    assert card["unet"]["validation_loss"]["last_logged"] == logged[BASE_STEPS[1]]
+    assert card["unet"]["validation_images"] == len(images.validation) > 0
+    assert "validation denoising loss" in (folder / "README.md").read_text()
+    components = load_components(str(folder))  # the saved (moving-average) weights, scored on a problem built again
+    problem = validation_problem(components, images.validation, images.validation_labels, 32, 64, "cpu")
+    states = encode_prompts(components, dict(compose(TINY_BASE).diffusion_lora.prompts), "cpu")
+    assert validation_loss(components, components.unet, problem, states, 16) == pytest.approx(
+        logged[BASE_STEPS[1]], rel=1e-5)
+
+
 def test_plain_diffusers_loads_the_base_and_its_card_names_the_training_split(base):
     from diffusers import StableDiffusionPipeline
 
@@ -132,6 +158,8 @@ def test_plain_diffusers_loads_the_base_and_its_card_names_the_training_split(ba
 def test_a_lora_trained_on_the_base_loads_in_plain_diffusers(base, tmp_path):
     from diffusers import StableDiffusionPipeline
 
+    from pneumo_exp.core.history import read_json_lines
+    from pneumo_exp.data import manifest
     from pneumo_exp.pipeline import run
 
     folder, cache = base
@@ -140,6 +168,11 @@ def test_a_lora_trained_on_the_base_loads_in_plain_diffusers(base, tmp_path):
                    "diffusion_lora.training.max_train_steps=3", "diffusion_lora.training.batch_size=4",
                    "diffusion_lora.training.validation_every=0"])
     run(cfg)
+    validation = [r for r in manifest.read_csv(tmp_path / "run" / "manifest.csv") if r.split == "val"]
+    info = json.loads((tmp_path / "run" / "diffusion" / "lora" / "lora_info.json").read_text())
+    assert info["validation"]["images"] == len(validation) > 0  # the run's validation split scores the LoRA
+    assert [row["diffusion/step"] for row in read_json_lines(tmp_path / "run" / "diffusion" / "metrics.jsonl")
+            if "diffusion/val_loss" in row] == [0, 3]
     pipeline = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     pipeline.load_lora_weights(str(tmp_path / "run" / "diffusion" / "lora"))
     image = pipeline("a pediatric chest X-ray, viral pneumonia", num_inference_steps=2, height=32, width=32,

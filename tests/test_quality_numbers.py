@@ -1,6 +1,7 @@
-"""The quality stage reports only numbers it can stand behind: no FID from a singular covariance, a classification
-accuracy score with arms of equal size per class, a reason instead of a crash or an empty entry where the score
-cannot run, and its runs' real best epoch."""
+"""The quality stage reports only numbers it can stand behind: no FID from a singular covariance, fidelity with the
+synthetic and the real validation images cut to one size and its feature space and preprocessing stated, a
+classification accuracy score with arms of equal size per class, a reason instead of a crash or an empty entry
+where the score cannot run, and its runs' real best epoch."""
 
 from __future__ import annotations
 
@@ -41,6 +42,33 @@ def test_fid_from_fewer_images_than_feature_dimensions_is_no_number():
     enough = class_quality(images(40, 0), images(40, 1), pooled_encoder(), FEATURES, image_size=32,
                            kid_subset_size=20)
     assert isinstance(enough["fid"], float) and "fid_note" not in enough
+
+
+def bright_images(count: int, seed: int) -> torch.Tensor:
+    return torch.randint(230, 256, (count, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_fidelity_cuts_both_arms_to_one_size_and_states_what_it_measured_in(make_cfg):
+    cfg = job_config(make_cfg())
+    real = {"NORMAL": images(60, 0), "BACTERIA": images(60, 1), "VIRUS": images(60, 2)}
+    validation = {"NORMAL": images(12, 3), "BACTERIA": images(20, 4), "VIRUS": images(9, 5)}
+    synthetic = {"NORMAL": validation["NORMAL"].clone(), "VIRUS": bright_images(30, 6)}  # BACTERIA: none drawn
+    report = quality_stage.fidelity_report(cfg, real, synthetic, validation, pooled_encoder(), FEATURES)
+    assert report["images_per_arm"] == {"NORMAL": 12, "VIRUS": 9}
+    drawn, held_out = report["arms"]["synthetic"], report["arms"]["real_validation"]
+    assert drawn["per_class"]["NORMAL"] == held_out["per_class"]["NORMAL"]  # the same images, cut alike
+    assert drawn["per_class"]["VIRUS"]["c2st_auroc"] == 1.0 and drawn["per_class"]["VIRUS"]["precision"] == 0.0
+    assert drawn["overall"]["images"] == held_out["overall"]["images"] == 21
+    assert drawn["overall"]["real_images"] == 120  # the training images of the synthetic classes
+    assert f"({FEATURES}-d)" in report["feature_space"]
+    assert f"dataset.resolution={cfg.dataset.resolution} px" in report["preprocessing"]
+    printed = quality_stage.format_quality({"per_class": {}, "fidelity": report})
+    assert report["feature_space"] in printed and report["preprocessing"] in printed
+    assert any(line.startswith("real_validation overall") for line in printed.splitlines())
+    missing = quality_stage.fidelity_report(cfg, real, synthetic, {"BACTERIA": images(5, 7)}, pooled_encoder(),
+                                            FEATURES)
+    assert "no real validation images" in missing["not_run"]
+    assert "fidelity: not run" in quality_stage.format_quality({"per_class": {}, "fidelity": missing})
 
 
 def record(label: str, source: str, index: int) -> Record:

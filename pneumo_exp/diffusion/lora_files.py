@@ -1,5 +1,6 @@
-"""The LoRA stage's files: its resume checkpoint (`checkpoints/last/`: the LoRA tensors and the training state) and
-the final LoRA folder in diffusers format with `lora_info.json`."""
+"""The LoRA stage's files: its resume checkpoint (`checkpoints/last/`: the LoRA tensors, the training state and,
+with `keep=best_val_loss`, the LoRA of the lowest validation loss so far) and the final LoRA folder in diffusers
+format with `lora_info.json`."""
 
 from __future__ import annotations
 
@@ -11,15 +12,23 @@ from pneumo_exp.diffusion.stable_diffusion import LORA_INFO_NAME, LORA_WEIGHT_NA
 
 CHECKPOINT_LORA = "lora.safetensors"
 CHECKPOINT_STATE = "training_state.pt"
+CHECKPOINT_BEST_LORA = "best_lora.safetensors"
 
 
-def save_checkpoint(folder: Path, unet, optimizer, scheduler, progress: dict) -> None:
+def lora_weights(unet) -> dict:
+    """A copy of the UNet's LoRA tensors, fp32 on the CPU (peft's names, as `load_lora_strictly` takes them)."""
     from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().float().contiguous().cpu().clone() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def save_checkpoint(folder: Path, unet, optimizer, scheduler, progress: dict, best_weights: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     def fill(staging: Path) -> None:
-        weights = {k: v.detach().float().contiguous().cpu() for k, v in get_peft_model_state_dict(unet).items()}
-        save_file(weights, staging / CHECKPOINT_LORA)
+        save_file(lora_weights(unet), staging / CHECKPOINT_LORA)
+        if best_weights is not None:
+            save_file(best_weights, staging / CHECKPOINT_BEST_LORA)
         save_state_file(staging / CHECKPOINT_STATE, optimizer, scheduler, progress)
 
     swap_folder(folder, fill)
@@ -31,6 +40,11 @@ def load_checkpoint(folder: Path, unet) -> dict:
     state = load_state_file(folder / CHECKPOINT_STATE)
     load_lora_strictly(unet, weights, str(folder / CHECKPOINT_LORA))
     return state
+
+
+def load_best(folder: Path) -> dict | None:
+    """The LoRA of the lowest validation loss the checkpoint kept, or None."""
+    return read_weights(folder / CHECKPOINT_BEST_LORA) if (folder / CHECKPOINT_BEST_LORA).is_file() else None
 
 
 def save_lora(folder: Path, unet, info: dict) -> Path:

@@ -3,7 +3,10 @@
 The preset's architecture (`diffusion_lora.architecture`) is built with random weights, then trained in two
 phases on the real training images only: the VAE (reconstruction + a small KL term), then the UNet and the text
 encoder together (latent noise prediction conditioned on the class prompts of `diffusion_lora.prompts`, with the
-empty prompt for a share of the examples so that classifier-free guidance works). The result is a diffusers folder
+empty prompt for a share of the examples so that classifier-free guidance works). The UNet phase logs the
+validation denoising loss of the moving-average weights (`pretrain/unet_val_loss`, the LoRA stage's
+`diffusion.train.validation_loss`: real validation images at fixed noise and timesteps, so it compares across steps
+and pretrainings) at its start, with every sample grid and at its end. The result is a diffusers folder
 for the training split (`diffusion/bases.py`: one per split under `diffusion_lora.pretrained`) that
 `StableDiffusionPipeline.from_pretrained(folder)` loads, with a model card (`model_card.json`, `README.md`,
 `samples.png`) and `training_split.json`, the sha256 of every image it saw (`data/provenance.py`).
@@ -44,7 +47,13 @@ from pneumo_exp.diffusion.stable_diffusion import (
     sample,
     to_vae_input,
 )
-from pneumo_exp.diffusion.train import cache_latent_distributions, latent_loss, sample_latents
+from pneumo_exp.diffusion.train import (
+    cache_latent_distributions,
+    latent_loss,
+    sample_latents,
+    validation_loss,
+    validation_problem,
+)
 from pneumo_exp.errors import UserError
 from pneumo_exp.labels import CLASSES
 
@@ -57,10 +66,11 @@ PHASES = ("vae", "unet")
 class PretrainingImages:
     train: torch.Tensor  # uint8 (N, R, R): the real training split
     labels: torch.Tensor  # int64 (N,), indices into CLASSES
-    validation: torch.Tensor  # uint8 (M, R, R): real validation images, for the VAE's reconstruction quality only
+    validation: torch.Tensor  # uint8 (M, R, R): real validation images, scored by the VAE and the validation loss
     fingerprint: str  # content fingerprint of the training split
     class_counts: dict[str, int] = field(default_factory=dict)
     train_records: list[Record] = field(default_factory=list)  # what `train` holds, for the training record
+    validation_labels: torch.Tensor | None = None  # int64 (M,); None: no validation loss
 
 
 # --------------------------------------------------------------------------------------------- state
@@ -287,6 +297,25 @@ def train_unet(components: SDComponents, images: PretrainingImages, diffusion_cf
     tokens = prompt_tokens(components, prompts).to(device)
     model, optimizer = accelerator.prepare(denoiser, optimizer)
     rows = LossRows("unet", settings.unet_steps, settings.log_every, history, logger, accelerator)
+    problem = None
+    if images.validation_labels is not None and len(images.validation_labels):
+        problem = validation_problem(components, images.validation, images.validation_labels,
+                                     images.train.shape[-1], 64, device)
+
+    def log_validation_loss(step: int) -> None:
+        """The validation loss of the moving-average weights (those the base is saved with), as a history row."""
+        if problem is None:
+            return
+        with average.applied(denoiser), accelerator.autocast():
+            loss = validation_loss(components, components.unet, problem, class_states(denoiser, tokens),
+                                   settings.unet_batch_size)
+        row = {"pretrain/unet_step": step, "pretrain/unet_val_loss": loss}
+        history.append(row)
+        if logger is not None:
+            logger.log_metrics(row)
+
+    if start == 0:
+        log_validation_loss(0)
     seconds = progress.get("unet_seconds", 0.0)
     empty_prompt = len(CLASSES)
     bar = tqdm(range(start, settings.unet_steps), desc="pretraining the UNet", unit="step", initial=start,
@@ -311,6 +340,7 @@ def train_unet(components: SDComponents, images: PretrainingImages, diffusion_cf
         if settings.sample_every and done % settings.sample_every == 0 and done < settings.unet_steps:
             with average.applied(denoiser):
                 save_grid(components, diffusion_cfg, samples_dir / f"step_{done:05d}.png", columns=4)
+            log_validation_loss(done)
         if done % settings.checkpoint_every == 0 and done < settings.unet_steps:
             rows.check()
             seconds += time.perf_counter() - window_start
@@ -321,8 +351,19 @@ def train_unet(components: SDComponents, images: PretrainingImages, diffusion_cf
                         "vae_psnr": progress.get("vae_psnr"), "scaling_factor": progress.get("scaling_factor")})
     progress["unet_seconds"] = seconds + time.perf_counter() - window_start
     denoiser.eval().requires_grad_(False)
+    log_validation_loss(settings.unet_steps)
     accelerator.free_memory()
     return average
+
+
+@torch.no_grad()
+def class_states(denoiser: Denoiser, tokens: torch.Tensor) -> torch.Tensor:
+    """(C, L, D) text-encoder states of the class prompts (the empty prompt, last in `tokens`, left out)."""
+    was_training = denoiser.text_encoder.training
+    denoiser.text_encoder.eval()
+    states = denoiser.text_encoder(tokens[:len(CLASSES)], return_dict=False)[0]
+    denoiser.text_encoder.train(was_training)
+    return states
 
 
 def save_grid(components: SDComponents, diffusion_cfg: DiffusionConfig, path: Path, columns: int) -> Path:
@@ -370,6 +411,7 @@ def model_card(cfg: JobConfig, images: PretrainingImages, components: SDComponen
                 "validation_psnr_db": progress.get("vae_psnr"), "validation_images": len(images.validation),
                 "scaling_factor": progress.get("scaling_factor"), "wall_seconds": round(progress["vae_seconds"], 1)},
         "unet": {"steps": settings.unet_steps, "loss": loss_summary(history, "unet"),
+                 "validation_loss": loss_summary(history, "unet_val"), "validation_images": len(images.validation),
                  "wall_seconds": round(progress["unet_seconds"], 1)},
         "pretraining": plain(settings),
         "seed": settings.seed,
@@ -393,7 +435,9 @@ def card_text(card: dict) -> str:
         f"reconstruction PSNR on {vae['validation_images']} validation images {vae['validation_psnr_db']:.2f} dB, "
         f"latent scaling factor {vae['scaling_factor']:.4f}",
         f"- UNet + text encoder: {unet['steps']} steps in {unet['wall_seconds'] / 60:.1f} min, loss "
-        f"{loss_text(unet['loss'])}",
+        f"{loss_text(unet['loss'])}" + (f"; validation denoising loss on {unet['validation_images']} images at fixed "
+                                         f"noise and timesteps {loss_text(unet['validation_loss'])}"
+                                         if unet.get("validation_loss") else ""),
         "", "Prompts: " + "; ".join(f"{label}: \"{prompt}\"" for label, prompt in card["prompts"].items()),
         "", "![samples](samples.png)", ""])
 
@@ -469,7 +513,8 @@ def pretrain_base(cfg: JobConfig, images: PretrainingImages, output_dir: Path, l
 
 
 def pretraining_images(data, resolution: int, cache_dir: str, progress: bool = True) -> PretrainingImages:
-    """The real training split (and validation, for the VAE's reconstruction score) cached at `resolution`."""
+    """The real training split (and validation, for the VAE's reconstruction score and the validation loss) cached at
+    `resolution`."""
     from collections import Counter
 
     from pneumo_exp.data.cache import open_or_build
@@ -484,4 +529,6 @@ def pretraining_images(data, resolution: int, cache_dir: str, progress: bool = T
 
     return PretrainingImages(train=pixels(train), labels=torch.tensor([class_index(r.label) for r in train]),
                              validation=pixels(validation), fingerprint=content_fingerprint(train),
-                             class_counts=dict(sorted(Counter(r.label for r in train).items())), train_records=train)
+                             class_counts=dict(sorted(Counter(r.label for r in train).items())), train_records=train,
+                             validation_labels=torch.tensor([class_index(r.label) for r in validation],
+                                                            dtype=torch.int64))

@@ -6,10 +6,15 @@ precision); per batch: VAE-encode the images (latent sample x scaling factor), a
 let the UNet predict the noise (or v) conditioned on the class prompt, MSE to that target (optionally min-SNR-gamma
 weighted); AdamW, cosine schedule with warm-up, gradient clipping, gradient accumulation with accelerate.
 
-Reads top to bottom: images to model input, LoRA set-up, the loss, validation grids, the loop (checkpoints and the
-saved LoRA are written by `lora_files.py`). Everything lands under `output_dir/diffusion/`: `lora/` (the final LoRA
-in diffusers format + lora_info.json), `checkpoints/last/` (resume state, each epoch), `samples/step_XXXXX.png`
-(fixed-seed validation grids) and `metrics.jsonl` (loss, gradient norm and learning rate every `log_every` steps).
+Validation, on real validation images: a denoising loss at fixed noise and fixed timesteps (the same in every call
+and every run, so it compares across steps and runs; `diffusion/val_loss`) at the start, every `validation_every`
+steps and at the end, and `training.keep=best_val_loss` saves the LoRA of its lowest value instead of the last.
+
+Reads top to bottom: images to model input, LoRA set-up, the loss, the validation loss and grids, the loop
+(checkpoints and the saved LoRA are written by `lora_files.py`). Everything lands under `output_dir/diffusion/`:
+`lora/` (the LoRA in diffusers format + lora_info.json), `checkpoints/last/` (resume state, each epoch),
+`samples/step_XXXXX.png` (fixed-seed validation grids) and `metrics.jsonl` (loss, gradient norm and learning rate
+every `log_every` steps, and the validation loss).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from pneumo_exp.config import DiffusionConfig, DiffusionTrainingConfig, JobConfig, Precision, plain
-from pneumo_exp.core.checkpoint import last_checkpoint, restore_training
+from pneumo_exp.core.checkpoint import last_checkpoint, load_lora_strictly, restore_training
 from pneumo_exp.core.files import atomic_file
 from pneumo_exp.core.history import HistoryFile
 from pneumo_exp.core.seeds import derived_seed, image_seed, seeded_generator
@@ -42,7 +47,8 @@ from pneumo_exp.core.training import (
     shard_of,
 )
 from pneumo_exp.data.augment import resize, to_unit_float
-from pneumo_exp.diffusion.lora_files import load_checkpoint, save_checkpoint, save_lora
+from pneumo_exp.data.manifest import Record
+from pneumo_exp.diffusion.lora_files import load_best, load_checkpoint, lora_weights, save_checkpoint, save_lora
 from pneumo_exp.diffusion.stable_diffusion import (
     WEIGHT_DTYPES,
     SDComponents,
@@ -73,6 +79,25 @@ class TrainingImages:
     pixels: torch.Tensor  # uint8 (N, R, R), training split only
     labels: torch.Tensor  # int64 (N,), indices into CLASSES
     source_sides: list[int | None] | None = None  # shorter side of each original file; None: rendered at any size
+    validation_pixels: torch.Tensor | None = None  # uint8 (M, R, R): real validation images, for the validation loss
+    validation_labels: torch.Tensor | None = None  # int64 (M,)
+
+
+def training_images(train: list[Record], validation: list[Record], resolution: int, cache_dir: str,
+                    progress: bool = True) -> TrainingImages:
+    """The real training records' images (and the validation records', for the validation loss only) cached at
+    `resolution`, each split in its own cache."""
+    from pneumo_exp.data.cache import open_or_build
+    from pneumo_exp.labels import class_index
+
+    def pixels_and_labels(records: list[Record]) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = open_or_build(records, resolution, cache_dir, progress=progress)
+        return (torch.from_numpy(cache.pixels[cache.rows_of(records)].copy()),
+                torch.tensor([class_index(r.label) for r in records], dtype=torch.int64))
+
+    pixels, labels = pixels_and_labels(train)
+    held_out = pixels_and_labels(validation) if validation else (None, None)
+    return TrainingImages(pixels, labels, source_image_sides(train), *held_out)
 
 
 def source_image_sides(records) -> list[int | None]:
@@ -183,13 +208,27 @@ def latent_loss(components: SDComponents, unet, latents: torch.Tensor, encoder_s
     from diffusers.training_utils import compute_snr
 
     scheduler = components.noise_scheduler
-    device, dtype = encoder_states.device, components.vae.dtype
+    device = encoder_states.device
     batch = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(device)
     if noise_offset:
         noise = noise + noise_offset * torch.randn((batch, latents.shape[1], 1, 1), generator=generator,
                                                    dtype=latents.dtype).to(device)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator).to(device)
+    errors = denoising_errors(components, unet, latents, noise, timesteps, encoder_states)
+    if min_snr_gamma is None:
+        return errors.mean()
+    snr = compute_snr(scheduler, timesteps)
+    weights = torch.clamp(snr, max=min_snr_gamma)
+    weights = weights / snr if scheduler.config.prediction_type == "epsilon" else weights / (snr + 1)
+    return (errors * weights).mean()
+
+
+def denoising_errors(components: SDComponents, unet, latents: torch.Tensor, noise: torch.Tensor,
+                     timesteps: torch.Tensor, encoder_states: torch.Tensor) -> torch.Tensor:
+    """(B,) mean squared error of the UNet's prediction of its target (the noise or v) for latents noised with
+    `noise` at `timesteps`."""
+    scheduler = components.noise_scheduler
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
     if scheduler.config.prediction_type == "epsilon":
         target = noise
@@ -199,14 +238,75 @@ def latent_loss(components: SDComponents, unet, latents: torch.Tensor, encoder_s
         raise UserError(f"the scheduler predicts {scheduler.config.prediction_type!r}, which LoRA training does not "
                         "support", where=str(components.source),
                         fix="use a Stable Diffusion pipeline whose scheduler predicts epsilon or v_prediction")
-    prediction = unet(noisy_latents, timesteps, encoder_states.to(dtype), return_dict=False)[0]
-    if min_snr_gamma is None:
-        return F.mse_loss(prediction.float(), target.float(), reduction="mean")
-    snr = compute_snr(scheduler, timesteps)
-    weights = torch.clamp(snr, max=min_snr_gamma)
-    weights = weights / snr if scheduler.config.prediction_type == "epsilon" else weights / (snr + 1)
-    per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_example * weights).mean()
+    prediction = unet(noisy_latents, timesteps, encoder_states.to(components.vae.dtype), return_dict=False)[0]
+    return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+
+# ------------------------------------------------------------------------------------ validation loss
+
+
+VALIDATION_SEED = 0  # the validation latents, noise and timesteps: one draw for every run, so losses compare
+
+
+@dataclass
+class ValidationProblem:
+    """Real validation images as the denoiser is scored on them, drawn once: latents (posterior samples), noise,
+    timesteps spread evenly over the schedule, and the class of each."""
+    latents: torch.Tensor  # (M, C, h, w), on the CPU
+    noise: torch.Tensor
+    timesteps: torch.Tensor  # (M,)
+    labels: torch.Tensor  # (M,) indices into CLASSES
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@torch.no_grad()
+def validation_problem(components: SDComponents, pixels: torch.Tensor, labels: torch.Tensor, resolution: int,
+                       batch_size: int, device) -> ValidationProblem:
+    """uint8 (M, R, R) validation images at `resolution` (no crop), noised from VALIDATION_SEED."""
+    parameters = cache_latent_distributions(components, pixels, resolution, batch_size, device)
+    generator = seeded_generator(VALIDATION_SEED)
+    latents = sample_latents(components, parameters, generator)
+    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
+    total = components.noise_scheduler.config.num_train_timesteps
+    spread = ((torch.arange(len(labels)) + 0.5) * total / len(labels)).long()
+    return ValidationProblem(latents, noise, spread[torch.randperm(len(labels), generator=generator)], labels)
+
+
+@torch.no_grad()
+def validation_loss(components: SDComponents, unet, problem: ValidationProblem, class_states: torch.Tensor,
+                    batch_size: int) -> float:
+    """The mean denoising error (plain MSE: no min-SNR weight, no noise offset) of `unet`, in eval mode, over the
+    problem; class_states: (C, L, D) text-encoder states of the class prompts."""
+    was_training = unet.training
+    unet.eval()
+    device, total = class_states.device, 0.0
+    for rows in torch.arange(len(problem)).split(batch_size):
+        errors = denoising_errors(components, unet, problem.latents[rows].to(device), problem.noise[rows].to(device),
+                                  problem.timesteps[rows].to(device), class_states[problem.labels[rows].to(device)])
+        total += float(errors.sum())
+    unet.train(was_training)
+    return total / len(problem)
+
+
+@dataclass
+class ValidationLosses:
+    """The validation losses logged so far: the last, the lowest and its step, and (with `keep=best_val_loss`) the
+    LoRA of that step."""
+    last: float | None = None
+    best: float = math.inf
+    best_step: int | None = None
+    best_weights: dict[str, torch.Tensor] | None = None
+
+    def record(self, step: int, loss: float, unet, keep_weights: bool) -> None:
+        self.last = loss
+        if loss < self.best:
+            self.best, self.best_step = loss, step
+            self.best_weights = lora_weights(unet) if keep_weights else None
+
+    def progress(self) -> dict:
+        return {"last": self.last, "best": self.best, "best_step": self.best_step}
 
 
 # ------------------------------------------------------------------------------- validation grids
@@ -238,7 +338,7 @@ def train_diffusion_lora(cfg: JobConfig, train_images: TrainingImages, output_di
 
     `train_images`: the training split only. `logger`: gets every metrics row (`log_metrics`) and validation grid
     (`log_images`) on the main process. `components`: already loaded base components to train in place (default:
-    loaded from the configured source); afterwards they hold the trained LoRA, in eval mode. Resumes from
+    loaded from the configured source); afterwards they hold the saved LoRA, in eval mode. Resumes from
     `output_dir/diffusion/checkpoints/last` when `cfg.resume` is true. Whatever the stage loaded (UNet, optimizer,
     accelerator state) is freed when it returns.
     """
@@ -282,6 +382,22 @@ def components_to_train(components: SDComponents | None, source: str, diffusion_
     return components
 
 
+def check_keep(settings: DiffusionTrainingConfig, data: TrainingImages) -> bool:
+    """Whether the LoRA of the lowest validation loss is kept; refused where there are no validation images."""
+    if settings.keep == "best_val_loss" and data.validation_pixels is None:
+        raise UserError("keeping the LoRA of the lowest validation loss needs validation images, and none were given",
+                        where="diffusion_lora.training.keep",
+                        fix="use keep=last, or give the run a validation split (dataset.val_fraction > 0)")
+    return settings.keep == "best_val_loss"
+
+
+def record_lora_settings(logger: RunLogger | None, settings: dict) -> None:
+    """The LoRA's rank, alpha, effective scale and learning rate in the W&B run's config, under `diffusion_lora_run`."""
+    run = getattr(logger, "run", None)  # a RunLogger's W&B run; None without W&B (or for a stand-in logger)
+    if run is not None:
+        run.config.update({"diffusion_lora_run": settings}, allow_val_change=True)
+
+
 def _train(cfg: JobConfig, data: TrainingImages, output_dir: str | os.PathLike, logger: RunLogger | None,
            components: SDComponents | None) -> Path:
     from diffusers.optimization import get_scheduler
@@ -292,18 +408,27 @@ def _train(cfg: JobConfig, data: TrainingImages, output_dir: str | os.PathLike, 
     resolution = int(diffusion_cfg.resolution)
     prompts = plain(diffusion_cfg.prompts)
     check_cached_latents(settings)  # refused before any work by validate.py; here for callers of the trainer
+    keep_best = check_keep(settings, data)
     source = components.source if components is not None else pipeline_source(diffusion_cfg, cfg.paths.cache_dir)
     native = check_resolution(diffusion_cfg, source)
     enlarged = warn_about_upsampling(data, resolution)
     stage_dir = Path(output_dir) / STAGE_DIR
+    spec = diffusion_cfg.lora
+    lora_settings = {"r": int(spec.r), "alpha": float(spec.alpha), "scale": float(spec.alpha) / int(spec.r),
+                     "lr": float(settings.lr)}
 
     precision = settings.precision or Precision(cfg.trainer.precision).value
     accelerator = fresh_accelerator(precision, cfg.trainer.cpu)
+    is_main = accelerator.is_main_process
     components = components_to_train(components, source, diffusion_cfg, settings, seed, WEIGHT_DTYPES[precision],
                                      accelerator.device)
     class_states = encode_prompts(components, prompts, accelerator.device)
     latent_cache = cache_latent_distributions(components, data.pixels, resolution, settings.batch_size,
                                               accelerator.device) if settings.cache_latents else None
+    problem = None
+    if is_main and data.validation_pixels is not None:
+        problem = validation_problem(components, data.validation_pixels, data.validation_labels, resolution,
+                                     settings.batch_size, accelerator.device)
 
     steps_per_epoch = max(1, optimizer_steps_per_epoch(len(data.labels), accelerator.num_processes,
                                                        settings.batch_size, settings.grad_accum_steps))
@@ -316,9 +441,9 @@ def _train(cfg: JobConfig, data: TrainingImages, output_dir: str | os.PathLike, 
     unet, optimizer = accelerator.prepare(components.unet, optimizer)
     raw_unet = accelerator.unwrap_model(unet)
 
-    is_main = accelerator.is_main_process
     if is_main:
         stage_dir.mkdir(parents=True, exist_ok=True)
+        record_lora_settings(logger, lora_settings)
     history = HistoryFile(stage_dir / "metrics.jsonl", enabled=is_main)
 
     def log_row(row: dict) -> None:
@@ -327,24 +452,37 @@ def _train(cfg: JobConfig, data: TrainingImages, output_dir: str | os.PathLike, 
             logger.log_metrics(row)
 
     global_step, start_epoch = 0, 1
+    losses = ValidationLosses()
     checkpoint_dir = last_checkpoint(stage_dir / "checkpoints" / "last")
     if cfg.resume and checkpoint_dir.is_dir():
         state = load_checkpoint(checkpoint_dir, raw_unet)
         restore_training(state, optimizer, scheduler, checkpoint_dir)
         global_step, start_epoch = state["global_step"], state["epoch"] + 1
         history.restart(state["history"])
+        losses = ValidationLosses(**state.get("validation", {}), best_weights=load_best(checkpoint_dir))
         log.info("diffusion LoRA resumed from %s after epoch %d (step %d)", checkpoint_dir, state["epoch"],
                  global_step)
     else:
         history.restart([])
-    log.info("diffusion LoRA: %d images, %s (batch %d x accumulation %d x %d processes), r=%s alpha=%s%s",
-             len(data.labels), step_plan(total_steps, epochs, steps_per_epoch, settings.max_train_steps),
-             settings.batch_size, settings.grad_accum_steps, accelerator.num_processes, diffusion_cfg.lora.r,
-             diffusion_cfg.lora.alpha, ", latents cached" if latent_cache is not None else "")
+    log.info("diffusion LoRA: %d images, %s (batch %d x accumulation %d x %d processes), r=%s alpha=%s (scale %.4g)"
+             "%s", len(data.labels), step_plan(total_steps, epochs, steps_per_epoch, settings.max_train_steps),
+             settings.batch_size, settings.grad_accum_steps, accelerator.num_processes, spec.r, spec.alpha,
+             lora_settings["scale"], ", latents cached" if latent_cache is not None else "")
     validation_images = DiffusionTrainingConfig.validation_images(settings, accelerator.device.type)
 
+    def log_validation_loss() -> None:
+        """On the main process: the validation loss of the LoRA now, logged and offered to `losses`."""
+        if problem is not None:
+            with accelerator.autocast():
+                loss = validation_loss(components, raw_unet, problem, class_states, settings.batch_size)
+            log_row({"diffusion/step": global_step, "diffusion/val_loss": loss})
+            losses.record(global_step, loss, raw_unet, keep_best)
+
     def validate() -> None:
-        if is_main and settings.validation_every > 0:
+        if not is_main:
+            return
+        log_validation_loss()
+        if settings.validation_every > 0:
             path = save_validation_grid(components, raw_unet, settings, prompts, seed, resolution,
                                         stage_dir / "samples" / f"step_{global_step:05d}.png", accelerator,
                                         validation_images)
@@ -365,6 +503,8 @@ def _train(cfg: JobConfig, data: TrainingImages, output_dir: str | os.PathLike, 
     watch = NonFiniteWatch(accelerator.device, "diffusion loss",
                            "diffusion_lora.training.lr, diffusion_lora.training.precision",
                            "lower diffusion_lora.training.lr or use precision bf16 instead of fp16")
+    if is_main and global_step == 0:
+        log_validation_loss()  # the base model's (the LoRA starts as a no-op)
     unet.train()
     for epoch in range(start_epoch, epochs + 1):
         if global_step >= total_steps:
@@ -405,20 +545,27 @@ def _train(cfg: JobConfig, data: TrainingImages, output_dir: str | os.PathLike, 
         accelerator.wait_for_everyone()
         if is_main:
             save_checkpoint(stage_dir / "checkpoints" / "last", raw_unet, optimizer, scheduler,
-                            {"epoch": epoch, "global_step": global_step, "history": history.rows})
+                            {"epoch": epoch, "global_step": global_step, "history": history.rows,
+                             "validation": losses.progress()}, best_weights=losses.best_weights)
 
     accelerator.wait_for_everyone()
     raw_unet.eval()
     lora_folder = stage_dir / "lora"
     if is_main:
-        if settings.validation_every > 0 and global_step % settings.validation_every:
+        if settings.validation_every == 0 or global_step % settings.validation_every:
             validate()
-        spec = diffusion_cfg.lora
+        kept_step = global_step
+        if keep_best and losses.best_weights is not None:
+            load_lora_strictly(raw_unet, losses.best_weights, "the LoRA of the lowest validation loss")
+            kept_step = losses.best_step
         save_lora(lora_folder, raw_unet, {
             "base": source, "resolution": resolution, "native_resolution": native, "upsampling": enlarged,
-            "prompts": prompts, "r": int(spec.r), "alpha": float(spec.alpha), "dropout": float(spec.dropout),
+            "prompts": prompts, **lora_settings, "dropout": float(spec.dropout),
             "target_modules": list(spec.target_modules), "steps": global_step, "images": len(data.labels),
-            "seed": seed, "training": plain(settings)})
+            "seed": seed, "kept": {"rule": settings.keep, "step": kept_step},
+            "validation": None if problem is None else {"images": len(problem), "last_loss": losses.last,
+                                                        "best_loss": losses.best, "best_step": losses.best_step},
+            "training": plain(settings)})
     accelerator.wait_for_everyone()
     accelerator.free_memory()
     return lora_folder

@@ -12,12 +12,18 @@ validation images, the reference arm every study holds (`real_validation`):
 (d) memorisation: the images nearer a real training image than all but `copy_quantile` of the real validation
     images are (the threshold is calibrated on validation-to-training distances in the same space);
 (e) the quality stage's classification accuracy score: the judge's recipe trained on the generator's images alone
-    and on as many real training images, both tested on the real test split.
+    and on as many real training images, both tested on the real test split;
+(f) fidelity as the field measures it (`fidelity.py`), per class and overall, with every arm cut to the same number
+    of images per class: FID and KID, precision, recall, density and coverage (k = 5), and a classifier two-sample
+    test (held-out AUROC of real training against the arm's images, 0.5: indistinguishable).
 
-Every image reaches the judge as its own run's images did: a PNG decoded at the run's `dataset.resolution` with
-its `dataset.intensity` through the image cache, evaluated under the run's precision. Writes `generator_study.json`,
-`generator_study.md`, `<arm>/samples.png`, each generator's images under `<generator>/synthetic/` and the score's
-classifiers under `<generator>/quality/`.
+Each generator draws `generator_study.draws` disjoint sets (draw i with seed + i); every number of a draw gets its
+mean and Student-t CI over the draws, and every pair of generators a paired CI of their difference (draw i of each
+paired, as they share their seeds). Every image reaches the judge as its own run's images did: a PNG decoded at the
+run's `dataset.resolution` with its `dataset.intensity` through the image cache, evaluated under the run's
+precision. Writes `generator_study.json`, `generator_study.md`, `<arm>/samples.png` (a generator's first draw), each
+draw's images under `<generator>/draw_<i>/synthetic/` and its score's classifiers under
+`<generator>/draw_<i>/quality/`.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +47,7 @@ from pneumo_exp.data.cache import open_or_build
 from pneumo_exp.data.manifest import Record, read_csv
 from pneumo_exp.data.prepare import PreparedData
 from pneumo_exp.data.provenance import check_trained_within
+from pneumo_exp.evaluation.fidelity import RealReference, matched_sizes, measured_in, paired_difference, t_interval
 from pneumo_exp.evaluation.quality import encode, feature_quality, nearest_real_distances
 from pneumo_exp.hub import ModelSourceError
 from pneumo_exp.inputs import stored_inputs
@@ -121,6 +129,10 @@ def intensity_statistics(pixels: np.ndarray) -> dict:
             "centre": centre_mean, "border_over_centre": border_mean / centre_mean if centre_mean else None}
 
 
+def class_counts(images: ImageSet) -> dict[str, int]:
+    return {label: int((images.labels == index).sum()) for index, label in enumerate(CLASSES)}
+
+
 def intensity_by_class(images: ImageSet) -> dict:
     return {label: intensity_statistics(images.of_class(index)) for index, label in enumerate(CLASSES)
             if (images.labels == index).any()}
@@ -149,6 +161,10 @@ class Judge:
         self.train_features = self.features(self.train)
         self.validation_nearest = nearest_real_distances(self.train_features, self.features(self.validation))
         self.copy_threshold = float(torch.quantile(self.validation_nearest, cfg.generator_study.copy_quantile))
+        drawn = {label: cfg.generator_study.images_per_class for label in CLASSES}
+        self.fidelity = RealReference(self.train_features, self.train.labels,
+                                      matched_sizes(class_counts(self.validation), drawn), self.num_features,
+                                      cfg.quality.kid_subset_size, cfg.quality.kid_subsets, cfg.seed)
 
     @staticmethod
     def subset(images: ImageSet, split: str) -> ImageSet:
@@ -184,14 +200,23 @@ class Judge:
         return report
 
     def report(self, images: ImageSet) -> dict:
-        """Measures (a) to (d) of one arm."""
+        """Measures (a) to (d) and (f) of one arm."""
         features = self.features(images)
-        return {"images": {label: int((images.labels == index).sum()) for index, label in enumerate(CLASSES)},
+        return {"images": class_counts(images),
                 "steering": steering(self.predictions(images), images.labels),
                 "quality": self.class_quality(features, images.labels),
                 "intensity": intensity_by_class(images),
                 "memorisation": likely_copies(nearest_real_distances(self.train_features, features), images.labels,
-                                              self.copy_threshold)}
+                                              self.copy_threshold),
+                "fidelity": self.fidelity.measure(features, images.labels, self.cfg.seed)}
+
+    def fidelity_note(self) -> dict:
+        recipe = self.reference.recipe
+        return measured_in(f"the judge's unit-norm image embedding ({self.num_features}-d)",
+                           f"each image decoded to grey at the judge's dataset.resolution={recipe.dataset.resolution} "
+                           f"px with its dataset.intensity={recipe.dataset.intensity} (the judge's image cache), "
+                           f"then the judge's own input transform, under precision {recipe.trainer.precision.value}",
+                           self.fidelity.sizes)
 
     def copy_threshold_note(self) -> str:
         quantile = self.cfg.generator_study.copy_quantile
@@ -252,18 +277,31 @@ def named_base(generator: StudyGenerator, key: str) -> Iterator[None]:
         raise ModelSourceError(" ".join(error.what.split()), where=key, fix=error.fix) from None
 
 
-def draw(cfg: JobConfig, generator: StudyGenerator, source: str, folder: Path) -> list[Record]:
+def draw_seeds(cfg: JobConfig) -> list[int]:
+    """The seed of each draw: the generation seed, plus the draw's index (image seeds are hashed from it, so the
+    draws share no image; draw i of every generator starts from the same noise)."""
+    generation = cfg.diffusion_lora.generation
+    seed = int(cfg.seed if generation.seed is None else generation.seed)
+    return [seed + index for index in range(cfg.generator_study.draws)]
+
+
+def draw(cfg: JobConfig, generator: StudyGenerator, source: str, folder: Path, seed: int) -> list[Record]:
     """`images_per_class` images of every class, drawn as the synthesize stage draws them, into folder/synthetic."""
     from pneumo_exp.diffusion.generate import generate_synthetic
 
     preset, settings = cfg.diffusion_lora, cfg.diffusion_lora.generation
-    log.info("generator %s: drawing %d images per class", generator.name, cfg.generator_study.images_per_class)
+    log.info("generator %s: drawing %d images per class with seed %d", generator.name,
+             cfg.generator_study.images_per_class, seed)
     return generate_synthetic(
         source, generator.lora, {label: cfg.generator_study.images_per_class for label in CLASSES},
-        plain(preset.prompts), folder, seed=int(cfg.seed if settings.seed is None else settings.seed),
+        plain(preset.prompts), folder, seed=seed,
         steps=settings.num_inference_steps, guidance=settings.guidance_scale, batch_size=settings.batch_size,
         resolution=int(preset.resolution), device="cpu" if cfg.trainer.cpu else None,
         precision=settings.precision, revision=preset.revision if generator.base is None else None)
+
+
+def draw_folder(output_dir: Path, name: str, index: int) -> Path:
+    return output_dir / name / f"draw_{index}"
 
 
 def accuracy_score(cfg: JobConfig, reference: Reference, synthetic: list[Record], folder: Path) -> dict:
@@ -295,25 +333,69 @@ def run_generator_study(cfg: JobConfig, output_dir: Path) -> str:
 
     reference = load_reference(cfg)
     sources = checked_sources(cfg, reference.data)
-    drawn = {generator.name: draw(cfg, generator, sources[generator.name], output_dir / generator.name)
+    seeds = draw_seeds(cfg)
+    drawn = {generator.name: [draw(cfg, generator, sources[generator.name], draw_folder(output_dir, generator.name, i),
+                                   seed) for i, seed in enumerate(seeds)]
              for generator in cfg.generator_study.generators}
     judge = Judge(cfg, reference)
     arms = {STUDY_REAL_ARM: judge.report(judge.validation)}
     write_grid(judge.validation, cfg.generator_study.grid_images, output_dir / STUDY_REAL_ARM / "samples.png")
-    for name, records in drawn.items():
-        images = image_set(records, reference)
-        arms[name] = judge.report(images)
-        write_grid(images, cfg.generator_study.grid_images, output_dir / name / "samples.png")
+    for name, draws in drawn.items():
+        reports = []
+        for seed, records in zip(seeds, draws):
+            images = image_set(records, reference)
+            reports.append({"seed": seed, **judge.report(images)})
+        arms[name] = {"draws": reports}
+        write_grid(image_set(draws[0], reference), cfg.generator_study.grid_images, output_dir / name / "samples.png")
     study = study_summary(cfg, judge, sources, arms)
     del judge
     reference.classifier = None  # the score's classifiers train next, on the same device
     clear_device_cache(garbage_collection=True)
-    for name, records in drawn.items():
-        arms[name]["accuracy_score"] = accuracy_score(cfg, reference, records, output_dir / name)
+    for name, draws in drawn.items():
+        for index, (report, records) in enumerate(zip(arms[name]["draws"], draws)):
+            report["accuracy_score"] = accuracy_score(cfg, reference, records, draw_folder(output_dir, name, index))
+        arms[name]["over_draws"] = over_draws(arms[name]["draws"])
+    study["comparisons"] = comparisons(arms, [generator.name for generator in cfg.generator_study.generators])
     write_json_atomic(output_dir / "generator_study.json", study)
     markdown = format_study(study)
     write_atomic(output_dir / "generator_study.md", markdown)
     return markdown
+
+
+# ------------------------------------------------------------------------------------------ over draws
+
+
+def numbers(report: dict, prefix: str = "") -> dict[str, float]:
+    """Every number of a draw's report by its dotted path (`fidelity.overall.precision`), its seed left out."""
+    found = {}
+    for key, value in report.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            found.update(numbers(value, path + "."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and path != "seed":
+            found[path] = float(value)
+    return found
+
+
+def over_draws(reports: list[dict]) -> dict[str, dict]:
+    """Every number of the draws: its mean and t CI over them (`fidelity.t_interval`)."""
+    values = [numbers(report) for report in reports]
+    paths = list(dict.fromkeys(path for draw in values for path in draw))
+    return {path: t_interval([draw.get(path) for draw in values]) for path in paths}
+
+
+def comparisons(arms: dict, names: list[str]) -> dict[str, dict]:
+    """Every pair of generators, later minus earlier: per number, the paired t CI of the difference over the
+    draws (draw i of each generator paired) and what it shows."""
+    compared = {}
+    for first, second in combinations(names, 2):
+        values = [[numbers(report) for report in arms[name]["draws"]] for name in (first, second)]
+        paths = [path for path in values[0][0] if path in values[1][0]]
+        compared[f"{second} - {first}"] = {
+            "first": first, "second": second,
+            "differences": {path: paired_difference([draw.get(path) for draw in values[0]],
+                                                    [draw.get(path) for draw in values[1]]) for path in paths}}
+    return compared
 
 
 def judge_not_a_result(reference: Reference) -> list[str]:
@@ -336,7 +418,8 @@ def study_summary(cfg: JobConfig, judge: Judge, sources: dict[str, str], arms: d
         "sampling": {"diffusion_lora": cfg.diffusion_lora.name, "resolution": cfg.diffusion_lora.resolution,
                      "images_per_class": cfg.generator_study.images_per_class,
                      "steps": generation.num_inference_steps, "guidance": generation.guidance_scale,
-                     "seed": cfg.seed if generation.seed is None else generation.seed},
+                     "draws": cfg.generator_study.draws, "seeds": draw_seeds(cfg)},
+        "fidelity": judge.fidelity_note(),
         "generators": {generator.name: {"base": sources[generator.name], "lora": generator.lora}
                        for generator in cfg.generator_study.generators},
         "chance_steering": CHANCE,
@@ -362,28 +445,39 @@ def table(header: list[str], rows: list[list]) -> list[str]:
             *("| " + " | ".join(cell(value) for value in row) + " |" for row in rows), ""]
 
 
+def arm_rows(arms: dict) -> list[tuple[str, dict]]:
+    """Each measured set as a table row names it: the real arm, each generator (`name draw i` with several draws)."""
+    rows = []
+    for name, arm in arms.items():
+        draws = arm.get("draws", [arm])
+        rows += [(name if len(draws) == 1 else f"{name} draw {index}", report) for index, report in enumerate(draws)]
+    return rows
+
+
 def format_study(study: dict) -> str:
     arms, judge = study["arms"], study["judge"]
+    rows = arm_rows(arms)
     lines = ["# Generator study", "",
              f"Judge: the classifier of `{study['reference_run']}` (trained on real images only); every image is "
              f"seen at {judge['resolution']} px, intensity `{judge['intensity']}`, precision `{judge['precision']}`. "
              f"Generators: " + ", ".join(f"`{name}` = {g['base']}" + (f" + LoRA {g['lora']}" if g["lora"] else "")
                                          for name, g in study["generators"].items()) + ".", "",
+             f"Draws per generator: {study['sampling']['draws']} (seeds {study['sampling']['seeds']}).", "",
              *(f"not a result: {reason}" for reason in study.get("not_a_result", ())),
              f"## (a) Class steering: share classified as the prompted class (chance {study['chance_steering']:.3f})",
              ""]
     lines += table(["arm", *CLASSES, "mean"], [[name, *(arm["steering"]["per_class"].get(label) for label in CLASSES),
-                                               arm["steering"]["mean"]] for name, arm in arms.items()])
+                                               arm["steering"]["mean"]] for name, arm in rows])
     lines += ["## (b) Distance to the real training images of the class (judge's embedding)", ""]
     columns = ("synthetic", "fid", "kid_mean", "nn_median", "real_nn_median", "diversity_synthetic_over_real")
     lines += table(["arm", "class", "images", "FID", "KID", "NN median", "train-train NN median", "diversity"],
                    [[name, label, *(row.get(column) for column in columns)]
-                    for name, arm in arms.items() for label, row in arm["quality"].items()])
-    lines += [f"- {name} {label}: FID {row['fid_note']}" for name, arm in arms.items()
+                    for name, arm in rows for label, row in arm["quality"].items()])
+    lines += [f"- {name} {label}: FID {row['fid_note']}" for name, arm in rows
               for label, row in arm["quality"].items() if "fid_note" in row]
     lines += ["", "## (c) Intensity (grey levels 0-255, as the judge sees them)", ""]
     intensity_rows = {"real training": study["training_images"]["intensity"],
-                      **{name: arm["intensity"] for name, arm in arms.items()}}
+                      **{name: arm["intensity"] for name, arm in rows}}
     statistics = ("mean", "contrast", "border", "centre", "border_over_centre")
     lines += table(["images", "class", "mean", "contrast (std)", "border (outer 10 %)", "centre", "border / centre"],
                    [[name, label, *(row[key] for key in statistics)]
@@ -392,22 +486,88 @@ def format_study(study: dict) -> str:
     lines += table(["arm", "likely copies", "images", *CLASSES],
                    [[name, arm["memorisation"]["likely_copies"], arm["memorisation"]["images"],
                      *(arm["memorisation"]["per_class"].get(label) for label in CLASSES)]
-                    for name, arm in arms.items()])
+                    for name, arm in rows])
     lines += ["## (e) Classification accuracy score (the judge's recipe, tested on the real test split)", ""]
-    lines += accuracy_score_lines(arms)
+    lines += accuracy_score_lines(rows)
+    lines += fidelity_lines(study["fidelity"], rows)
+    lines += over_draws_lines(arms)
+    lines += comparison_lines(study.get("comparisons", {}))
     return "\n".join(lines)
 
 
-def accuracy_score_lines(arms: dict) -> list[str]:
-    rows, notes = [], []
-    for name, arm in arms.items():
+def accuracy_score_lines(rows: list[tuple[str, dict]]) -> list[str]:
+    table_rows, notes = [], []
+    for name, arm in rows:
         scores = arm.get("accuracy_score")
         if scores is None:
             continue
         if "not_run" in scores:
             notes.append(f"- {name}: not run ({scores['not_run']})")
             continue
-        rows += [[name, arm_name, row["train_images"], row["test/acc"], row["test/f1_macro"]]
-                 for arm_name, row in scores.items()]
+        table_rows += [[name, arm_name, row["train_images"], row["test/acc"], row["test/f1_macro"]]
+                       for arm_name, row in scores.items()]
     header = ["generator", "trained on", "images", "test acc", "test macro F1"]
-    return (table(header, rows) if rows else []) + notes
+    return (table(header, table_rows) if table_rows else []) + notes
+
+
+FIDELITY_COLUMNS = ("images", "fid", "kid_mean", "precision", "recall", "density", "coverage", "c2st_auroc")
+
+
+def fidelity_lines(how: dict, rows: list[tuple[str, dict]]) -> list[str]:
+    sizes = ", ".join(f"{label} {size}" for label, size in how["images_per_arm"].items())
+    lines = ["", "## (f) Fidelity against the real training images, every arm at the same size", "",
+             f"Feature space: {how['feature_space']}. Preprocessing: {how['preprocessing']}. Images per arm and "
+             f"class: {sizes}; {how['matched']}. Precision, recall, density and coverage with k = {how['neighbours']}. "
+             f"Two-sample test: {how['two_sample_test']}; 0.5: the arm cannot be told from real images.", ""]
+    header = ["arm", "class", "images", "FID", "KID", "precision", "recall", "density", "coverage",
+              "two-sample AUROC", "95 % CI"]
+    body, noted = [], {}
+    for name, arm in rows:
+        for label, row in [*arm["fidelity"]["per_class"].items(), ("overall", arm["fidelity"]["overall"])]:
+            interval = None if row["c2st_ci_low"] is None else f"[{row['c2st_ci_low']:.3f}, {row['c2st_ci_high']:.3f}]"
+            body.append([name, label, *(row[column] for column in FIDELITY_COLUMNS), interval])
+            for note in row.get("notes", ()):
+                noted.setdefault(note, []).append(f"{name} {label}")
+    return lines + table(header, body) + [f"- {note} ({', '.join(where)})" for note, where in noted.items()]
+
+
+HEADLINE = {"steering.mean": "class steering (mean)", "fidelity.overall.fid": "FID (matched, overall)",
+            "fidelity.overall.kid_mean": "KID (matched, overall)", "fidelity.overall.precision": "precision",
+            "fidelity.overall.recall": "recall", "fidelity.overall.density": "density",
+            "fidelity.overall.coverage": "coverage", "fidelity.overall.c2st_auroc": "two-sample AUROC",
+            "memorisation.likely_copies": "likely copies",
+            "accuracy_score.synthetic_only.test/f1_macro": "accuracy score: test macro F1, synthetic only"}
+
+
+def interval_text(summary: dict | None) -> str | None:
+    if summary is None or summary["mean"] is None:
+        return None
+    if summary["ci_low"] is None:
+        return cell(summary["mean"])
+    return f"{cell(summary['mean'])} [{cell(summary['ci_low'])}, {cell(summary['ci_high'])}]"
+
+
+def over_draws_lines(arms: dict) -> list[str]:
+    generators = {name: arm["over_draws"] for name, arm in arms.items() if "over_draws" in arm}
+    if not generators:
+        return []
+    draws = max(len(arm["draws"]) for arm in arms.values() if "draws" in arm)
+    lines = ["", f"## (g) Over the {draws} draws: mean [95 % Student-t CI]", ""]
+    if draws < 2:
+        lines += ["One draw per generator: no interval (generator_study.draws=k, k >= 2, gives one).", ""]
+    body = [[title, *(interval_text(summary.get(path)) for summary in generators.values())]
+            for path, title in HEADLINE.items()]
+    return lines + table(["metric", *generators], body) + ["Every number of a draw, with its interval: "
+                                                          "`over_draws` of each arm in generator_study.json.", ""]
+
+
+def comparison_lines(compared: dict) -> list[str]:
+    if not compared:
+        return []
+    lines = ["## (h) Generators compared, draw i with draw i: paired difference [95 % t CI]", ""]
+    body = [[pair, title, interval_text(result["differences"].get(path)),
+             result["differences"][path]["verdict"] if path in result["differences"] else None]
+            for pair, result in compared.items() for path, title in HEADLINE.items()]
+    return lines + table(["difference", "metric", "mean [CI]", "shows"], body) + [
+        "`shows`: above 0 or below 0 where the CI excludes 0, else no difference shown; every number in "
+        "`comparisons` of generator_study.json.", ""]

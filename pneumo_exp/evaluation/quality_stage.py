@@ -3,6 +3,11 @@ run trained (a chest-X-ray encoder; Inception features say little about radiogra
 nearest-real-neighbour distances that flag likely copies of training images. Writes `quality.json` and
 `synthetic_vs_real.png` (a row of real and a row of synthetic images per class) and logs both to W&B.
 
+Plus fidelity as the field measures it (`fidelity.py`), per class and overall, in the same feature space: the
+synthetic images and, as the reference arm, the run's real validation images, each cut to the same number of
+images per class, against the real training images: FID and KID, precision, recall, density and coverage (k = 5),
+and a classifier two-sample test (held-out AUROC, 0.5: indistinguishable).
+
 Plus the classification accuracy score: the same classifier recipe trained on synthetic images alone and on as
 many real training images per class, both tested on the real test split (validation stays real for both).
 
@@ -27,7 +32,8 @@ from pneumo_exp.core.files import atomic_file, write_json_atomic
 from pneumo_exp.data.cache import open_or_build
 from pneumo_exp.data.manifest import Record
 from pneumo_exp.data.prepare import PreparedData
-from pneumo_exp.evaluation.quality import quality_report
+from pneumo_exp.evaluation.fidelity import RealReference, matched_sizes, measured_in
+from pneumo_exp.evaluation.quality import encode, quality_report
 from pneumo_exp.labels import CLASSES
 
 log = logging.getLogger(__name__)
@@ -50,10 +56,10 @@ class ImageEmbedding(nn.Module):
         return F.normalize(features.float(), dim=-1).cpu()
 
 
-def pixels_by_class(data: PreparedData, source: str, cfg: JobConfig) -> dict[str, np.ndarray]:
-    """The training images of one source per class, from the cache the classifier trained on (same resolution
+def pixels_by_class(data: PreparedData, source: str, cfg: JobConfig, split: str = "train") -> dict[str, np.ndarray]:
+    """The images of one source and split per class, from the cache the classifier trained on (same resolution
     and `dataset.intensity`)."""
-    records = [r for r in data.split("train") if r.source == source]
+    records = [r for r in data.split(split) if r.source == source]
     if not records:
         return {}
     cache = open_or_build(records, cfg.dataset.resolution, cfg.paths.cache_dir, progress=False,
@@ -129,6 +135,37 @@ def classification_accuracy_score(cfg: JobConfig, data: PreparedData, output_dir
     return scores
 
 
+FIDELITY_ARMS = ("synthetic", "real_validation")
+
+
+def fidelity_report(cfg: JobConfig, real: dict, synthetic: dict, validation: dict, encoder: nn.Module,
+                    dimension: int) -> dict:
+    """`fidelity.RealReference.measure` of the synthetic and the real validation images, cut to the same number of
+    images per class, against the real training images of the synthetic classes; {"not_run": reason} without
+    validation images of those classes."""
+    sizes = matched_sizes({label: len(pixels) for label, pixels in synthetic.items()},
+                          {label: len(pixels) for label, pixels in validation.items()})
+    if not sizes:
+        return {"not_run": "no real validation images of the synthetic classes to compare with"}
+
+    def features(by_class: dict) -> tuple[torch.Tensor, np.ndarray]:
+        labels = list(sizes)
+        encoded = [encode(by_class[label], encoder, dimension, cfg.dataset.resolution, cfg.trainer.eval_batch_size)
+                   for label in labels]
+        return torch.cat(encoded), np.concatenate([np.full(len(e), CLASSES.index(label))
+                                                   for label, e in zip(labels, encoded)])
+
+    reference = RealReference(*features(real), sizes, dimension, cfg.quality.kid_subset_size, cfg.quality.kid_subsets,
+                              cfg.seed)
+    arms = {name: reference.measure(*features(images), seed=cfg.seed)
+            for name, images in zip(FIDELITY_ARMS, (synthetic, validation))}
+    how = measured_in(f"the run's classifier's unit-norm image embedding ({dimension}-d)",
+                      f"the run's image cache at dataset.resolution={cfg.dataset.resolution} px with "
+                      f"dataset.intensity={cfg.dataset.intensity}, then the classifier's own input transform, under "
+                      f"trainer.precision={cfg.trainer.precision.value}", sizes)
+    return {**how, "arms": arms}
+
+
 def run_quality(cfg: JobConfig, data: PreparedData, output_dir: Path, logger) -> dict:
     from pneumo_exp.classify.predict import load_trained
     from pneumo_exp.diffusion.stable_diffusion import grid_image
@@ -148,6 +185,8 @@ def run_quality(cfg: JobConfig, data: PreparedData, output_dir: Path, logger) ->
     report = quality_report(real, synthetic, encoder, dimension, image_size=cfg.dataset.resolution, seed=cfg.seed,
                             batch_size=cfg.trainer.eval_batch_size, copy_fraction=cfg.quality.copy_fraction,
                             kid_subset_size=cfg.quality.kid_subset_size, kid_subsets=cfg.quality.kid_subsets)
+    fidelity = fidelity_report(cfg, real, synthetic, pixels_by_class(data, "real", cfg, split="val"), encoder,
+                               dimension)
     del classifier, encoder
     clear_device_cache(garbage_collection=True)
     scores = classification_accuracy_score(cfg, data, output_dir)
@@ -155,7 +194,7 @@ def run_quality(cfg: JobConfig, data: PreparedData, output_dir: Path, logger) ->
                                                     "copy_threshold": f"{cfg.quality.copy_fraction} x median real-real "
                                                                       f"nearest-neighbour distance",
                                                     "synthetic_classes": synthetic_classes(data),
-                                                    "per_class": report,
+                                                    "per_class": report, "fidelity": fidelity,
                                                     "classification_accuracy_score": scores})
     rows = {}
     for label in CLASSES:
@@ -171,7 +210,11 @@ def run_quality(cfg: JobConfig, data: PreparedData, output_dir: Path, logger) ->
     if "not_run" not in scores:
         logger.set_summary({f"quality/cas/{name}/{key}": value for name, row in scores.items()
                             for key, value in row.items()})
-    return {"synthetic_classes": synthetic_classes(data), "per_class": report,
+    logger.set_summary({f"quality/fidelity/{arm}/{label}/{key}": value
+                        for arm, measured in fidelity.get("arms", {}).items()
+                        for label, row in [*measured["per_class"].items(), ("overall", measured["overall"])]
+                        for key, value in row.items() if isinstance(value, (int, float))})
+    return {"synthetic_classes": synthetic_classes(data), "per_class": report, "fidelity": fidelity,
             "classification_accuracy_score": scores}
 
 
@@ -190,6 +233,7 @@ def format_quality(quality: dict) -> str:
         lines.append(f"{label:<10}" + "".join(quality_cell(row.get(c, math.nan)) for c in columns))
     lines += [f"  {label} FID: {row['fid_note']}" for label, row in quality.get("per_class", {}).items()
               if "fid_note" in row]
+    lines += fidelity_lines(quality.get("fidelity"))
     scores = quality.get("classification_accuracy_score", {})
     if "not_run" in scores:
         lines.append(f"classification accuracy score: not run ({scores['not_run']})")
@@ -200,3 +244,27 @@ def format_quality(quality: dict) -> str:
             lines.append(f"  {name:<16}{row['train_images']:>6} images   test acc {row['test/acc']:.4f}   "
                          f"macro F1 {row['test/f1_macro']:.4f}")
     return "\n".join(lines)
+
+
+FIDELITY_COLUMNS = ("images", "fid", "kid_mean", "precision", "recall", "density", "coverage", "c2st_auroc")
+
+
+def fidelity_lines(fidelity: dict | None) -> list[str]:
+    """The fidelity block: what it was measured in, then per arm and class (and overall) its numbers; the
+    two-sample AUROC with its CI."""
+    if not fidelity:
+        return []
+    if "not_run" in fidelity:
+        return [f"fidelity: not run ({fidelity['not_run']})"]
+    sizes = ", ".join(f"{label} {size}" for label, size in fidelity["images_per_arm"].items())
+    lines = [f"fidelity against the real training images: {fidelity['feature_space']}; {fidelity['preprocessing']}; "
+             f"every arm cut to {sizes} images per class; k = {fidelity['neighbours']}",
+             f"{'arm':<16}{'class':<10}" + "".join(f"{c.replace('c2st_auroc', 'two-sample AUROC'):>17}"
+                                                 for c in FIDELITY_COLUMNS) + f"{'95 % CI':>18}"]
+    for arm, measured in fidelity["arms"].items():
+        for label, row in [*measured["per_class"].items(), ("overall", measured["overall"])]:
+            interval = "-" if row["c2st_ci_low"] is None else f"[{row['c2st_ci_low']:.3f}, {row['c2st_ci_high']:.3f}]"
+            lines.append(f"{arm:<16}{label:<10}" + "".join(f"{quality_cell(row.get(c, math.nan)):>17}"
+                                                           for c in FIDELITY_COLUMNS) + f"{interval:>18}")
+            lines += [f"  {arm} {label}: {note}" for note in row.get("notes", ())]
+    return lines
