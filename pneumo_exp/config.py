@@ -270,7 +270,7 @@ class TrainerConfig:
     class_balance: ClassBalance = ClassBalance.weighted_loss
     class_weights_from: ClassWeightsFrom = ClassWeightsFrom.real  # which counts weighted_loss and sampler use
     max_steps: int | None = None  # optimizer-step budget: training ends after it, whatever the image count, and
-    #                               warm-up, cosine schedule and EMA are defined over it (epochs then only cap it)
+    #                               warm-up, cosine schedule and EMA are defined over it (trainer.epochs unused)
     label_smoothing: float = 0.0  # share of each target spread uniformly over the classes; 0 turns it off
     augment: bool = True
     augment_settings: AugmentSettings = field(default_factory=AugmentSettings)  # ranges of the random transforms

@@ -201,7 +201,8 @@ def test_a_nan_pretraining_loss_stops_before_the_next_checkpoint_and_rows_carry_
     with pytest.raises(NonFiniteLossError, match="the unet loss became non-finite at pretraining step 7"):
         pretrain(cfg, rows)
     assert calls[0] == 10  # the watch is read at the row of step 10, before the checkpoint of step 10
-    state = PretrainingState(Path(cfg.diffusion_lora.pretrained), "")
+    (state_folder,) = Path(cfg.diffusion_lora.pretrained).glob("train-*.state")  # the split's base, in progress
+    state = PretrainingState(state_folder.with_suffix(""), "")
     assert (state.progress()["phase"], state.progress()["step"]) == ("unet", 5)
     vae_norms = [row["pretrain/vae_grad_norm"] for row in rows if "pretrain/vae_grad_norm" in row]
     assert len(vae_norms) == 2 and all(np.isfinite(vae_norms)) and min(vae_norms) > 0
