@@ -109,7 +109,7 @@ class Precision(str, Enum):
     no = "no"
     bf16 = "bf16"
     fp16 = "fp16"
-    auto = "auto"  # bf16 where the device computes it natively (a GPU with bf16, a CPU with AVX-512 bf16 or AMX), else no
+    auto = "auto"  # bf16 where the device computes it natively (GPU with bf16, CPU with AVX-512 bf16 or AMX), else no
 
 
 @dataclass
