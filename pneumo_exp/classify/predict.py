@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -36,18 +37,24 @@ def load_trained(run_dir: Path, cache_dir: str):
     return classifier.eval(), run_cfg
 
 
-def evaluation_accelerator(trainer):
+def evaluation_accelerator(trainer, trained_precision: str | None = None):
     """An accelerator at a run's precision and device choice (`trainer.precision`, `trainer.cpu`): a model trained
     and tested under bf16 autocast gives other numbers in fp32, so every later evaluation runs under the same
-    autocast."""
-    return fresh_accelerator(Precision(trainer.precision).value, getattr(trainer, "cpu", False))
+    autocast. `trained_precision`: what the run's `auto` resolved to (its results.json), wherever it is read."""
+    return fresh_accelerator(trained_precision or Precision(trainer.precision).value, getattr(trainer, "cpu", False))
+
+
+def trained_precision(run_dir: Path) -> str | None:
+    """The precision a finished run trained and tested at (results.json), None for runs that predate the record."""
+    results = run_dir / "results.json"
+    return json.loads(results.read_text()).get("precision") if results.is_file() else None
 
 
 def load_as_trained(run_dir: Path, cache_dir: str):
     """The run's classifier with its best weights on the run's device, its config, and the accelerator whose
     autocast (`class_probabilities`) evaluates it as the run's own test did."""
     classifier, run_cfg = load_trained(run_dir, cache_dir)
-    accelerator = evaluation_accelerator(run_cfg.trainer)
+    accelerator = evaluation_accelerator(run_cfg.trainer, trained_precision(run_dir))
     return classifier.to(accelerator.device), run_cfg, accelerator
 
 

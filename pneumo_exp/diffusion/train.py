@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pneumo_exp.config import DiffusionConfig, DiffusionTrainingConfig, JobConfig, Precision, plain
+from pneumo_exp.config import DiffusionConfig, DiffusionTrainingConfig, JobConfig, plain
 from pneumo_exp.core.checkpoint import last_checkpoint, load_lora_strictly, restore_training
 from pneumo_exp.core.files import atomic_file
 from pneumo_exp.core.history import HistoryFile
@@ -44,6 +44,7 @@ from pneumo_exp.core.training import (
     optimizer_steps,
     optimizer_steps_per_epoch,
     progress_bar,
+    resolve_precision,
     shard_of,
 )
 from pneumo_exp.data.augment import resize, to_unit_float
@@ -417,7 +418,7 @@ def _train(cfg: JobConfig, data: TrainingImages, output_dir: str | os.PathLike, 
     lora_settings = {"r": int(spec.r), "alpha": float(spec.alpha), "scale": float(spec.alpha) / int(spec.r),
                      "lr": float(settings.lr)}
 
-    precision = settings.precision or Precision(cfg.trainer.precision).value
+    precision = resolve_precision(settings.precision or cfg.trainer.precision, cfg.trainer.cpu)
     accelerator = fresh_accelerator(precision, cfg.trainer.cpu)
     is_main = accelerator.is_main_process
     components = components_to_train(components, source, diffusion_cfg, settings, seed, WEIGHT_DTYPES[precision],

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from pneumo_exp.config import JobConfig, LoggerMode, StudyGenerator, plain, stored_job_config
+from pneumo_exp.config import JobConfig, LoggerMode, Precision, StudyGenerator, plain, stored_job_config
 from pneumo_exp.core.files import atomic_file, write_atomic, write_json_atomic
 from pneumo_exp.data.augment import to_unit_float
 from pneumo_exp.data.cache import open_or_build
@@ -83,13 +83,16 @@ class ImageSet:
 
 
 def load_reference(cfg: JobConfig) -> Reference:
-    from pneumo_exp.classify.predict import load_as_trained
+    """The judge, its recipe at the precision its run resolved (`trainer.precision=auto`) and trained at."""
+    from pneumo_exp.classify.predict import load_as_trained, trained_precision
 
     run_dir = Path(cfg.generator_study.reference_run)
     classifier, _, accelerator = load_as_trained(run_dir, cfg.paths.cache_dir)
     stored = stored_job_config(OmegaConf.load(run_dir / "config.yaml"))
+    precision = Precision(trained_precision(run_dir) or stored.trainer.precision)
     recipe = replace(stored, paths=cfg.paths, seed=cfg.seed, resume=False,
-                     logger=replace(stored.logger, mode=LoggerMode.disabled))
+                     logger=replace(stored.logger, mode=LoggerMode.disabled),
+                     trainer=replace(stored.trainer, precision=precision))
     return Reference(run_dir, recipe, PreparedData(records=read_csv(run_dir / "manifest.csv")), classifier,
                      accelerator)
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from pneumo_exp.config import JobConfig, LoggerMode
 from pneumo_exp.core.files import atomic_file, write_json_atomic
+from pneumo_exp.core.training import resolve_precision
 from pneumo_exp.data.cache import open_or_build
 from pneumo_exp.data.manifest import Record
 from pneumo_exp.data.prepare import PreparedData
@@ -162,7 +163,7 @@ def fidelity_report(cfg: JobConfig, real: dict, synthetic: dict, validation: dic
     how = measured_in(f"the run's classifier's unit-norm image embedding ({dimension}-d)",
                       f"the run's image cache at dataset.resolution={cfg.dataset.resolution} px with "
                       f"dataset.intensity={cfg.dataset.intensity}, then the classifier's own input transform, under "
-                      f"trainer.precision={cfg.trainer.precision.value}", sizes)
+                      f"trainer.precision={resolve_precision(cfg.trainer.precision, cfg.trainer.cpu)}", sizes)
     return {**how, "arms": arms}
 
 
