@@ -2,17 +2,20 @@
 
 `inputs.json` in the run folder holds, when the job starts: the content fingerprints of the real training,
 validation and test images (bytes and labels, not paths), and the content hash of each model folder it loads, or
-the hub commit of a hub id: the classifier's backbone, the diffusion base, and a LoRA trained by another run. A
+the hub commit of a hub id: the classifier's backbone, the diffusion base, a LoRA trained by another run, and the
+classifier of the run that filters the drawn images (`augmentation.filter.judge_run`). A
 finished job is skipped, a stopped one resumed and seeds are pooled by the report only when these agree: a LoRA
 retrained at the same path, a base pretrained again or an edited image makes another job.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
-from pneumo_exp.config import JobConfig
+from pneumo_exp.config import AugmentationSource, JobConfig
+from pneumo_exp.core.files import sha256_file
 from pneumo_exp.data.manifest import SPLITS
 from pneumo_exp.data.prepare import PreparedData
 from pneumo_exp.data.provenance import content_fingerprint
@@ -32,25 +35,49 @@ def model_fingerprint(source: str, revision: str | None, marker: str) -> str:
     return f"{source}@{described['commit'] or revision or 'main'}"
 
 
+def draws_images(cfg: JobConfig) -> bool:
+    """Whether the synthesize stage draws from the generator: not for `augmentation.source=duplicate_real`, whose
+    arm lists the same stages but repeats real images."""
+    return "synthesize" in cfg.stages and cfg.augmentation.source == AugmentationSource.synthetic
+
+
+def reads_generator(cfg: JobConfig) -> bool:
+    """Whether the job trains or draws from a diffusion base."""
+    return "diffusion" in cfg.stages or draws_images(cfg)
+
+
+def judge_fingerprint(run_dir: Path) -> str:
+    """A classifier run by content: its best weights and what it read (its inputs.json)."""
+    from pneumo_exp.classify.checkpoint import STATE_FILE
+
+    best = run_dir / "checkpoints" / "best"
+    files = sorted(path for path in best.rglob("*") if path.is_file() and path.name != STATE_FILE)
+    lines = [f"{path.relative_to(best).as_posix()}\t{sha256_file(path)}" for path in files]
+    if (run_dir / INPUTS_FILE).is_file():
+        lines.append(f"{INPUTS_FILE}\t{sha256_file(run_dir / INPUTS_FILE)}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:FINGERPRINT_LENGTH]
+
+
 def job_inputs(cfg: JobConfig, data: PreparedData) -> dict[str, str]:
     """The inputs of a training job whose diffusion base is resolved (`diffusion.bases.run_base`)."""
     real = [record for record in data.records if record.source == "real"]
     inputs = {f"images.{split}": content_fingerprint(r for r in real if r.split == split) for split in SPLITS}
-    stages = set(cfg.stages)
-    if "classify" in stages:
+    if "classify" in cfg.stages:
         from pneumo_exp.classify.model import backbone_source
 
         inputs["classifier"] = model_fingerprint(backbone_source(cfg.clip_lora, cfg.paths.cache_dir),
                                                  cfg.clip_lora.revision, "config.json")
-    if stages & {"diffusion", "synthesize"}:
+    if reads_generator(cfg):
         from pneumo_exp.diffusion.stable_diffusion import pipeline_source
 
         inputs["diffusion_base"] = model_fingerprint(pipeline_source(cfg.diffusion_lora, cfg.paths.cache_dir),
                                                      cfg.diffusion_lora.revision, "model_index.json")
-    if "synthesize" in stages and "diffusion" not in stages:
+    if draws_images(cfg) and "diffusion" not in cfg.stages:
         from pneumo_exp.diffusion.stable_diffusion import check_lora_file
 
         inputs["diffusion_lora"] = check_lora_file(cfg.diffusion_lora.trained_lora)[1][:FINGERPRINT_LENGTH]
+    if draws_images(cfg) and cfg.augmentation.filter.judge_run:
+        inputs["judge"] = judge_fingerprint(Path(cfg.augmentation.filter.judge_run))
     return inputs
 
 

@@ -17,13 +17,13 @@ from pathlib import Path
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
-from pneumo_exp.config import JobConfig, job_config
+from pneumo_exp.config import AugmentationSource, JobConfig, job_config
 from pneumo_exp.core.files import write_atomic, write_json_atomic
 from pneumo_exp.data import manifest
 from pneumo_exp.data.prepare import PreparedData, check_splits_filled, prepare_data
 from pneumo_exp.data.provenance import check_trained_within, write_training_record
 from pneumo_exp.errors import UserError
-from pneumo_exp.inputs import INPUTS_FILE, changed_inputs, job_inputs
+from pneumo_exp.inputs import INPUTS_FILE, changed_inputs, draws_images, job_inputs, reads_generator
 from pneumo_exp.rundir import (
     changed_settings,
     is_main_process,
@@ -142,14 +142,21 @@ def start_job(cfg: JobConfig, output_dir: Path) -> None:
 
 def with_checked_generator(cfg: JobConfig, data: PreparedData) -> JobConfig:
     """The job's settings with the diffusion base it draws from resolved (`diffusion.bases.run_base`), refused,
-    like a LoRA from another run, unless trained only on images of this run's training split."""
+    like a LoRA from another run or a filter's judge, unless trained only on images of this run's training split.
+    A job that reads no generator (augmentation.source=duplicate_real without the diffusion stage) is left as it is."""
+    if not reads_generator(cfg):
+        return cfg
     from pneumo_exp.diffusion.bases import run_base
 
     train = real_training_images(data)
     job = replace(cfg, diffusion_lora=run_base(cfg.diffusion_lora, train))
-    if "diffusion" not in cfg.stages:
+    if draws_images(cfg) and "diffusion" not in cfg.stages:
         require_trained_lora(cfg.diffusion_lora.trained_lora)
         check_trained_within(cfg.diffusion_lora.trained_lora, train, "LoRA", "diffusion_lora.trained_lora")
+    if draws_images(cfg) and cfg.augmentation.filter.judge_run:
+        from pneumo_exp.evaluation.filtering import check_judge
+
+        check_judge(Path(cfg.augmentation.filter.judge_run), data)
     return job
 
 
@@ -265,25 +272,51 @@ def require_trained_lora(folder: str) -> None:
                                "experiment=augment_cpu/generator dataset.root=...) and name its diffusion/lora folder")
 
 
+ADDED_IMAGES = {"synthetic": "synthetic training images", "duplicate": "repeated real training images"}
+
+
 def add_synthetic(cfg: JobConfig, data: PreparedData, lora_folder: str, output_dir: Path) -> PreparedData:
-    """Synthetic images join the training split, never validation or test; the manifest is rewritten."""
+    """Added images (synthetic, or repeats of real ones for the count-matched control) join the training split,
+    never validation or test; the manifest is rewritten."""
     from collections import Counter
 
     from accelerate import PartialState
 
-    from pneumo_exp.diffusion.generate import synthesize_for_run
+    from pneumo_exp.diffusion.generate import SYNTHETIC_DIR
 
-    real_counts = Counter(r.label for r in data.split("train") if r.source == "real")
     if is_main_process():  # one process draws; the others read its manifest
-        synthesize_for_run(cfg, lora_folder, dict(real_counts), output_dir)
+        write_added_images(cfg, real_training_images(data), lora_folder, output_dir)
     PartialState().wait_for_everyone()
-    synthetic = manifest.read_csv(output_dir / "synthetic" / "manifest.csv")
-    records = data.records + synthetic
-    manifest.validate(records, where="manifest with synthetic images")
+    added = manifest.read_csv(output_dir / SYNTHETIC_DIR / "manifest.csv")
+    records = data.records + added
+    manifest.validate(records, where="manifest with added images")
+    manifest.check_no_leakage(records, where="manifest with added images")
     manifest.write_csv(records, output_dir / "manifest.csv")
-    if is_main_process() and synthetic:
-        print(f"synthetic training images: {dict(Counter(r.label for r in synthetic))}", flush=True)
+    for source, described in ADDED_IMAGES.items():
+        counts = Counter(r.label for r in added if r.source == source)
+        if is_main_process() and counts:
+            print(f"{described}: {dict(counts)}", flush=True)
     return PreparedData(records=records, skipped=data.skipped, notes=data.notes)
+
+
+def write_added_images(cfg: JobConfig, real_train: list, lora_folder: str, output_dir: Path) -> None:
+    """`output_dir/synthetic/` per `augmentation`: repeats of real images, filtered drawings, or drawings."""
+    from collections import Counter
+
+    if cfg.augmentation.source == AugmentationSource.duplicate_real:
+        from pneumo_exp.diffusion.generate import duplicate_for_run
+
+        duplicate_for_run(cfg, real_train, output_dir)
+        return
+    real_counts = dict(Counter(r.label for r in real_train))
+    if cfg.augmentation.filter.judge_run:
+        from pneumo_exp.evaluation.filtering import filter_for_run
+
+        filter_for_run(cfg, lora_folder, real_counts, output_dir)
+    else:
+        from pneumo_exp.diffusion.generate import synthesize_for_run
+
+        synthesize_for_run(cfg, lora_folder, real_counts, output_dir)
 
 
 def run_name(cfg: JobConfig) -> str:

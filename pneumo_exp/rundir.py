@@ -94,7 +94,7 @@ NOT_READ_BY_TRAINING = ("task", "report", "predict", "generator_study")
 # Where a training job finds what it reads: it is compared by content instead (inputs.json), so a moved copy of the
 # data is the same job and a LoRA retrained at the same path is another.
 INPUT_LOCATIONS = ("dataset.root", "dataset.manifest", "dataset.extract_dir", "clip_lora.pretrained",
-                   "diffusion_lora.pretrained", "diffusion_lora.trained_lora")
+                   "diffusion_lora.pretrained", "diffusion_lora.trained_lora", "augmentation.filter.judge_run")
 
 
 def shapes_result(key: str, neutral: Iterable[str] = RESULT_NEUTRAL_KEYS) -> bool:

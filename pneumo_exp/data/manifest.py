@@ -1,8 +1,10 @@
 """The manifest: one row per image, the only description of a dataset that later stages read.
 
 Columns: path (a file path, or a generator key such as ``phantom:...``), label (a name from ``labels.CLASSES``),
-patient_id, split (train/val/test), source (real/synthetic) and sha256 (of the file's bytes, or of the
-generated pixels).
+patient_id, split (train/val/test), source and sha256 (of the file's bytes, or of the generated pixels). The source
+is real, synthetic (drawn by a generator) or duplicate (a repeat of a real training image, with its path, patient
+and sha256: the count-matched control of `augmentation.source=duplicate_real`); the last two are added images and
+belong to the training split only.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pneumo_exp.errors import UserError
 from pneumo_exp.labels import CLASSES
 
 SPLITS = ("train", "val", "test")
-SOURCES = ("real", "synthetic")
+SOURCES = ("real", "synthetic", "duplicate")
 
 
 @dataclass(frozen=True)
@@ -60,25 +62,30 @@ def _row_problem(record: Record) -> str | None:
         return f"source {record.source!r} not in {SOURCES}"
     if not record.patient_id:
         return "empty patient_id"
-    if record.source == "synthetic" and record.split != "train":
-        return "synthetic images belong to train only"
+    if record.source != "real" and record.split != "train":
+        return f"{record.source} images belong to train only"
     return None
+
+
+def of_a_patient(record: Record) -> bool:
+    """A real image or a repeat of one: its patient and bytes are a real patient's (a synthetic image's are not)."""
+    return record.source != "synthetic"
 
 
 def leaking_patients(records: list[Record]) -> dict[str, list[str]]:
     """Patients found in more than one split, with the splits they are in."""
     splits_of_patient: dict[str, set[str]] = defaultdict(set)
     for record in records:
-        if record.source == "real":
+        if of_a_patient(record):
             splits_of_patient[record.patient_id].add(record.split)
     return {patient: sorted(splits) for patient, splits in splits_of_patient.items() if len(splits) > 1}
 
 
 def images_in_several_splits(records: list[Record]) -> dict[str, list[str]]:
-    """Byte-identical real images (same sha256) found in more than one split, with the splits."""
+    """Byte-identical real images or repeats (same sha256) found in more than one split, with the splits."""
     splits_of_image: dict[str, set[str]] = defaultdict(set)
     for record in records:
-        if record.source == "real" and record.sha256:
+        if of_a_patient(record) and record.sha256:
             splits_of_image[record.sha256].add(record.split)
     return {digest: sorted(splits) for digest, splits in splits_of_image.items() if len(splits) > 1}
 
