@@ -238,7 +238,7 @@ def record_loaded_models(cfg: JobConfig, output_dir: Path) -> None:
     """models.json: the hub commit or local folder hash of each base model the stages loaded."""
     from pneumo_exp.hub import record_model
 
-    if {"diffusion", "synthesize"} & set(cfg.stages):
+    if reads_generator(cfg):
         from pneumo_exp.diffusion.stable_diffusion import pipeline_source
 
         record_model(output_dir, "diffusion", pipeline_source(cfg.diffusion_lora, cfg.paths.cache_dir),

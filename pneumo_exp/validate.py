@@ -138,7 +138,8 @@ def check_plan(cfg: DictConfig) -> None:
     unknown = [stage for stage in cfg.stages if stage not in KNOWN_STAGES]
     if unknown:
         raise SettingError(f"unknown stage(s) {unknown}", where="stages", fix=f"use stages from {list(KNOWN_STAGES)}")
-    if "synthesize" in cfg.stages and "diffusion" not in cfg.stages and not cfg.diffusion_lora.trained_lora:
+    draws = cfg.augmentation.get("source", "synthetic") == "synthetic" and cfg.augmentation.strategy != "none"
+    if draws and "synthesize" in cfg.stages and "diffusion" not in cfg.stages and not cfg.diffusion_lora.trained_lora:
         raise SettingError("synthesize needs a LoRA", where="stages",
                            fix="add the diffusion stage or set diffusion_lora.trained_lora=<folder of a trained LoRA>")
     if "quality" in cfg.stages and "classify" not in cfg.stages:

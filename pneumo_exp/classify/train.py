@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
+import json
 import logging
 import math
 import os
@@ -494,6 +495,10 @@ def release_memory(accelerator) -> None:
         torch.cuda.empty_cache()
 
 
+def read_json_or_none(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def train_and_evaluate(cfg: JobConfig, data: PreparedData, output_dir: str | os.PathLike,
                        logger: RunLogger) -> dict[str, float]:
     output_dir = Path(output_dir)
@@ -532,6 +537,7 @@ def train_and_evaluate(cfg: JobConfig, data: PreparedData, output_dir: str | os.
     results["train_images"] = training_images_by_source(splits["train"].records)
     results["class_weights"] = class_weights_used(splits["train"], cfg.trainer)
     results["optimizer_steps"] = optimizer_steps_run(history)
+    results["synthetic_filter"] = read_json_or_none(output_dir / "synthetic" / "filter.json")  # acceptance per class
     if accelerator.is_main_process:
         write_json_atomic(output_dir / "results.json", results)
         figures = {f"confusion_{name}": confusion_matrix_png(
