@@ -174,7 +174,7 @@ def run_other_task(cfg: JobConfig, output_dir: Path) -> dict[str, float]:
 
         target = Path(cfg.report.output or Path(cfg.report.input) / "report")
         print(main_report(cfg.report.input, target, cfg.report.pairs, cfg.report.bootstrap_samples,
-                          cfg.report.split_by_commit), flush=True)
+                          cfg.report.split_by_commit, cfg.report.replicate_keys), flush=True)
         print(f"report written to {target}", flush=True)
         if is_main_process():
             from pneumo_exp.report.wandb_run import log_report_run
