@@ -69,41 +69,35 @@ augment-cpu: install ## does augmentation help? recipe v3 with/without cxr_small
 	$(BIN)/pneumo-exp report report.input=multirun/augment_cpu/$(STUDY) \
 	  'report.pairs=[[original_study,original_no_augmentation],[ratio_half,original_no_augmentation]]'
 
-# The augmentation study: per real fraction, a base pretrained on that fraction's training images, LoRA replicates on
-# it and the filtered arm's judge; then the arms (the real-only ones per seed, the synthetic ones per seed and LoRA
-# replicate) at a step budget scaled to the fraction (STUDY_STEPS x fraction, at least STUDY_MIN_STEPS); then the
-# report (gains over `none` and `duplicate_real` per fraction, gain_vs_fraction.png). Jobs already finished with the
-# same settings and inputs are skipped, so a stopped study resumes where it stopped.
+# The augmentation study (docs/augmentation-study.md): per real fraction, a base pretrained on that fraction's
+# training images, LoRA replicates on it and the filtered arm's judge; then one grid over fractions x arms x seeds
+# (the synthetic arms also x LoRA replicates) at the recipes' step budget, scaled to the fraction; then the report.
+# Jobs finished with the same settings and inputs are skipped, so a stopped study resumes where it stopped.
 STUDY_REAL_ARMS := augment_study/none,augment_study/duplicate_real
 STUDY_SYNTHETIC_ARMS := augment_study/mix,augment_study/filtered,augment_study/synthetic_then_real
 STUDY_FRACTIONS ?= 0.1,0.25,1.0
 STUDY_LORA_SEEDS ?= 0,1
-STUDY_STEPS ?= 1700
-STUDY_MIN_STEPS ?= 300
 STUDY_DIR ?= multirun/augment_study/$(STUDY)
 STUDY_SIZE ?= dataset=kermany dataset.root=$(DATA)
-STUDY_DEMO_SIZE := dataset=phantom clip_lora=tiny diffusion_lora=phantom_small trainer.batch_size=16 \
-  trainer.ema_decay=0.95 trainer.bootstrap_samples=200 diffusion_lora.pretraining.vae_steps=100 \
-  diffusion_lora.pretraining.unet_steps=300 diffusion_lora.training.validation_every=0
 study_run = $(BIN)/pneumo-exp $(1) $(STUDY_SIZE) paths.study_dir=$(abspath $(STUDY_DIR))
 augment-study: install ## when do synthetic images help? fractions x arms x seeds x LoRA replicates: make augment-study DATA=...
 	set -e; for f in $(subst $(comma), ,$(STUDY_FRACTIONS)); do \
-	  steps=$$(awk "BEGIN { s = int($(STUDY_STEPS) * $$f + 0.5); print (s < $(STUDY_MIN_STEPS) ? $(STUDY_MIN_STEPS) : s) }"); \
-	  fraction="dataset.train_fraction=$$f trainer.max_steps=$$steps"; \
-	  $(call study_run,task=pretrain_diffusion experiment=augment_study/generator $$fraction \
-	    hydra.run.dir=$(STUDY_DIR)/pretrain/fraction=$$f); \
+	  $(call study_run,task=pretrain_diffusion experiment=augment_study/generator dataset.train_fraction=$$f \
+	    hydra.run.dir=$(STUDY_DIR)/pretrain/$$f); \
 	  for lora_seed in $(subst $(comma), ,$(STUDY_LORA_SEEDS)); do \
-	    $(call study_run,experiment=augment_study/generator $$fraction diffusion_lora.training.seed=$$lora_seed); done; \
-	  $(call study_run,experiment=augment_study/judge $$fraction); \
-	  $(call study_run,-m experiment=$(STUDY_REAL_ARMS) seed=$(SEEDS) $$fraction hydra.sweep.dir=$(STUDY_DIR)/grid); \
-	  $(call study_run,-m experiment=$(STUDY_SYNTHETIC_ARMS) seed=$(SEEDS) diffusion_lora.training.seed=$(STUDY_LORA_SEEDS) \
-	    $$fraction hydra.sweep.dir=$(STUDY_DIR)/grid); \
+	    $(call study_run,experiment=augment_study/generator dataset.train_fraction=$$f \
+	      diffusion_lora.training.seed=$$lora_seed); done; \
+	  $(call study_run,experiment=augment_study/judge dataset.train_fraction=$$f); \
 	done
+	$(call study_run,-m experiment=$(STUDY_REAL_ARMS) seed=$(SEEDS) dataset.train_fraction=$(STUDY_FRACTIONS) \
+	  hydra.sweep.dir=$(STUDY_DIR)/grid)
+	$(call study_run,-m experiment=$(STUDY_SYNTHETIC_ARMS) seed=$(SEEDS) dataset.train_fraction=$(STUDY_FRACTIONS) \
+	  diffusion_lora.training.seed=$(STUDY_LORA_SEEDS) hydra.sweep.dir=$(STUDY_DIR)/grid)
 	$(BIN)/pneumo-exp report report.input=$(STUDY_DIR)/grid
 
 augment-study-demo: install ## the same study on phantom data: 2 fractions x 5 arms x 2 seeds (~10 min), then its report
 	$(MAKE) --no-print-directory augment-study STUDY_DIR=multirun/augment_study_demo/$(SWEEP) \
-	  STUDY_SIZE='$(STUDY_DEMO_SIZE)' STUDY_FRACTIONS=0.5,1.0 SEEDS=0,1 STUDY_LORA_SEEDS=0 STUDY_STEPS=80 STUDY_MIN_STEPS=40
+	  STUDY_SIZE=debug=augment_study_demo STUDY_FRACTIONS=0.5,1.0 SEEDS=0,1 STUDY_LORA_SEEDS=0
 
 sweep-demo: install ## LoRA alpha x lr x 3 seeds on phantom data (~2 min), then its report
 	$(BIN)/pneumo-exp -m experiment=sweep/alpha_lr hydra.sweep.dir=multirun/sweep_alpha_lr/$(SWEEP)

@@ -411,6 +411,14 @@ SCHEMAS = {
 }
 
 
+def scaled_steps(full_steps: int, fraction: float, minimum: int) -> int:
+    """`${scaled_steps:full,fraction,minimum}`: a step budget scaled to the real training fraction, at least minimum."""
+    return max(int(minimum), round(int(full_steps) * float(fraction)))
+
+
+OmegaConf.register_new_resolver("scaled_steps", scaled_steps, replace=True)
+
+
 def register_schemas() -> None:
     store = ConfigStore.instance()
     for (group, name), schema in SCHEMAS.items():

@@ -240,13 +240,15 @@ def test_a_base_not_built_yet_names_the_command_that_builds_it(tmp_path, model_c
 
 
 def test_a_folder_holding_a_base_of_other_settings_is_not_overwritten(base, tmp_path):
+    """A base of the old layout (the pipeline right in `pretrained`) stays as it was: the new base goes to its split's
+    own folder beside it."""
     folder, cache = base
     copy = tmp_path / "base"
     shutil.copytree(folder, copy)
-    before = (copy / "model_card.json").read_text()
-    with pytest.raises(UserError, match="other settings"):
-        pretrain(config(tmp_path, cache, "diffusion_lora.pretraining.unet_lr=1e-3"))
-    assert (copy / "model_card.json").read_text() == before
+    before = {path: path.read_bytes() for path in copy.rglob("*") if path.is_file()}
+    built = pretrain(config(tmp_path, cache, "diffusion_lora.pretraining.unet_lr=1e-3", steps=(2, 2)))
+    assert built.parent == copy and (built / "model_index.json").is_file()
+    assert all(path.read_bytes() == content for path, content in before.items())
 
 
 def test_a_killed_pretraining_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, model_cache):

@@ -3,10 +3,10 @@
 A preset whose base this project pretrains (`diffusion_lora.pretraining` set) keeps one base per training split and
 pretraining settings in `<diffusion_lora.pretrained>/train-<content fingerprint of the training images>-<settings>/`,
 so pretraining for another split (another split_seed, val_fraction, train_fraction or limit_per_class) or with other
-steps never shares or replaces the folder that other LoRAs were trained on. A `pretrained` folder that itself holds
-a pipeline (`model_index.json`) is used as it is. Either way a base pretrained by this project must have been
-pretrained only on images of the run's training split (`data/provenance.py`); a hub model or a random-init preset
-was not trained here.
+steps never shares or replaces the folder that other LoRAs were trained on. Where that folder is missing, a
+`pretrained` folder that itself holds a pipeline (`model_index.json`) is used as it is. Either way a base pretrained
+by this project must have been pretrained only on images of the run's training split (`data/provenance.py`); a hub
+model or a random-init preset was not trained here.
 """
 
 from __future__ import annotations
@@ -42,20 +42,19 @@ def settings_key(diffusion_cfg: DiffusionConfig, fingerprint: str) -> str:
 
 
 def split_base_folder(diffusion_cfg: DiffusionConfig, train: list[Record]) -> Path:
-    """Where the preset's base for the training split `train` lies (or is pretrained to)."""
-    given = Path(diffusion_cfg.pretrained)
-    if (given / PIPELINE_MARKER).is_file():
-        return given
+    """Where the preset's base for the training split `train` is pretrained to."""
     fingerprint = content_fingerprint(train)
-    return given / f"train-{fingerprint}-{settings_key(diffusion_cfg, fingerprint)[:8]}"
+    return Path(diffusion_cfg.pretrained) / f"train-{fingerprint}-{settings_key(diffusion_cfg, fingerprint)[:8]}"
 
 
 def require_built_base(diffusion_cfg: DiffusionConfig, train: list[Record]) -> str:
-    folder = split_base_folder(diffusion_cfg, train)
-    if not (folder / PIPELINE_MARKER).is_file():
-        raise UserError(f"the base of diffusion_lora={diffusion_cfg.name} has not been built yet for this training "
-                        "split", where=str(folder), fix=f"build it once with: {build_command(diffusion_cfg)}")
-    return str(folder)
+    """The split's own base, else a base that `pretrained` names itself (checked like any by its record)."""
+    for folder in (split_base_folder(diffusion_cfg, train), Path(diffusion_cfg.pretrained)):
+        if (folder / PIPELINE_MARKER).is_file():
+            return str(folder)
+    raise UserError(f"the base of diffusion_lora={diffusion_cfg.name} has not been built yet for this training "
+                    "split", where=str(split_base_folder(diffusion_cfg, train)),
+                    fix=f"build it once with: {build_command(diffusion_cfg)}")
 
 
 def check_base_provenance(source: str, train: list[Record], key: str, required: bool) -> None:
