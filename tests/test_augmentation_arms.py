@@ -267,3 +267,30 @@ def test_a_judge_that_saw_other_images_is_refused_before_any_work(tmp_path, mode
         arm(tmp_path / "judged_by_synthetic", model_cache, lora, "augmentation=ratio",
             f"augmentation.filter.judge_run={synthetic_judge}")
     assert not (tmp_path / "judged_by_synthetic" / "manifest.csv").exists()
+
+
+class CountingBank:
+    """Image i of a class is the number i; counts the calls that drew images."""
+
+    def __init__(self):
+        self.calls = []
+
+    def images(self, label, stop, start=0):
+        self.calls.append((start, stop))
+        return list(range(start, stop))
+
+
+class EveryTenthJudge:
+    def prompted_probability(self, images):
+        return [1.0 if image % 10 == 9 else 0.0 for image in images]
+
+
+def test_a_low_acceptance_is_judged_in_few_batches_and_keeps_the_first_accepted_images():
+    from pneumo_exp.config import SyntheticFilterConfig
+    from pneumo_exp.evaluation.filtering import accepted_images
+
+    bank = CountingBank()
+    kept, judged = accepted_images(bank, EveryTenthJudge(), "NORMAL", 5,
+                                   SyntheticFilterConfig(judge_run="j", min_probability=0.5, max_draws_factor=20))
+    assert kept == [9, 19, 29, 39, 49] and judged == 50  # the first five accepted; 50 images to find them
+    assert len(bank.calls) <= 4, bank.calls  # not one image at a time

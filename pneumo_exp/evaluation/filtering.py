@@ -92,22 +92,35 @@ class Judge:
 
 def accepted_images(bank: SyntheticBank, judge: Judge, label: str, count: int,
                     settings: SyntheticFilterConfig) -> tuple[list[BankImage], int]:
-    """The class's first `count` bank images that the judge accepts, and how many images it judged to find them."""
+    """The class's first `count` bank images that the judge accepts, and how many bank images it took to find them
+    (up to the last one kept: the acceptance rate's denominator, whatever the batches)."""
     limit = math.floor(settings.max_draws_factor * count)
-    kept: list[BankImage] = []
+    kept: list[tuple[int, BankImage]] = []  # (bank index, image)
     judged = 0
     while len(kept) < count and judged < limit:
-        stop = min(limit, judged + count - len(kept))  # all of them accepted: exactly the count, never more
+        stop = min(limit, judged + next_batch(count - len(kept), len(kept), judged))
         batch = bank.images(label, stop, start=judged)
         probabilities = judge.prompted_probability(batch)
-        kept += [image for image, probability in zip(batch, probabilities) if probability >= settings.min_probability]
+        kept += [(judged + offset, image) for offset, (image, probability) in enumerate(zip(batch, probabilities))
+                 if probability >= settings.min_probability]
         judged = stop
     if len(kept) < count:
         raise SettingError(f"the judge accepted {len(kept)} of the {judged} {label} images drawn, {count - len(kept)} "
                            f"short of the {count} asked", where="augmentation.filter.max_draws_factor",
                            fix="raise it (each class draws at most this many times its count), or lower "
                                "augmentation.filter.min_probability")
-    return kept, judged
+    kept = kept[:count]
+    return [image for _, image in kept], (kept[-1][0] + 1 if kept else 0)
+
+
+def next_batch(missing: int, accepted: int, judged: int) -> int:
+    """How many more images to judge: the missing count at first, then as many as the acceptance seen so far needs
+    (twice as many as judged while none was accepted), so a low acceptance does not draw one image at a time."""
+    if judged == 0:
+        return missing
+    if accepted == 0:
+        return 2 * judged
+    return math.ceil(missing * judged / accepted)
 
 
 def filter_for_run(cfg: JobConfig, lora_folder: str | os.PathLike, real_counts: dict[str, int],
