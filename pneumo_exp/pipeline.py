@@ -102,6 +102,8 @@ def run(composed: DictConfig) -> dict[str, float]:
         start_job(cfg, output_dir)
         return run_other_task(cfg, output_dir)
 
+    if cfg.task == "run" and draws_images(cfg) and "diffusion" not in cfg.stages:
+        require_trained_lora(cfg.diffusion_lora.trained_lora)  # before the data: it needs no images
     data = prepare_data(cfg.dataset, cfg.paths.cache_dir)
     job = cfg
     if cfg.task == "run" and {"diffusion", "synthesize"} & set(cfg.stages):
@@ -151,7 +153,6 @@ def with_checked_generator(cfg: JobConfig, data: PreparedData) -> JobConfig:
     train = real_training_images(data)
     job = replace(cfg, diffusion_lora=run_base(cfg.diffusion_lora, train))
     if draws_images(cfg) and "diffusion" not in cfg.stages:
-        require_trained_lora(cfg.diffusion_lora.trained_lora)
         check_trained_within(cfg.diffusion_lora.trained_lora, train, "LoRA", "diffusion_lora.trained_lora")
     if draws_images(cfg) and cfg.augmentation.filter.judge_run:
         from pneumo_exp.evaluation.filtering import check_judge

@@ -46,7 +46,7 @@ def test_augmented_run_keeps_synthetic_images_in_training_only(make_cfg, demo_ba
                  for line in (folder / name).read_text().splitlines()[1:]}
     assert not evaluated & {row["path"] for row in synthetic}
     results = json.loads((folder / "results.json").read_text())
-    assert results["train_images"] == {"real": len(real_train), "synthetic": len(synthetic)}
+    assert results["train_images"] == {"real": len(real_train), "synthetic": len(synthetic), "duplicate": 0}
     report = json.loads((folder / "quality.json").read_text())
     quality = report["per_class"]
     assert set(quality) == {"NORMAL", "BACTERIA", "VIRUS"}

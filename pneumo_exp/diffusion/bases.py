@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from pneumo_exp.config import DiffusionConfig, plain
 from pneumo_exp.data.manifest import Record
 from pneumo_exp.data.provenance import TRAINING_SPLIT_FILE, check_trained_within, content_fingerprint
 from pneumo_exp.errors import UserError
+
+log = logging.getLogger(__name__)
 
 MODEL_CARD = "model_card.json"  # written by pretraining beside the weights
 PIPELINE_MARKER = "model_index.json"
@@ -48,13 +51,28 @@ def split_base_folder(diffusion_cfg: DiffusionConfig, train: list[Record]) -> Pa
 
 
 def require_built_base(diffusion_cfg: DiffusionConfig, train: list[Record]) -> str:
-    """The split's own base, else a base that `pretrained` names itself (checked like any by its record)."""
-    for folder in (split_base_folder(diffusion_cfg, train), Path(diffusion_cfg.pretrained)):
-        if (folder / PIPELINE_MARKER).is_file():
-            return str(folder)
+    """The split's base: the one of these pretraining settings, else the split's only base (pretrained with other
+    settings: what it is, inputs.json records by content), else a base that `pretrained` names itself (checked like
+    any by its record)."""
+    exact = split_base_folder(diffusion_cfg, train)
+    if (exact / PIPELINE_MARKER).is_file():
+        return str(exact)
+    given = Path(diffusion_cfg.pretrained)
+    others = sorted(folder for folder in given.glob(f"train-{content_fingerprint(train)}-*")
+                    if (folder / PIPELINE_MARKER).is_file())
+    if len(others) == 1:
+        log.info("the base of this training split in %s was pretrained with other settings than "
+                 "diffusion_lora.pretraining: it is used as it is", others[0])
+        return str(others[0])
+    if len(others) > 1:
+        raise UserError(f"{len(others)} bases of this training split were pretrained with other settings than "
+                        "diffusion_lora.pretraining", where=str(given),
+                        fix="set diffusion_lora.pretraining to the settings of the one to use (its model_card.json), "
+                            "or diffusion_lora.pretrained to its folder")
+    if (given / PIPELINE_MARKER).is_file():
+        return str(given)
     raise UserError(f"the base of diffusion_lora={diffusion_cfg.name} has not been built yet for this training "
-                    "split", where=str(split_base_folder(diffusion_cfg, train)),
-                    fix=f"build it once with: {build_command(diffusion_cfg)}")
+                    "split", where=str(exact), fix=f"build it once with: {build_command(diffusion_cfg)}")
 
 
 def check_base_provenance(source: str, train: list[Record], key: str, required: bool) -> None:
