@@ -196,6 +196,8 @@ def test_the_synthesize_stage_refuses_a_base_of_another_split_in_one_line(base, 
     from pneumo_exp.pipeline import run
 
     folder, cache = base
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "lora_info.json").write_text("{}")  # a LoRA folder, never read: the base is refused first
     cfg = compose([f"paths.output_dir={tmp_path / 'run'}", f"paths.cache_dir={cache}", "logger=none", *TINY_BASE,
                    f"diffusion_lora.pretrained={folder}", "stages=[data,synthesize,classify]", "augmentation=balance",
                    f"diffusion_lora.trained_lora={tmp_path / 'lora'}", "dataset.split_seed=1"])
