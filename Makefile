@@ -40,7 +40,7 @@ test: install lint ## the lint gate, then the whole test suite (slow tests inclu
 lint: install ## ruff: pyflakes, pycodestyle (120 columns), import order, pyupgrade, bugbear (pyproject.toml)
 	$(BIN)/ruff check .
 
-readme-check: install ## the README's printed blocks and names against the code, then against a fresh demo (~1 min)
+readme-check: install ## the README's printed blocks and names against the code, then against a fresh demo (1-3 min)
 	$(BIN)/python -m pytest -q tests/test_readme.py
 	$(BIN)/python tests/test_readme.py
 
@@ -95,7 +95,7 @@ augment-study: install ## when do synthetic images help? fractions x arms x seed
 	  diffusion_lora.training.seed=$(STUDY_LORA_SEEDS) hydra.sweep.dir=$(STUDY_DIR)/grid)
 	$(BIN)/pneumo-exp report report.input=$(STUDY_DIR)/grid
 
-augment-study-demo: install ## the same study on phantom data: 2 fractions x 5 arms x 2 seeds (~10 min), then its report
+augment-study-demo: install ## the same study on phantom data: 2 fractions x 5 arms x 2 seeds (~5 min), then its report
 	$(MAKE) --no-print-directory augment-study STUDY_DIR=multirun/augment_study_demo/$(SWEEP) \
 	  STUDY_SIZE=debug=augment_study_demo STUDY_FRACTIONS=0.5,1.0 SEEDS=0,1 STUDY_LORA_SEEDS=0
 
