@@ -197,7 +197,7 @@ def arms(tmp_path_factory, model_cache) -> dict[str, BudgetRun]:
 def test_arms_of_different_sizes_run_the_same_optimizer_steps(arms):
     real, augmented = arms["real"], arms["augmented"]
     assert augmented.results["train_images"]["synthetic"] == sum(ADDED_PER_CLASS.values())
-    assert len(real.epochs) != len(augmented.epochs)  # passes of other lengths
+    assert len(real.epochs) == len(augmented.epochs)  # epochs as long as a pass over the real images: validated alike
     for arm in arms.values():
         assert arm.results["optimizer_steps"] == len(arm.steps) == 10
         passes = [row["train/optimizer_steps"] for row in arm.epochs]

@@ -142,3 +142,12 @@ def test_a_capped_validation_is_no_result():
     assert not_a_result(capped, None) == ["validation split capped to 8 of 40 images (trainer.max_eval_batches): "
                                           "the epoch was chosen on a part of it"]
     assert not_a_result({}, None) == []
+
+
+def test_seeds_run_at_other_precisions_are_not_pooled(tmp_path):
+    """trainer.precision=auto resolves per machine: a bf16 seed and an fp32 seed are two configurations."""
+    runs = [run_record(tmp_path, seed, {}) for seed in (0, 1)]
+    runs[0].results["precision"], runs[1].results["precision"] = "bf16", "no"
+    assert len(group_runs(runs)) == 2
+    runs[1].results["precision"] = "bf16"
+    assert len(group_runs(runs)) == 1

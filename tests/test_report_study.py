@@ -170,7 +170,7 @@ def test_two_generators_give_a_ci_over_the_generator_means_wider_than_over_the_s
     assert stats_["ci_high"] - stats_["ci_low"] > 2 * (over_seeds["ci_high"] - over_seeds["ci_low"])
     table = text(study, "table.md")
     notes = markdown_cells(table, ("augment_study", "dataset.train_fraction=0.1,experiment=augment_study/mix"))[-1]
-    assert notes == "2 generators × 3 seeds (6 runs): CI over the 2 generator means"
+    assert notes == "2 generators × 3 seeds (6 runs): the wider CI of the 2 generator means and the 3 seed means"
 
 
 def test_one_generator_gives_the_ci_over_seeds_and_says_its_variability_is_not_measured(study):
@@ -250,7 +250,7 @@ def test_the_gains_table_has_one_row_per_fraction_and_arm_with_the_paired_gains(
     markdown = text(study, "gains.md")
     assert markdown.count("\n| 0.1 | ") == 4 and markdown.count("\n| 1 | ") == 5
     cells = markdown_cells(markdown, ("0.1", "mix"))
-    assert cells[2] == "2 generators × 3 seeds (6 runs): CI over the 2 generator means"
+    assert cells[2] == "2 generators × 3 seeds (6 runs): the wider CI of the 2 generator means and the 3 seed means"
     assert cells[5] == f"+0.0460 [{low:+.4f}, {high:+.4f}]"
     assert markdown.split("\n", 2)[2] in text(study, "table.md")  # the same section inside table.md
 
@@ -281,3 +281,15 @@ def test_a_sweep_of_one_fraction_without_study_arms_has_no_gains(tmp_path):
         overrides.write_text(OmegaConf.to_yaml(["experiment=demo_augmented", f"seed={seed}"]))
     paths = report.write_report(root, tmp_path / "report", bootstrap_samples=20)
     assert "gains.md" not in paths and "## Gains against the real fraction" not in paths["table.md"].read_text()
+
+
+def test_seeds_crossed_with_generators_keep_their_spread_in_the_interval():
+    """Each seed run under both generators: the generator means agree exactly, yet the seeds vary; the interval must
+    not collapse to zero width (it takes the seed means' spread)."""
+    from pneumo_exp.report.statistics import replicated_summary
+
+    values = {(generator, seed): value for generator in ("g0", "g1")
+              for seed, value in ((0, 0.77), (1, 0.80), (2, 0.83))}
+    stats = replicated_summary(values)
+    assert stats["level"] == "generators" and stats["mean"] == pytest.approx(0.80)
+    assert stats["ci_high"] - stats["ci_low"] > 0.1  # the seed means' t interval: 0.80 +- 4.30 x 0.03 / sqrt(3)

@@ -217,12 +217,15 @@ def budget_phases(train: SplitTensors, augmentation: AugmentationConfig, budget:
 
 def epoch_plans(train: SplitTensors, cfg: JobConfig, num_processes: int) -> list[EpochPlan]:
     """Every epoch of the run: `trainer.epochs` whole passes, or with `trainer.max_steps` exactly that many optimizer
-    steps in passes over each phase's images (`budget_phases`), a phase's last pass partial."""
+    steps in epochs over each phase's images (`budget_phases`), a phase's last epoch partial. An epoch of a budget is
+    as long as a pass over the real training images (or over the phase's images where they are fewer), so arms that
+    add images are validated, and can pick their weights, as often as the arm without them."""
     trainer = cfg.trainer
     if trainer.max_steps is None:
         return [whole_pass(len(train.labels), epoch, trainer, num_processes) for epoch in range(1, trainer.epochs + 1)]
+    real_images = int((~added_images(train.records)).sum()) or len(train.labels)
     epochs = [(pool, steps) for pool, budget in budget_phases(train, cfg.augmentation, trainer.max_steps)
-              for steps in budget_epochs(budget, steps_per_pass(len(pool), trainer, num_processes))]
+              for steps in budget_epochs(budget, steps_per_pass(min(len(pool), real_images), trainer, num_processes))]
     starts = itertools.accumulate([steps for _, steps in epochs], initial=0)
     return [EpochPlan(pool, steps, before, len(epochs)) for (pool, steps), before in zip(epochs, starts)]
 

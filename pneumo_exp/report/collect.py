@@ -137,6 +137,7 @@ class RunRecord:
         settings = {key: value for key, value in self.all_settings.items()
                     if shapes_result(key, (*NOT_A_SETTING, *ignore))}
         settings["processes"] = recorded_processes(self.results or {})
+        settings["precision"] = (self.results or {}).get("precision", "unrecorded")  # what trainer.precision=auto ran
         if self.inputs is None:
             settings["inputs"] = "unrecorded"
         else:

@@ -61,30 +61,44 @@ def summarize(values: Iterable[Any]) -> dict[str, Any]:
 
 
 def replicated_summary(values_by_unit: dict[tuple[str | None, Any], Any]) -> dict[str, Any]:
-    """`summarize` over the units that were replicated, from {(generator, seed): value}: over the generator means
-    (each the mean over its seeds) where there are two or more generators, else over the seeds. n: the runs with a
-    finite value; level: generators | seeds; units: how many of them the CI is over."""
+    """`summarize` over the units that were replicated, from {(generator, seed): value}: where there are two or more
+    generators, the mean over the generator means (each the mean over its seeds) with the wider of two t intervals,
+    the one over the generator means and the one over the seed means (each the mean over its generators): a seed
+    run under every generator shares its classifier's randomness across them, which the spread of the generator
+    means alone leaves out. Else the t interval over the seeds. n: the runs with a finite value; level: generators |
+    seeds; units: how many generators (or seeds) were replicated."""
     by_generator: dict[str | None, list[float]] = {}
-    for (generator, _), value in values_by_unit.items():
+    by_seed: dict[Any, list[float]] = {}
+    for (generator, seed), value in values_by_unit.items():
         by_generator.setdefault(generator, []).extend(finite([value]))
+        by_seed.setdefault(seed, []).extend(finite([value]))
     by_generator = {generator: values for generator, values in by_generator.items() if values}
     runs = sum(len(values) for values in by_generator.values())
     if len(by_generator) >= 2:
         stats = summarize(float(np.mean(values)) for values in by_generator.values())
-        return stats | {"n": runs, "level": GENERATORS, "units": stats["n"]}
+        seeds = summarize(float(np.mean(values)) for values in by_seed.values() if values)
+        return widest(stats, seeds) | {"n": runs, "level": GENERATORS, "units": stats["n"]}
     stats = summarize(value for values in by_generator.values() for value in values)
     return stats | {"level": SEEDS, "units": stats["n"]}
 
 
+def widest(stats: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """`stats` with the half-width of its CI widened to `other`'s where that is wider (the mean stays)."""
+    if stats["ci_low"] is None or other["ci_low"] is None:
+        return stats
+    half_width = max(stats["ci_high"] - stats["mean"], other["ci_high"] - other["mean"])
+    return stats | {"ci_low": stats["mean"] - half_width, "ci_high": stats["mean"] + half_width}
+
+
 def replication_text(units: Iterable[tuple[str | None, Any]]) -> str:
-    """Which units were replicated: `3 seeds`; `2 generators × 3 seeds (6 runs): CI over the 2 generator means`;
-    with one generator, that its variability is not measured."""
+    """Which units were replicated: `3 seeds`; `2 generators × 3 seeds (6 runs): the wider CI of the 2 generator
+    means and the 3 seed means`; with one generator, that its variability is not measured."""
     units = list(units)
     generators = sorted({generator for generator, _ in units}, key=str)
     seeds = len({seed for _, seed in units})
     if len(generators) >= 2:
-        return (f"{len(generators)} generators × {seeds} seeds ({len(units)} runs): CI over the {len(generators)} "
-                "generator means")
+        return (f"{len(generators)} generators × {seeds} seeds ({len(units)} runs): the wider CI of the "
+                f"{len(generators)} generator means and the {seeds} seed means")
     text = f"{seeds} seed{'s' if seeds != 1 else ''}"
     return f"{text}; {ONE_GENERATOR}" if generators and generators[0] is not None else text
 
