@@ -19,17 +19,21 @@ from pneumo_exp.core.files import sha256_file
 from pneumo_exp.data.manifest import SPLITS
 from pneumo_exp.data.prepare import PreparedData
 from pneumo_exp.data.provenance import content_fingerprint
-from pneumo_exp.hub import describe_source
+from pneumo_exp.hub import ModelSourceError, describe_source
 
 INPUTS_FILE = "inputs.json"
 FINGERPRINT_LENGTH = 16
 UNRECORDED = "inputs.json (the job ran before its inputs were recorded)"
 
 
-def model_fingerprint(source: str, revision: str | None, marker: str) -> str:
+def model_fingerprint(source: str, revision: str | None, marker: str, key: str = "pretrained") -> str:
     """A local folder's content hash, or `<hub id>@<commit>` of a hub id (its revision where the hub cache has no
-    copy yet)."""
-    described = describe_source(source, revision, marker)
+    copy yet). `key` names the setting in the one-line error for a source that is neither."""
+    try:
+        described = describe_source(source, revision, marker)
+    except ValueError as error:  # huggingface_hub's HFValidationError: no folder here and no valid hub id
+        raise ModelSourceError(f"{source!r} is no folder here and no hub id ({type(error).__name__})", where=key,
+                               fix="give a local folder of the model, or a hub id (org/name) and revision") from None
     if "content_sha256" in described:
         return described["content_sha256"][:FINGERPRINT_LENGTH]
     return f"{source}@{described['commit'] or revision or 'main'}"
@@ -58,20 +62,30 @@ def judge_fingerprint(run_dir: Path) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:FINGERPRINT_LENGTH]
 
 
+def split_fingerprint(records: list) -> str:
+    """The real images of a split by content (`content_fingerprint`), and any other rows the dataset itself holds
+    (a manifest's synthetic rows) with their source."""
+    real = content_fingerprint(r for r in records if r.source == "real")
+    others = sorted(f"{r.source}\t{r.sha256}\t{r.label}" for r in records if r.source != "real")
+    if not others:
+        return real
+    return hashlib.sha256("\n".join([real, *others]).encode()).hexdigest()[:FINGERPRINT_LENGTH]
+
+
 def job_inputs(cfg: JobConfig, data: PreparedData) -> dict[str, str]:
     """The inputs of a training job whose diffusion base is resolved (`diffusion.bases.run_base`)."""
-    real = [record for record in data.records if record.source == "real"]
-    inputs = {f"images.{split}": content_fingerprint(r for r in real if r.split == split) for split in SPLITS}
+    inputs = {f"images.{split}": split_fingerprint(data.split(split)) for split in SPLITS}
     if "classify" in cfg.stages:
         from pneumo_exp.classify.model import backbone_source
 
         inputs["classifier"] = model_fingerprint(backbone_source(cfg.clip_lora, cfg.paths.cache_dir),
-                                                 cfg.clip_lora.revision, "config.json")
+                                                 cfg.clip_lora.revision, "config.json", "clip_lora.pretrained")
     if reads_generator(cfg):
         from pneumo_exp.diffusion.stable_diffusion import pipeline_source
 
         inputs["diffusion_base"] = model_fingerprint(pipeline_source(cfg.diffusion_lora, cfg.paths.cache_dir),
-                                                     cfg.diffusion_lora.revision, "model_index.json")
+                                                     cfg.diffusion_lora.revision, "model_index.json",
+                                                     "diffusion_lora.pretrained")
     if draws_images(cfg) and "diffusion" not in cfg.stages:
         from pneumo_exp.diffusion.stable_diffusion import check_lora_file
 

@@ -53,7 +53,8 @@ def check_resumable(cfg: JobConfig, output_dir: Path, inputs: dict[str, str] | N
     if not cfg.resume or not stored_file.is_file():
         return
     changed = changed_settings(cfg, stored_file)
-    if inputs is not None and (output_dir / INPUTS_FILE).is_file():
+    stopped = not (output_dir / "results.json").is_file()  # a finished job with other inputs runs again instead
+    if inputs is not None and stopped and (output_dir / INPUTS_FILE).is_file():
         changed += [f"its input {name}" for name in changed_inputs(output_dir, inputs)]
     if changed:
         raise SettingError(f"cannot resume: the run was started with other settings for {', '.join(changed)}",
@@ -79,11 +80,25 @@ def finished_before(cfg: JobConfig, output_dir: Path, inputs: dict[str, str] | N
                            where=str(output_dir), fix=START_AFRESH)
     other_inputs = changed_inputs(output_dir, inputs) if inputs is not None else []
     if other_inputs:
-        kept = set_aside_outputs(output_dir)
-        log.warning("the finished job in %s read other inputs (%s): running it again; its outputs are kept in %s",
-                    output_dir, ", ".join(other_inputs), kept)
+        if is_main_process():
+            kept = set_aside_outputs(output_dir)
+            log.warning("the finished job in %s read other inputs (%s): running it again; its outputs are kept in "
+                        "%s", output_dir, ", ".join(other_inputs), kept)
         return False
     return True
+
+
+def finished_before_on_every_rank(cfg: JobConfig, output_dir: Path, inputs: dict[str, str] | None) -> bool:
+    """`finished_before`, decided by the main process first (it sets old outputs aside), then by the others on what
+    it left, so every rank of a launched run skips or reruns alike."""
+    from accelerate import PartialState
+
+    if not is_main_process():
+        PartialState().wait_for_everyone()
+    finished = finished_before(cfg, output_dir, inputs)
+    if is_main_process():
+        PartialState().wait_for_everyone()
+    return finished
 
 
 OTHER_TASKS = ("predict", "report", "dashboard", "generator_study")
@@ -110,7 +125,7 @@ def run(composed: DictConfig) -> dict[str, float]:
         job = with_checked_generator(cfg, data)
     inputs = job_inputs(job, data) if cfg.task == "run" else None
     check_resumable(cfg, output_dir, inputs)
-    if finished_before(cfg, output_dir, inputs):
+    if finished_before_on_every_rank(cfg, output_dir, inputs):
         finished = output_dir / "results.json"
         log.info("%s exists with the same settings and inputs: this job finished before, skipping it", finished)
         return flat_metrics(json.loads(finished.read_text()))

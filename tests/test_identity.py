@@ -76,16 +76,55 @@ def finished_job(make_cfg, inputs: dict) -> tuple:
     return cfg, folder
 
 
-def test_a_lora_retrained_at_the_same_path_reruns_the_job_and_a_resume_is_refused(make_cfg):
+def test_a_lora_retrained_at_the_same_path_reruns_the_finished_job_and_refuses_to_resume_a_stopped_one(make_cfg):
     inputs = {"images.train": "a", "diffusion_lora": "1111"}
+    retrained = {**inputs, "diffusion_lora": "2222"}
     cfg, folder = finished_job(make_cfg, inputs)
     assert finished_before(cfg, folder, inputs)
-    assert changed_inputs(folder, {**inputs, "diffusion_lora": "2222"}) == ["diffusion_lora"]
-    with pytest.raises(SettingError, match="cannot resume.*its input diffusion_lora"):
-        check_resumable(make_cfg("debug=smoke", "resume=true"), folder, {**inputs, "diffusion_lora": "2222"})
-    assert not finished_before(cfg, folder, {**inputs, "diffusion_lora": "2222"})
+    assert changed_inputs(folder, retrained) == ["diffusion_lora"]
+    check_resumable(make_cfg("debug=smoke", "resume=true"), folder, retrained)  # finished: it runs again instead
+    assert not finished_before(cfg, folder, retrained)
     assert not (folder / "results.json").exists()  # set aside: the job runs again
     assert list((folder / SUPERSEDED).glob("*/results.json"))
+    write_run_info(cfg, folder)
+    write_json_atomic(folder / INPUTS_FILE, inputs)  # a stopped job (no results.json) of the old inputs
+    with pytest.raises(SettingError, match="cannot resume.*its input diffusion_lora"):
+        check_resumable(make_cfg("debug=smoke", "resume=true"), folder, retrained)
+
+
+def test_rows_of_other_sources_in_the_dataset_are_part_of_its_fingerprint():
+    from pneumo_exp.data.manifest import Record
+    from pneumo_exp.inputs import split_fingerprint
+
+    real = Record(path="a.png", label="NORMAL", patient_id="p", split="train", sha256="1" * 64)
+    synthetic = Record(path="s.png", label="VIRUS", patient_id="s", split="train", source="synthetic", sha256="2" * 64)
+    edited = Record(path="s.png", label="VIRUS", patient_id="s", split="train", source="synthetic", sha256="3" * 64)
+    assert split_fingerprint([real, synthetic]) != split_fingerprint([real, edited])
+    assert split_fingerprint([real]) == split_fingerprint([real])
+
+
+def test_a_model_path_that_is_no_folder_is_named_by_its_key():
+    from pneumo_exp.hub import ModelSourceError
+    from pneumo_exp.inputs import model_fingerprint
+
+    with pytest.raises(ModelSourceError, match=r"no folder here.*\(clip_lora.pretrained\)"):
+        model_fingerprint("/no/such/dir/model", None, "config.json", "clip_lora.pretrained")
+
+
+def test_a_staging_folder_beside_the_bases_is_never_taken_for_a_base(make_cfg, tmp_path):
+    from pneumo_exp.config import job_config
+    from pneumo_exp.data.manifest import Record
+    from pneumo_exp.data.provenance import content_fingerprint
+    from pneumo_exp.diffusion.bases import require_built_base
+    from pneumo_exp.errors import UserError
+
+    typed = job_config(make_cfg("diffusion_lora=cxr_small", f"diffusion_lora.pretrained={tmp_path / 'bases'}"))
+    train = [Record(path="a.png", label="NORMAL", patient_id="p", split="train", sha256="1" * 64)]
+    staging = tmp_path / "bases" / f"train-{content_fingerprint(train)}-0123abcd.x1y2.tmp"  # a pretraining's save
+    staging.mkdir(parents=True)
+    (staging / "model_index.json").write_text("{}")
+    with pytest.raises(UserError, match="not been built yet"):
+        require_built_base(typed.diffusion_lora, train)
 
 
 def test_a_job_from_before_inputs_were_recorded_runs_again(make_cfg):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -58,8 +59,9 @@ def require_built_base(diffusion_cfg: DiffusionConfig, train: list[Record]) -> s
     if (exact / PIPELINE_MARKER).is_file():
         return str(exact)
     given = Path(diffusion_cfg.pretrained)
+    split_base = re.compile(rf"train-{content_fingerprint(train)}-[0-9a-f]{{8}}")  # not a staging or .old folder
     others = sorted(folder for folder in given.glob(f"train-{content_fingerprint(train)}-*")
-                    if (folder / PIPELINE_MARKER).is_file())
+                    if split_base.fullmatch(folder.name) and (folder / PIPELINE_MARKER).is_file())
     if len(others) == 1:
         log.info("the base of this training split in %s was pretrained with other settings than "
                  "diffusion_lora.pretraining: it is used as it is", others[0])

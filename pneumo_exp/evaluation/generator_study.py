@@ -166,7 +166,8 @@ class Judge:
         self.copy_threshold = float(torch.quantile(self.validation_nearest, cfg.generator_study.copy_quantile))
         drawn = {label: cfg.generator_study.images_per_class for label in CLASSES}
         self.fidelity = RealReference(self.train_features, self.train.labels,
-                                      matched_sizes(class_counts(self.validation), drawn), self.num_features,
+                                      matched_sizes(class_counts(self.validation), drawn, class_counts(self.train)),
+                                      self.num_features,
                                       cfg.quality.kid_subset_size, cfg.quality.kid_subsets, cfg.seed)
 
     @staticmethod

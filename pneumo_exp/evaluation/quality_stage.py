@@ -144,8 +144,8 @@ def fidelity_report(cfg: JobConfig, real: dict, synthetic: dict, validation: dic
     """`fidelity.RealReference.measure` of the synthetic and the real validation images, cut to the same number of
     images per class, against the real training images of the synthetic classes; {"not_run": reason} without
     validation images of those classes."""
-    sizes = matched_sizes({label: len(pixels) for label, pixels in synthetic.items()},
-                          {label: len(pixels) for label, pixels in validation.items()})
+    sizes = matched_sizes(*({label: len(pixels) for label, pixels in images.items()}
+                            for images in (synthetic, validation, real)))  # the test's real images too: a small split
     if not sizes:
         return {"not_run": "no real validation images of the synthetic classes to compare with"}
 
