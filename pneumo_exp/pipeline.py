@@ -21,9 +21,9 @@ from pneumo_exp.config import AugmentationSource, JobConfig, job_config
 from pneumo_exp.core.files import write_atomic, write_json_atomic
 from pneumo_exp.data import manifest
 from pneumo_exp.data.prepare import PreparedData, check_splits_filled, prepare_data
-from pneumo_exp.data.provenance import check_trained_within, write_training_record
+from pneumo_exp.data.provenance import check_trained_on_base, check_trained_within, write_training_record
 from pneumo_exp.errors import UserError
-from pneumo_exp.inputs import INPUTS_FILE, changed_inputs, draws_images, job_inputs, reads_generator
+from pneumo_exp.inputs import INPUTS_FILE, changed_inputs, draws_images, job_inputs, model_fingerprint, reads_generator
 from pneumo_exp.rundir import (
     changed_settings,
     is_main_process,
@@ -168,12 +168,21 @@ def with_checked_generator(cfg: JobConfig, data: PreparedData) -> JobConfig:
     train = real_training_images(data)
     job = replace(cfg, diffusion_lora=run_base(cfg.diffusion_lora, train))
     if draws_images(cfg) and "diffusion" not in cfg.stages:
+        check_trained_on_base(cfg.diffusion_lora.trained_lora, base_fingerprint(job), "diffusion_lora.trained_lora")
         check_trained_within(cfg.diffusion_lora.trained_lora, train, "LoRA", "diffusion_lora.trained_lora")
     if draws_images(cfg) and cfg.augmentation.filter.judge_run:
         from pneumo_exp.evaluation.filtering import check_judge
 
         check_judge(Path(cfg.augmentation.filter.judge_run), data)
     return job
+
+
+def base_fingerprint(cfg: JobConfig) -> str:
+    """The content of the diffusion base the job draws from or trains on (its settings' base resolved)."""
+    from pneumo_exp.diffusion.stable_diffusion import pipeline_source
+
+    return model_fingerprint(pipeline_source(cfg.diffusion_lora, cfg.paths.cache_dir), cfg.diffusion_lora.revision,
+                             "model_index.json", "diffusion_lora.pretrained")
 
 
 def real_training_images(data: PreparedData) -> list:
@@ -277,7 +286,7 @@ def train_diffusion(cfg: JobConfig, data: PreparedData, output_dir: Path, logger
                              progress=is_main_process())
     lora_folder = train_diffusion_lora(cfg, images, output_dir, logger=logger)
     if is_main_process():
-        write_training_record(lora_folder, train)
+        write_training_record(lora_folder, train, base=base_fingerprint(cfg))
     return str(lora_folder)
 
 

@@ -190,3 +190,17 @@ def test_seeds_run_at_other_precisions_are_not_pooled(tmp_path):
     assert len(group_runs(runs)) == 2
     runs[1].results["precision"] = "bf16"
     assert len(group_runs(runs)) == 1
+
+
+def test_a_lora_is_refused_on_another_base_than_it_was_trained_on(tmp_path):
+    from pneumo_exp.data.manifest import Record
+    from pneumo_exp.data.provenance import check_trained_on_base, write_training_record
+    from pneumo_exp.errors import UserError
+
+    train = [Record(path="a.png", label="NORMAL", patient_id="p", split="train", sha256="1" * 64)]
+    write_training_record(tmp_path, train, base="aaaa")
+    check_trained_on_base(tmp_path, "aaaa", "diffusion_lora.trained_lora")
+    with pytest.raises(UserError, match=r"another diffusion base \(aaaa\).*\(bbbb\)"):
+        check_trained_on_base(tmp_path, "bbbb", "diffusion_lora.trained_lora")
+    write_training_record(tmp_path, train)  # a LoRA recorded before the base was: nothing to compare
+    check_trained_on_base(tmp_path, "bbbb", "diffusion_lora.trained_lora")

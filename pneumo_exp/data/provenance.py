@@ -32,10 +32,21 @@ def content_fingerprint(records: Iterable[Record]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
-def write_training_record(folder: str | Path, records: list[Record]) -> Path:
-    return write_json_atomic(Path(folder) / TRAINING_SPLIT_FILE, {
-        "fingerprint": content_fingerprint(records), "images": len(records),
-        "sha256": sorted({record.sha256 for record in records})})
+def write_training_record(folder: str | Path, records: list[Record], base: str | None = None) -> Path:
+    """`training_split.json`: the images trained on and, for a LoRA, the fingerprint of the base it was trained on."""
+    record = {"fingerprint": content_fingerprint(records), "images": len(records),
+              "sha256": sorted({record.sha256 for record in records})}
+    return write_json_atomic(Path(folder) / TRAINING_SPLIT_FILE, record | ({"base": base} if base else {}))
+
+
+def check_trained_on_base(lora: str | Path, base: str, key: str) -> None:
+    """A LoRA learned a correction of the base it was trained on: on another base it draws something else."""
+    trained_on = json.loads((Path(lora) / TRAINING_SPLIT_FILE).read_text()).get("base")
+    if trained_on is not None and trained_on != base:
+        raise UserError(f"the LoRA {lora} was trained on another diffusion base ({trained_on}) than the one this run "
+                        f"draws from ({base})", where=key,
+                        fix="train the LoRA on this base (the diffusion stage), or point diffusion_lora.pretrained "
+                            "(its pretraining settings) at the base it was trained on")
 
 
 def trained_within(record: dict, train: list[Record]) -> bool:
