@@ -93,11 +93,12 @@ def finished_before_on_every_rank(cfg: JobConfig, output_dir: Path, inputs: dict
     it left, so every rank of a launched run skips or reruns alike."""
     from accelerate import PartialState
 
+    state = PartialState(cpu=cfg.trainer.cpu)  # as the trainer's Accelerator will ask for it: it keeps this state
     if not is_main_process():
-        PartialState().wait_for_everyone()
+        state.wait_for_everyone()
     finished = finished_before(cfg, output_dir, inputs)
     if is_main_process():
-        PartialState().wait_for_everyone()
+        state.wait_for_everyone()
     return finished
 
 
@@ -311,7 +312,7 @@ def add_synthetic(cfg: JobConfig, data: PreparedData, lora_folder: str, output_d
 
     if is_main_process():  # one process draws; the others read its manifest
         write_added_images(cfg, real_training_images(data), lora_folder, output_dir)
-    PartialState().wait_for_everyone()
+    PartialState(cpu=cfg.trainer.cpu).wait_for_everyone()  # as the trainer will ask for it: the state is kept
     added = manifest.read_csv(output_dir / SYNTHETIC_DIR / "manifest.csv")
     records = data.records + added
     manifest.validate(records, where="manifest with added images")
