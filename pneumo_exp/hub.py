@@ -33,10 +33,25 @@ def cannot_load(key: str, source: str, revision: str | None, error: Exception, l
 
 
 def folder_content_hash(folder: str | os.PathLike) -> str:
-    """sha256 over the relative path and bytes of every file under `folder`, in sorted order."""
+    """sha256 over the relative path and bytes of every file under `folder`, in sorted order. Computed once per
+    process for a folder whose files (names, sizes, modification times) have not changed since: a job asks for its
+    diffusion base's hash several times (inputs.json, the LoRA's base check, models.json)."""
     folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    listing = tuple((path.relative_to(folder).as_posix(), stat.st_size, stat.st_mtime_ns)
+                    for path in files for stat in [path.stat()])
+    key = (str(folder.resolve()), listing)
+    if key not in FOLDER_HASHES:
+        FOLDER_HASHES[key] = hash_files(folder, files)
+    return FOLDER_HASHES[key]
+
+
+FOLDER_HASHES: dict[tuple, str] = {}  # (folder, its files' names, sizes and times) -> content hash, per process
+
+
+def hash_files(folder: Path, files: list[Path]) -> str:
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in files:
         digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):

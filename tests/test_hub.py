@@ -123,3 +123,19 @@ PINNED = {("clip_lora", "vit_l14"): "32bd64288804d66eefd0ccbe215aa642df71cc41",
 @pytest.mark.parametrize("group,option", list(PINNED))
 def test_hub_presets_carry_the_commits_public_code_pins(group, option):
     assert compose([f"{group}={option}"])[group].revision == PINNED[(group, option)]
+
+
+def test_a_folder_is_hashed_once_until_one_of_its_files_changes(tmp_path, monkeypatch):
+    import os
+
+    from pneumo_exp import hub
+
+    (tmp_path / "weights.bin").write_bytes(b"a")
+    calls = []
+    plain = hub.hash_files
+    monkeypatch.setattr(hub, "hash_files", lambda *args: calls.append(1) or plain(*args))
+    first = hub.folder_content_hash(tmp_path)
+    assert hub.folder_content_hash(tmp_path) == first and len(calls) == 1
+    (tmp_path / "weights.bin").write_bytes(b"b")
+    os.utime(tmp_path / "weights.bin", ns=(1, 1))  # another time even on a coarse clock
+    assert hub.folder_content_hash(tmp_path) != first and len(calls) == 2
